@@ -1,0 +1,117 @@
+"""Every error a user of Ember can cause, in one tree.
+
+EmberError                      base; carries an HTTP status for the server
+├── InvalidRequestError         400: a bad argument or field
+│   └── UnsupportedFeatureError 400: a field Ember does not implement
+├── AuthenticationError         401
+├── NotFoundError               404
+│   ├── ModelNotFoundError      404: no deployment or checkpoint of that name
+│   └── CheckpointNotFoundError 404: no checkpoint at that name or path
+├── ConflictError               409
+│   └── CheckpointExistsError   409: a checkpoint of that name is already stored
+├── PayloadTooLargeError        413
+├── OverloadedError             503: queue full or no instance in time (Retry-After)
+├── CheckpointError             422: a checkpoint on disk is unusable
+│   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
+│   ├── FormatVersionError      422: index written by an unknown format version
+│   └── UnsupportedDtypeError   422: a dtype the format cannot hold
+├── RegistryError               502: the remote registry failed or sent bad bytes
+├── MissingDependencyError      500: an optional package is not installed (says how)
+└── StorageFullError            507: no space left while writing
+"""
+
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Base class. `status` is the HTTP status the server answers with."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EmberError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedFeatureError(InvalidRequestError):
+    pass
+
+
+class AuthenticationError(EmberError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFoundError(EmberError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    pass
+
+
+class CheckpointNotFoundError(NotFoundError):
+    pass
+
+
+class ConflictError(EmberError):
+    status = 409
+    type = "conflict_error"
+
+
+class CheckpointExistsError(ConflictError):
+    pass
+
+
+class PayloadTooLargeError(EmberError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class OverloadedError(EmberError):
+    status = 503
+    type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CheckpointError(EmberError):
+    status = 422
+    type = "checkpoint_error"
+
+
+class CorruptCheckpointError(CheckpointError):
+    pass
+
+
+class FormatVersionError(CheckpointError):
+    pass
+
+
+class UnsupportedDtypeError(CheckpointError):
+    pass
+
+
+class RegistryError(EmberError):
+    status = 502
+    type = "registry_error"
+
+
+class MissingDependencyError(EmberError):
+    status = 500
+    type = "missing_dependency"
+
+
+class StorageFullError(EmberError):
+    status = 507
+    type = "storage_full"

@@ -1,0 +1,193 @@
+"""load_tensors: bulk, chunked, multi-threaded reads of whole partitions into one
+page-aligned buffer, then every tensor as a zero-copy view. No per-tensor reads and
+no parsing beyond the small index on the load path."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ember.errors import CorruptCheckpointError
+from ember.store.buffer import byte_view, host_buffer
+from ember.store.checksum import check_chunks, check_sizes
+from ember.store.format import CheckpointIndex, dtype_from_name, read_index
+
+IoMode = Literal["auto", "direct", "buffered"]
+DEFAULT_THREADS = 4
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class ReadJob:
+    """One chunk: `length` bytes of partition `part` at `file_offset`, into the
+    buffer at `buf_offset`."""
+
+    part: int
+    file_offset: int
+    buf_offset: int
+    length: int
+
+
+def plan_reads(index: CheckpointIndex, chunk_bytes: int) -> tuple[list[int], list[ReadJob]]:
+    """Partition base offsets in the buffer, and the chunks that fill it."""
+    chunk_bytes = max(1, chunk_bytes // index.chunk_size) * index.chunk_size
+    bases, jobs, base = [], [], 0
+    for p, part in enumerate(index.partitions):
+        bases.append(base)
+        for off in range(0, part.size, chunk_bytes):
+            jobs.append(ReadJob(p, off, base + off, min(chunk_bytes, part.size - off)))
+        base += part.size
+    return bases, jobs
+
+
+def supports_direct_io(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_fraction(path: Path) -> float:
+    """Fraction of a file's pages in the page cache (mincore), 0.0 for an empty file."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0.0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        base = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mm)))
+        try:
+            if _libc.mincore(base, ctypes.c_size_t(size), vec) != 0:
+                return 0.0
+        finally:
+            del base
+        return sum(b & 1 for b in vec) / pages
+
+
+def choose_io(root: Path, index: CheckpointIndex, io: IoMode) -> Literal["direct", "buffered"]:
+    """Buffered when the bytes are already in the page cache (a copy from RAM beats
+    any disk read) or direct I/O is unsupported (tmpfs); otherwise direct, which skips
+    the page cache's extra copy, unless the measured profile says buffered wins here."""
+    if io != "auto":
+        return io
+    first = root / index.partitions[0].file
+    if not supports_direct_io(first):
+        return "buffered"
+    if resident_fraction(first) > 0.5:
+        return "buffered"
+    from ember.store.io_profile import preferred_cold_mode
+
+    return preferred_cold_mode(root)
+
+
+def _open(path: Path, mode: str) -> int:
+    flags = os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0)
+    return os.open(path, flags)
+
+
+def _read_chunk(fd: int, view: memoryview, offset: int, source: Path) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CorruptCheckpointError(f"{source} ended early at byte {offset + done}")
+        done += n
+
+
+def read_partitions(
+    root: Path,
+    index: CheckpointIndex,
+    buf: torch.Tensor,
+    *,
+    io: Literal["direct", "buffered"],
+    threads: int,
+    chunk_bytes: int,
+    verify: bool,
+    on_chunk: Callable[[ReadJob], None] | None = None,
+) -> list[int]:
+    """Fill `buf` (uint8, page-aligned, CPU) with every partition. Returns the
+    partition base offsets. `on_chunk` runs in the reading thread after each chunk."""
+    bases, jobs = plan_reads(index, chunk_bytes)
+    paths = [root / p.file for p in index.partitions]
+    fds = [_open(p, io) for p in paths]
+    whole = byte_view(buf)
+
+    def run(job: ReadJob) -> None:
+        view = whole[job.buf_offset : job.buf_offset + job.length]
+        _read_chunk(fds[job.part], view, job.file_offset, paths[job.part])
+        if verify:
+            part = index.partitions[job.part]
+            check_chunks(view, part, index.chunk_size, job.file_offset // index.chunk_size, root)
+        if on_chunk is not None:
+            on_chunk(job)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for fut in [pool.submit(run, job) for job in jobs]:
+                fut.result()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        whole.release()
+    return bases
+
+
+def tensor_views(buf: torch.Tensor, index: CheckpointIndex, bases: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Every tensor of the index as a view into `buf` (no copies)."""
+    out = {}
+    for name, e in index.tensors.items():
+        dtype = dtype_from_name(e.dtype)
+        start = bases[e.partition] + e.offset
+        usable = e.nbytes // dtype.itemsize * dtype.itemsize
+        flat = buf[start : start + usable].view(dtype)
+        out[name] = flat.as_strided(e.shape, e.stride, flat.storage_offset() + e.elem_offset)
+    return out
+
+
+def load_tensors(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    verify: bool = False,
+    io: IoMode = "auto",
+    threads: int = DEFAULT_THREADS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's tensors as views into one buffer that the result owns.
+
+    Reads the files on every call. A plain load checks file sizes and index bounds;
+    `verify=True` also checks every chunk's checksum as it arrives. On CUDA, chunk
+    i's host-to-device copy overlaps the read of the chunks after it.
+    """
+    root = Path(path)
+    index = read_index(root)
+    check_sizes(root, index)
+    mode = choose_io(root, index, io) if index.partitions else "buffered"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        from ember.store.cuda_loader import load_to_cuda
+
+        return load_to_cuda(
+            root, index, dev, io=mode, threads=threads, chunk_bytes=chunk_bytes, verify=verify
+        )
+    buf = host_buffer(index.total_bytes)
+    bases = read_partitions(
+        root, index, buf, io=mode, threads=threads, chunk_bytes=chunk_bytes, verify=verify
+    )
+    return tensor_views(buf, index, bases)

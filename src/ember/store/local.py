@@ -1,0 +1,67 @@
+"""LocalStore: the source copies of checkpoints, `$EMBER_HOME/store/<name>/`, and the
+catalogue that names them. Checkpoints here are never evicted."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ember.env import ember_home
+from ember.errors import CheckpointNotFoundError
+from ember.store.catalog import Catalog, CheckpointRecord, check_name
+from ember.store.checksum import digest
+from ember.store.format import INDEX_FILE, read_index
+
+
+class LocalStore:
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.home = Path(home) if home is not None else ember_home()
+        self.root = self.home / "store"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(self.home / "catalog.db")
+
+    def path_for(self, name: str) -> Path:
+        """Where a checkpoint of this name lives (or will live) in the store."""
+        return self.root / check_name(name)
+
+    def register(self, name: str, source: str = "") -> CheckpointRecord:
+        """Record a checkpoint already published at path_for(name) in the catalogue."""
+        path = self.path_for(name)
+        index = read_index(path)
+        return self.catalog.add(
+            name, path, index.total_bytes, digest((path / INDEX_FILE).read_bytes()), source
+        )
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        """A checkpoint directory from a store name or a path to a checkpoint."""
+        as_path = Path(name_or_path).expanduser()
+        if (as_path / INDEX_FILE).is_file():
+            return as_path
+        rec = self.catalog.find(str(name_or_path))
+        if rec is not None:
+            return Path(rec.path)
+        raise CheckpointNotFoundError(
+            f"{name_or_path!s} is neither a checkpoint in the store nor a checkpoint directory "
+            "(see `ember store ls`)"
+        )
+
+    def remove(self, name: str) -> CheckpointRecord:
+        rec = self.catalog.remove(name)
+        path = Path(rec.path)
+        if path.exists():
+            trash = path.with_name(f".{path.name}.removed")
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return rec
+
+    def list(self) -> list[CheckpointRecord]:
+        return self.catalog.all()
+
+    def exists(self, name: str) -> bool:
+        return self.catalog.find(name) is not None
+
+    def require(self, name: str) -> CheckpointRecord:
+        rec = self.catalog.find(name)
+        if rec is None:
+            raise CheckpointNotFoundError(f"no checkpoint named {name!r} in the store")
+        return rec
