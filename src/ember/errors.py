@@ -16,6 +16,7 @@ EmberError                      base; carries an HTTP status for the server
 │   ├── FormatVersionError      422: index written by an unknown format version
 │   └── UnsupportedDtypeError   422: a dtype the format cannot hold
 ├── RegistryError               502: the remote registry failed or sent bad bytes
+│   └── RegistryUnavailableError 502: it failed part-way (5xx, connection lost); a retry resumes
 ├── MissingDependencyError      500: an optional package is not installed (says how)
 └── StorageFullError            507: no space left while writing
 """
@@ -105,6 +106,10 @@ class UnsupportedDtypeError(CheckpointError):
 class RegistryError(EmberError):
     status = 502
     type = "registry_error"
+
+
+class RegistryUnavailableError(RegistryError):
+    """A transient failure: the partial copy is kept, and the next fetch resumes it."""
 
 
 class MissingDependencyError(EmberError):

@@ -130,23 +130,42 @@ class Catalog:
             db.execute("DELETE FROM checkpoints WHERE name = ?", (name,))
         return rec
 
-    def set_location(self, name: str, node: str, tier: str, size: int) -> None:
+    def set_location(
+        self, name: str, node: str, tier: str, size: int, *, last_used: float | None = None
+    ) -> None:
+        """Record that `node` holds `name` in `tier` (last used now, or at `last_used`)."""
+        when = time.time() if last_used is None else last_used
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO locations VALUES (?, ?, ?, ?, ?)",
-                (name, node, tier, size, time.time()),
+                (name, node, tier, size, when),
+            )
+
+    def touch_location(self, name: str, node: str, tier: str, *, last_used: float | None = None) -> None:
+        """Move a location's last use to now (or `last_used`); no-op if it is not recorded."""
+        when = time.time() if last_used is None else last_used
+        with self._tx() as db:
+            db.execute(
+                "UPDATE locations SET last_used = ? WHERE name = ? AND node = ? AND tier = ?",
+                (when, name, node, tier),
             )
 
     def drop_location(self, name: str, node: str, tier: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM locations WHERE name = ? AND node = ? AND tier = ?", (name, node, tier))
 
-    def locations(self, name: str | None = None) -> list[Location]:
+    def locations(
+        self, name: str | None = None, *, node: str | None = None, tier: str | None = None
+    ) -> list[Location]:
+        """Recorded locations, optionally only those of one checkpoint, node and/or tier."""
+        where, args = [], []
+        for column, value in (("name", name), ("node", node), ("tier", tier)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM locations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         with self._tx() as db:
-            if name is None:
-                rows = db.execute("SELECT * FROM locations ORDER BY name, node, tier").fetchall()
-            else:
-                rows = db.execute(
-                    "SELECT * FROM locations WHERE name = ? ORDER BY node, tier", (name,)
-                ).fetchall()
+            rows = db.execute(sql + " ORDER BY name, node, tier", args).fetchall()
         return [Location(*r) for r in rows]

@@ -106,6 +106,11 @@ class CheckpointIndex:
     def total_bytes(self) -> int:
         return sum(p.size for p in self.partitions)
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of partitions and files together: what a copy of the checkpoint moves."""
+        return self.total_bytes + sum(f.size for f in self.files.values())
+
     def to_json(self) -> str:
         body = {
             "format": FORMAT_NAME,

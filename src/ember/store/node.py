@@ -1,0 +1,164 @@
+"""NodeStore: one node's tiers, nearest first: DRAM pool -> local store / disk cache ->
+remote registry. `acquire` finds a checkpoint in the nearest tier that holds it,
+brings it into DRAM (verifying every chunk on the way), and leases its tensors.
+
+The catalogue records which node holds what in DRAM and on disk, for placement.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ember.env import registry_location
+from ember.errors import CheckpointNotFoundError
+from ember.store.catalog import check_name
+from ember.store.disk_cache import DiskCache
+from ember.store.dram_pool import DramPool, PoolLease
+from ember.store.format import read_index
+from ember.store.loader import load_tensors
+from ember.store.local import LocalStore
+from ember.store.registry import Registry, open_registry
+from ember.store.transfer import Progress
+
+DEFAULT_DRAM_BUDGET = 16 << 30
+DEFAULT_DISK_BUDGET = 200 << 30
+Tier = Literal["dram", "disk", "store", "registry"]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How one acquire was served: from which tier, how many bytes, how long (s)."""
+
+    name: str
+    tier: Tier
+    nbytes: int
+    seconds: float
+
+
+class NodeStore:
+    """The tiers of node `node_id`, under `$EMBER_HOME/nodes/<node_id>/`.
+
+    `registry` defaults to EMBER_REGISTRY when that is set. `clock` times the loads."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        home: Path | None = None,
+        dram_budget: int = DEFAULT_DRAM_BUDGET,
+        disk_budget: int = DEFAULT_DISK_BUDGET,
+        registry: Registry | None = None,
+        local: LocalStore | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.node_id = check_name(node_id)
+        self.local = local if local is not None else LocalStore(home)
+        self.home = Path(home) if home is not None else self.local.home
+        self.root = self.home / "nodes" / self.node_id
+        self.catalog = self.local.catalog
+        if registry is None and (location := registry_location()):
+            registry = open_registry(location)
+        self.registry = registry
+        self.pool = DramPool(dram_budget, on_evict=self._dropped_from_dram)
+        self.disk = DiskCache(self.root / "disk", disk_budget, catalog=self.catalog, node=self.node_id)
+        self.clock = clock
+        self._dirs: dict[str, Path] = {}  # name -> the directory its DRAM copy came from
+        self._loading: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def acquire(
+        self, name: str, *, device: str = "cpu", progress: Progress | None = None
+    ) -> tuple[PoolLease, Path, LoadReport]:
+        """Lease checkpoint `name`'s tensors, loading them into DRAM if needed.
+
+        Returns the lease, the checkpoint directory (for model/ files: config,
+        tokenizer) and how it was loaded. A DRAM hit does no I/O and no copy. For a
+        non-CPU `device` the DRAM copy is copied there once (shared storage stays
+        shared) and the returned lease owns that copy, outside the pool."""
+        start = self.clock()
+        lease = self.pool.acquire(name)
+        tier: Tier = "dram"
+        if lease is None:
+            with self._name_lock(name):  # one load per name at a time; the rest hit DRAM after it
+                lease = self.pool.acquire(name)
+                if lease is None:
+                    lease, tier = self._load(name, progress)
+        path = self._dirs[name]
+        if torch.device(device).type != "cpu":
+            lease = _copy_to_device(lease, torch.device(device))
+        return lease, path, LoadReport(name, tier, lease.nbytes, self.clock() - start)
+
+    def holds(self, name: str) -> set[str]:
+        """The tiers on this node that hold `name`: "dram", "disk", "store"."""
+        tiers = set()
+        if name in self.pool:
+            tiers.add("dram")
+        if self.disk.path(name) is not None:
+            tiers.add("disk")
+        rec = self.local.catalog.find(name)
+        if rec is not None and Path(rec.path).is_dir():
+            tiers.add("store")
+        return tiers
+
+    def evict(self, name: str) -> bool:
+        """Drop `name` from this node's DRAM pool (False if absent or leased)."""
+        return self.pool.evict(name)
+
+    def _load(self, name: str, progress: Progress | None) -> tuple[PoolLease, Tier]:
+        rec = self.local.catalog.find(name)
+        if rec is not None and Path(rec.path).is_dir():
+            return self._into_dram(name, Path(rec.path)), "store"
+        tier: Tier = "disk"
+        for _ in range(3):  # an entry evicted between fetch and read is fetched again
+            with self.disk.reading(name) as path:
+                if path is not None:
+                    return self._into_dram(name, path), tier
+            if self.registry is None:
+                raise CheckpointNotFoundError(
+                    f"checkpoint {name!r} is not in the local store or node {self.node_id!r}'s disk "
+                    "cache, and no registry is configured (--registry / EMBER_REGISTRY)"
+                )
+            self.disk.fetch(name, self.registry, progress=progress)
+            tier = "registry"
+        raise CheckpointNotFoundError(f"checkpoint {name!r} kept leaving the disk cache while loading")
+
+    def _into_dram(self, name: str, path: Path) -> PoolLease:
+        # Store -> node is a copy between tiers: every chunk's checksum is checked.
+        nbytes = read_index(path).total_bytes
+        tensors = load_tensors(path, verify=True)
+        self._dirs[name] = path  # before the insert: a hit in another thread reads it
+        lease = self.pool.insert(name, tensors, nbytes)
+        self.catalog.set_location(name, self.node_id, "dram", nbytes)
+        return lease
+
+    def _dropped_from_dram(self, name: str) -> None:
+        self.catalog.drop_location(name, self.node_id, "dram")
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._guard:
+            return self._loading.setdefault(name, threading.Lock())
+
+
+def _copy_to_device(lease: PoolLease, device: torch.device) -> PoolLease:
+    """Copy a host lease's tensors to `device`, one copy per underlying storage, so
+    tied tensors stay tied; releases the host lease (its entry stays cached)."""
+    storages: dict[int, torch.UntypedStorage] = {}
+    out = {}
+    with lease:
+        for key, t in lease.tensors.items():
+            host = t.untyped_storage()
+            dev = storages.get(host.data_ptr())
+            if dev is None:
+                dev = torch.UntypedStorage(host.nbytes(), device=device)
+                dev.copy_(host)
+                storages[host.data_ptr()] = dev
+            view = torch.empty(0, dtype=t.dtype, device=device)
+            out[key] = view.set_(dev, t.storage_offset(), t.shape, t.stride())
+    return PoolLease(lease.key, out, lease.nbytes, None)

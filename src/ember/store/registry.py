@@ -1,0 +1,221 @@
+"""The remote registry: where nodes fetch checkpoints they hold in no nearer tier.
+
+A registry is a directory (a shared filesystem) or an HTTP(S) base URL serving such
+a directory. `<base>/<name>/` is a checkpoint directory exactly as the store holds
+it. Fetches are parallel ranged reads, verified chunk by chunk, resumable, and
+published atomically (see ember.store.transfer).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import quote
+
+from ember.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    EmberError,
+    RegistryError,
+)
+from ember.store.catalog import check_name
+from ember.store.format import INDEX_FILE, CheckpointIndex
+from ember.store.http_source import HttpSource, make_client
+from ember.store.transfer import (
+    DEFAULT_RANGE_BYTES,
+    DEFAULT_THREADS,
+    CheckpointSource,
+    Progress,
+    copy_checkpoint,
+)
+
+PIECE = 4 << 20  # bytes read from a file at a time
+
+
+@runtime_checkable
+class Registry(Protocol):
+    location: str
+
+    def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
+        """Copy checkpoint `name` to directory `dest` (atomically, verified); returns dest."""
+        ...
+
+    def push(self, src: Path, name: str) -> None:
+        """Copy the checkpoint directory `src` into the registry as `name`."""
+        ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def size(self, name: str) -> int:
+        """Total bytes of the checkpoint (partitions and files), from its index."""
+        ...
+
+
+class DirectorySource:
+    """A checkpoint directory on a (possibly shared) filesystem. `bad` is the error
+    class for wrong bytes: RegistryError when it is a registry's copy,
+    CorruptCheckpointError when it is a local checkpoint being pushed."""
+
+    def __init__(self, root: Path, *, bad: type[EmberError] = RegistryError) -> None:
+        self.root = root
+        self.location = str(root)
+        self._bad = bad
+
+    def index_text(self) -> str:
+        try:
+            return (self.root / INDEX_FILE).read_text()
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise CheckpointNotFoundError(f"no checkpoint at {self.root} (no {INDEX_FILE})") from exc
+
+    def read_range(self, rel: str, start: int, length: int, total: int) -> Generator[bytes]:
+        path = self.root / rel
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise self._bad(f"{path} is missing") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size != total:
+                raise self._bad(f"{path} is {size} bytes, the index says {total}")
+            done = 0
+            while done < length:
+                data = os.pread(fd, min(PIECE, length - done), start + done)
+                if not data:
+                    raise self._bad(f"{path} ended early at byte {start + done}")
+                done += len(data)
+                yield data
+        finally:
+            os.close(fd)
+
+    def read_file(self, rel: str, size: int) -> bytes:
+        try:
+            return (self.root / rel).read_bytes()
+        except FileNotFoundError as exc:
+            raise self._bad(f"{self.root / rel} is missing") from exc
+
+    def bad_bytes(self, message: str) -> EmberError:
+        return self._bad(message)
+
+
+class DirectoryRegistry:
+    """A registry that is a directory: `<root>/<name>/` per checkpoint."""
+
+    def __init__(self, root: str | Path, *, threads: int = DEFAULT_THREADS) -> None:
+        self.root = Path(root).expanduser()
+        self.location = str(self.root)
+        self.threads = threads
+
+    def _source(self, name: str) -> DirectorySource:
+        return DirectorySource(self.root / check_name(name))
+
+    def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
+        with _in_registry(self.location, name):
+            return copy_checkpoint(self._source(name), dest, progress=progress, threads=self.threads)
+
+    def push(self, src: Path, name: str) -> None:
+        """Copy checkpoint directory `src` to `<root>/<name>/`, checking every chunk
+        and file as it is copied; CheckpointExistsError if the name is taken."""
+        source = DirectorySource(Path(src), bad=CorruptCheckpointError)
+        copy_checkpoint(source, self.root / check_name(name), threads=self.threads)
+
+    def exists(self, name: str) -> bool:
+        return (self.root / check_name(name) / INDEX_FILE).is_file()
+
+    def size(self, name: str) -> int:
+        with _in_registry(self.location, name):
+            return _index(self._source(name)).stored_bytes
+
+    def names(self) -> list[str]:
+        """Checkpoints in the registry, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / INDEX_FILE).is_file()
+        )
+
+
+class HttpRegistry:
+    """A registry served over HTTP(S): `<url>/<name>/index.json` and so on. Read-only."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connections: int = DEFAULT_THREADS,
+        range_bytes: int = DEFAULT_RANGE_BYTES,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.location = url.rstrip("/")
+        self.connections, self.range_bytes = connections, range_bytes
+        self.retries, self.backoff_s = retries, backoff_s
+        self._client = make_client(connections)
+
+    def _source(self, name: str) -> HttpSource:
+        return HttpSource(self._client, f"{self.location}/{quote(check_name(name))}")
+
+    def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
+        with _in_registry(self.location, name):
+            return copy_checkpoint(
+                self._source(name),
+                dest,
+                progress=progress,
+                threads=self.connections,
+                range_bytes=self.range_bytes,
+                retries=self.retries,
+                backoff_s=self.backoff_s,
+            )
+
+    def push(self, src: Path, name: str) -> None:
+        raise RegistryError(
+            f"the registry at {self.location} is read-only (HTTP); push to a directory registry"
+        )
+
+    def exists(self, name: str) -> bool:
+        return self._source(name).exists()
+
+    def size(self, name: str) -> int:
+        with _in_registry(self.location, name):
+            return _index(self._source(name)).stored_bytes
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def _in_registry(location: str, name: str) -> Iterator[None]:
+    """Turn "no checkpoint at <dir>" into "no checkpoint <name> in the registry"."""
+    try:
+        yield
+    except CheckpointNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"no checkpoint named {name!r} in the registry at {location} ({exc})"
+        ) from exc
+
+
+def _index(source: CheckpointSource) -> CheckpointIndex:
+    return CheckpointIndex.from_json(source.index_text(), source=f"{source.location}/{INDEX_FILE}")
+
+
+def open_registry(location: str) -> Registry:
+    """A registry from a directory path (or file:// URL) or an http(s):// base URL."""
+    if location.startswith(("http://", "https://")):
+        return HttpRegistry(location)
+    return DirectoryRegistry(location.removeprefix("file://"))
+
+
+def fetch_url(url: str, dest: Path, *, progress: Progress | None = None) -> Path:
+    """Copy the one checkpoint directory at `url` (http(s) or a path) to `dest`."""
+    if url.startswith(("http://", "https://")):
+        with make_client(DEFAULT_THREADS) as client:
+            return copy_checkpoint(HttpSource(client, url), dest, progress=progress, retries=3)
+    return copy_checkpoint(DirectorySource(Path(url.removeprefix("file://"))), dest, progress=progress)
