@@ -15,7 +15,9 @@ MIB = 1 << 20
 MakeCheckpoint = Callable[..., dict[str, torch.Tensor]]
 
 
-def write_checkpoint(path: Path, *, mib: int = 1, seed: int = 0, partition_mib: int = 1024) -> dict[str, torch.Tensor]:
+def write_checkpoint(
+    path: Path, *, mib: int = 1, seed: int = 0, partition_mib: int = 1024
+) -> dict[str, torch.Tensor]:
     """Save a checkpoint of about `mib` MiB (one big tensor plus tied small ones and a
     config file) at `path`; returns its tensors."""
     gen = torch.Generator().manual_seed(seed)

@@ -70,7 +70,9 @@ def nginx_binary() -> str:
         pytest.skip("nginx is not installed and cannot be installed here (needs root and apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "nginx"], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "nginx"], check=True, env=env, capture_output=True, timeout=600
+    )
     found = shutil.which("nginx") or "/usr/sbin/nginx"
     assert os.access(found, os.X_OK), "nginx install did not produce an executable"
     return found

@@ -75,7 +75,10 @@ class Catalog:
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         with self._tx() as db:
-            db.executescript(_SCHEMA)
+            # Not executescript: it COMMITs first, ending _tx's transaction early.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
