@@ -159,3 +159,10 @@ def test_checkpoint_bigger_than_dram_lives_only_while_leased() -> None:
         assert_same_tensors(lease.tensors, want)
         assert node.holds("m") == {"dram", "store"}
     assert node.holds("m") == {"store"} and _tiers(node, "m") == set()
+
+
+def test_a_restarted_node_forgets_its_old_dram_rows() -> None:
+    _stored("m")
+    NodeStore("n1").acquire("m")
+    restarted = NodeStore("n1")
+    assert restarted.holds("m") == {"store"} and _tiers(restarted, "m") == set()

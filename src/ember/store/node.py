@@ -67,6 +67,9 @@ class NodeStore:
             registry = open_registry(location)
         self.registry = registry
         self.pool = DramPool(dram_budget, on_evict=self._dropped_from_dram)
+        for stale in self.catalog.locations(node=self.node_id, tier="dram"):
+            # A new pool is empty: DRAM rows left by an earlier process of this node are stale.
+            self.catalog.drop_location(stale.name, self.node_id, "dram")
         self.disk = DiskCache(self.root / "disk", disk_budget, catalog=self.catalog, node=self.node_id)
         self.clock = clock
         self._dirs: dict[str, Path] = {}  # name -> the directory its DRAM copy came from

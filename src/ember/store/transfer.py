@@ -137,7 +137,8 @@ def copy_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)
             raise
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno == errno.ENOSPC:  # the partial copy is what filled the disk: free it
+                shutil.rmtree(partial, ignore_errors=True)
                 raise StorageFullError(f"no space left on device while copying to {final}") from exc
             raise
     return final
