@@ -2,7 +2,8 @@
 
 EmberError                      base; carries an HTTP status for the server
 ├── InvalidRequestError         400: a bad argument or field
-│   └── UnsupportedFeatureError 400: a field Ember does not implement
+│   ├── UnsupportedFeatureError 400: a field Ember does not implement
+│   └── ContextLengthError      400: a prompt that does not fit the model's context
 ├── AuthenticationError         401
 ├── NotFoundError               404
 │   ├── ModelNotFoundError      404: no deployment or checkpoint of that name
@@ -41,6 +42,10 @@ class InvalidRequestError(EmberError):
 
 
 class UnsupportedFeatureError(InvalidRequestError):
+    pass
+
+
+class ContextLengthError(InvalidRequestError):
     pass
 
 
