@@ -36,7 +36,7 @@ def test_deltas_are_whole_characters_and_join_to_the_full_decode(tokenizer: Any,
 
 
 def test_special_tokens_are_skipped_unless_asked(tokenizer: Any) -> None:
-    ids = tokenizer.encode("one") + [tokenizer.eos_token_id] + tokenizer.encode(" two")
+    ids = [*tokenizer.encode("one"), tokenizer.eos_token_id, *tokenizer.encode(" two")]
     assert "".join(stream(IncrementalDetokenizer(tokenizer, [1]), ids)) == "one two"
     kept = IncrementalDetokenizer(tokenizer, [1], skip_special_tokens=False)
     assert "".join(stream(kept, ids)) == "one<|im_end|> two"
