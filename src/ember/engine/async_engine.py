@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -39,10 +40,8 @@ class RequestStream:
         self._done = False
 
     def _push(self, item: _Item) -> None:  # from the engine thread
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
