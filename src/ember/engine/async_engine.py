@@ -70,9 +70,8 @@ class AsyncEngine:
     @classmethod
     def from_checkpoint(cls, model: str | Path, scheduler: str = "fcfs", **engine_config: Any) -> AsyncEngine:
         """Load a checkpoint (store name or path) and start its engine thread."""
-        from ember.engine.loader import load_engine
-
         from ember.engine.config import EngineConfig
+        from ember.engine.loader import load_engine
 
         return cls(load_engine(model, EngineConfig(scheduler=scheduler, **engine_config)))
 

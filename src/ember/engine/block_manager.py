@@ -75,8 +75,3 @@ class BlockManager:
 
     def block_table(self, seq_id: str) -> list[int]:
         return self._tables.get(seq_id, [])
-
-    def slots(self, seq_id: str, start: int, end: int) -> list[int]:
-        """Cache slots (block_id * block_size + offset) of positions [start, end)."""
-        table, bs = self._tables[seq_id], self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]

@@ -18,6 +18,8 @@ PROMPT_CONTEXT = 5  # prompt tokens decoded before the first output, for leading
 
 
 class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 

@@ -54,28 +54,17 @@ class ModelRunner:
     def _inputs(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        tables: list[list[int]] = []
         for s in batch.scheduled:
-            seq, start, end = s.seq, s.start, s.start + s.num_new_tokens
-            ids += seq.tokens(start, end)
-            positions += range(start, end)
-            slots += self.blocks.slots(seq.request_id, start, end)
-            query_lens.append(s.num_new_tokens)
-            context_lens.append(start)
-            tables.append(self.blocks.block_table(seq.request_id))
-        width = max(len(t) for t in tables)
-        # block tables are padded with 0; entries past a sequence's length are never read
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        dev = self.device
+            ids += s.seq.tokens(s.start, s.start + s.num_new_tokens)
+            positions += range(s.start, s.start + s.num_new_tokens)
         meta = AttentionMetadata.build(
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=table.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_lens=[s.num_new_tokens for s in batch.scheduled],
+            context_lens=[s.start for s in batch.scheduled],
+            block_tables=[self.blocks.block_table(s.seq.request_id) for s in batch.scheduled],
+            block_size=self.blocks.block_size,
+            device=self.device,
         )
+        dev = self.device
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
