@@ -32,3 +32,46 @@ def tokenizer(tokenizer_dir: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 49152,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float64",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """(checkpoint dir, the transformers model it was saved from): a random 2-layer
+    Llama in float64 with SmolLM2's tokenizer."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ember.store import save_tensors
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k not in ("model_type", "architectures")})
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():  # sharper distributions than the default init: greedy has clear winners
+        model.lm_head.weight.mul_(20)
+    files: dict[str, Any] = {"model/config.json": json.dumps(TINY_LLAMA).encode()}
+    for f in tokenizer_dir.iterdir():
+        files[f"model/{f.name}"] = f
+    path = tmp_path_factory.mktemp("tiny-llama") / "ckpt"
+    save_tensors(model.state_dict(), path, files=files)
+    return path, model

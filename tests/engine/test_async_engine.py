@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from ember.engine.async_engine import AsyncEngine, RequestStream
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
+from ember.engine.loader import load_engine
 from ember.engine.request import EngineRequest, SamplingParams
 from ember.errors import ContextLengthError, InvalidRequestError
 from tests.engine.fakes import FakeKVCache, FakeModel, reference_greedy
@@ -118,3 +120,56 @@ def test_abort_ends_the_stream_and_resume_continues_elsewhere() -> None:
 
 def test_abort_of_an_unknown_request_is_none(engine: AsyncEngine) -> None:
     assert asyncio.run(engine.abort("nobody")) is None
+
+
+def test_streamed_text_concatenates_and_resume_continues_on_the_tiny_llama(
+    tiny_llama: tuple[Path, Any],
+) -> None:
+    path = str(tiny_llama[0])
+    source = AsyncEngine.from_checkpoint(path, device="cpu")
+    destination = AsyncEngine.from_checkpoint(path, device="cpu")
+    tok = source.engine.tokenizer
+    assert tok is not None
+    prompt = tok.encode("日本語のテキスト 🙂 and")
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=24, ignore_eos=True)
+
+    async def stream_all(stream: RequestStream) -> tuple[str, list[int]]:
+        text, ids = "", []
+        async for out in stream:
+            text += out.outputs[0].text
+            ids += out.outputs[0].token_ids
+        return text, ids
+
+    async def main() -> None:
+        text, ids = await stream_all(source.submit(EngineRequest.make("full", prompt, params)))
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        # one bad request among good ones; the good ones are served
+        good = [source.submit(EngineRequest.make(f"g{i}", prompt, params)) for i in range(2)]
+        with pytest.raises(ContextLengthError):
+            source.submit(EngineRequest.make("bad", [5] * 5000, params))
+        assert [r[1] for r in await asyncio.gather(*(stream_all(g) for g in good))] == [ids, ids]
+        # migration by tokens: stop a copy after 10 tokens, move tokens + sampler state elsewhere
+        paused = load_engine(path, EngineConfig(device="cpu"))
+        paused.add_request(EngineRequest.make("m", prompt, params))
+        seen: list[int] = []
+        seen_text = ""
+        while len(seen) < 10:
+            for o in paused.step():
+                seen += o.outputs[0].token_ids
+                seen_text += o.outputs[0].text
+        aborted = paused.abort("m")
+        assert aborted is not None
+        snapshot = aborted[1]
+        rest_text, rest = await stream_all(
+            destination.resume(
+                snapshot.prompt_token_ids, snapshot.output_token_ids, params, snapshot.sampler_state
+            )
+        )
+        assert seen + rest == ids
+        assert seen_text + rest_text == text  # no character lost or repeated at the handover
+
+    try:
+        asyncio.run(main())
+    finally:
+        source.shutdown()
+        destination.shutdown()

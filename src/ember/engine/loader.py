@@ -2,7 +2,9 @@
 
 config.json and the tokenizer come from `<checkpoint>/model/`; the weights from the
 store's loader as zero-copy views, or from the caller (the seam for a node's DRAM
-pool: pass `weights=node_store.acquire(name)`).
+pool: `lease, path, _ = node_store.acquire(name, device=...)`, then
+`load_engine(path, config, weights=lease.tensors)`, keeping the lease while the
+engine lives).
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ from ember.engine.engine import Engine
 from ember.engine.scheduler import Clock
 from ember.errors import CheckpointError, InvalidRequestError
 from ember.store import load_tensors
+from ember.store.format import INDEX_FILE
 from ember.store.local import LocalStore
 
 MODEL_DIR = "model"
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A checkpoint directory from a path to one, or a name in the local store."""
+    path = Path(model).expanduser()
+    if (path / INDEX_FILE).is_file():
+        return path  # a directory needs no catalogue lookup
+    return LocalStore().resolve(model)
 
 
 def read_hf_config(checkpoint: Path) -> dict[str, Any]:
@@ -88,7 +99,7 @@ def load_engine(
     from ember.engine.kv_cache import KVCache, num_blocks_for_budget
     from ember.engine.model import ModelSpec, build_model
 
-    checkpoint = LocalStore().resolve(model)
+    checkpoint = resolve_checkpoint(model)
     spec = ModelSpec.from_hf_config(read_hf_config(checkpoint))
     device = config.torch_device
     if weights is None:
