@@ -15,7 +15,9 @@ EmberError                      base; carries an HTTP status for the server
 ├── CheckpointError             422: a checkpoint on disk is unusable
 │   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
 │   ├── FormatVersionError      422: index written by an unknown format version
-│   └── UnsupportedDtypeError   422: a dtype the format cannot hold
+│   ├── UnsupportedDtypeError   422: a dtype the format cannot hold
+│   ├── UnsupportedModelError   422: an architecture or config option the engine cannot run
+│   └── MissingWeightError      422: a tensor the architecture needs is not in the checkpoint
 ├── RegistryError               502: the remote registry failed or sent bad bytes
 ├── MissingDependencyError      500: an optional package is not installed (says how)
 └── StorageFullError            507: no space left while writing
@@ -104,6 +106,14 @@ class FormatVersionError(CheckpointError):
 
 
 class UnsupportedDtypeError(CheckpointError):
+    pass
+
+
+class UnsupportedModelError(CheckpointError):
+    pass
+
+
+class MissingWeightError(CheckpointError):
     pass
 
 

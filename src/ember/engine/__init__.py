@@ -1,1 +1,1 @@
-"""The instance engine: model, paged KV cache, scheduler, sampler and the iteration loop."""
+"""The instance engine: model code, paged KV cache, scheduling and the step loop."""
