@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,8 +34,8 @@ class CausalLMLike(Protocol):
     @property
     def spec(self) -> ModelSpecLike: ...
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCacheLike
+    def forward(  # kv: the KVCache it was built with (Any: each model names its own cache type)
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: Any
     ) -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
