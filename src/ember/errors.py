@@ -2,7 +2,8 @@
 
 EmberError                      base; carries an HTTP status for the server
 ├── InvalidRequestError         400: a bad argument or field
-│   └── UnsupportedFeatureError 400: a field Ember does not implement
+│   ├── UnsupportedFeatureError 400: a field Ember does not implement
+│   └── ContextLengthError      400: a prompt that does not fit the model's context
 ├── AuthenticationError         401
 ├── NotFoundError               404
 │   ├── ModelNotFoundError      404: no deployment or checkpoint of that name
@@ -14,7 +15,9 @@ EmberError                      base; carries an HTTP status for the server
 ├── CheckpointError             422: a checkpoint on disk is unusable
 │   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
 │   ├── FormatVersionError      422: index written by an unknown format version
-│   └── UnsupportedDtypeError   422: a dtype the format cannot hold
+│   ├── UnsupportedDtypeError   422: a dtype the format cannot hold
+│   ├── UnsupportedModelError   422: an architecture or config option the engine cannot run
+│   └── MissingWeightError      422: a tensor the architecture needs is not in the checkpoint
 ├── RegistryError               502: the remote registry failed or sent bad bytes
 │   └── RegistryUnavailableError 502: it failed part-way (5xx, connection lost); a retry resumes
 ├── MissingDependencyError      500: an optional package is not installed (says how)
@@ -42,6 +45,10 @@ class InvalidRequestError(EmberError):
 
 
 class UnsupportedFeatureError(InvalidRequestError):
+    pass
+
+
+class ContextLengthError(InvalidRequestError):
     pass
 
 
@@ -100,6 +107,14 @@ class FormatVersionError(CheckpointError):
 
 
 class UnsupportedDtypeError(CheckpointError):
+    pass
+
+
+class UnsupportedModelError(CheckpointError):
+    pass
+
+
+class MissingWeightError(CheckpointError):
     pass
 
 

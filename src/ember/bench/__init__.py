@@ -1,0 +1,1 @@
+"""Benchmarks: load, engine and serving measurements."""

@@ -1,0 +1,195 @@
+"""AsyncEngine: the engine loop in a background thread, streams for asyncio servers.
+
+Every change to the engine (add, abort) runs on the engine thread between two
+iterations, so a request can be stopped or handed over at any token boundary.
+Everything that crosses into the caller's event loop is a picklable dataclass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ember.engine.engine import Engine
+from ember.engine.request import EngineRequest, RequestOutput, RequestSnapshot, SamplingParams
+from ember.engine.validation import validate_request
+from ember.errors import EmberError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+_Item = RequestOutput | BaseException
+_STOP = object()
+
+
+class RequestStream:
+    """An async iterator of one request's RequestOutput deltas, ending after the one
+    with `finished` set. Raises the request's error if the engine refused it."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._done = False
+
+    def _push(self, item: _Item) -> None:  # from the engine thread
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[Callable[[], None] | object] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_checkpoint(cls, model: str | Path, scheduler: str = "fcfs", **engine_config: Any) -> AsyncEngine:
+        """Load a checkpoint (store name or path) and start its engine thread."""
+        from ember.engine.config import EngineConfig
+        from ember.engine.loader import load_engine
+
+        return cls(load_engine(model, EngineConfig(scheduler=scheduler, **engine_config)))
+
+    # -- the caller's side (event loop thread) ---------------------------------------
+
+    def submit(self, request: EngineRequest) -> RequestStream:
+        """Queue a request; returns its stream of deltas. Raises InvalidRequestError (or
+        a subclass) at once for a request the engine cannot serve."""
+        if self._closed:
+            raise EmberError("the engine is shut down")
+        validate_request(request, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
+        stream = RequestStream(request.request_id, asyncio.get_running_loop())
+        with self._lock:
+            if request.request_id in self._streams:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+            self._streams[request.request_id] = stream
+        self._commands.put(lambda: self._add(request))
+        return stream
+
+    def resume(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        sampler_state: bytes | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Continue a request from its tokens (live migration): recompute the KV cache of
+        prompt + outputs, then stream only the tokens after them. With the source's
+        sampler_state a seeded request continues exactly as it would have there."""
+        return self.submit(
+            EngineRequest.make(
+                request_id or uuid.uuid4().hex,
+                prompt_token_ids,
+                sampling_params,
+                output_token_ids=output_token_ids,
+                sampler_state=sampler_state,
+            )
+        )
+
+    async def abort(self, request_id: str) -> RequestSnapshot | None:
+        """Stop a request and free its KV blocks. Its stream ends with finish_reason
+        "abort"; the snapshot (tokens and sampler state) lets resume() continue it."""
+        future: concurrent.futures.Future[RequestSnapshot | None] = concurrent.futures.Future()
+
+        def command() -> None:
+            result = self.engine.abort(request_id)
+            if result is None:
+                future.set_result(None)
+                return
+            output, snapshot = result
+            self._deliver(output)
+            future.set_result(snapshot)
+
+        self._commands.put(command)
+        return await asyncio.wrap_future(future)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (pending requests end with an error)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._commands.put(_STOP)
+        self._thread.join()
+        self._fail_all(EmberError("the engine was shut down"))
+
+    # -- the engine thread --------------------------------------------------------------
+
+    def _add(self, request: EngineRequest) -> None:
+        try:
+            self.engine.add_request(request)
+        except EmberError as e:
+            self._fail(request.request_id, e)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(output.request_id)
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+        if stream is not None:
+            stream._push(output)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._push(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            ids = list(self._streams)
+        for request_id in ids:
+            self.engine.abort(request_id)
+            self._fail(request_id, error)
+
+    def _run_commands(self, block: bool) -> bool:
+        """Run queued commands; False once asked to stop."""
+        try:
+            command = self._commands.get(block=block)
+            while True:
+                if command is _STOP:
+                    return False
+                assert callable(command)
+                command()
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _run(self) -> None:
+        while self._run_commands(block=not self.engine.has_unfinished()):
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a model failure ends the requests in flight, not the engine
+                log.exception("engine step failed")
+                self._fail_all(EmberError(f"the engine failed while running this request: {e}"))
+                continue
+            for output in outputs:
+                self._deliver(output)

@@ -1,0 +1,115 @@
+"""EngineConfig: the knobs of one instance engine, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ember.errors import InvalidRequestError
+
+SCHEDULERS = ("fcfs",)
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+MAX_DEFAULT_MODEL_LEN = 8192
+DEFAULT_CPU_KV_BYTES = 512 * 2**20
+DEFAULT_GPU_KV_FRACTION = 0.5  # of the free accelerator memory once the weights are in
+
+
+def _fail(param: str, message: str) -> None:
+    raise InvalidRequestError(message, param=param)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and placement of one engine. Every field has a default.
+
+    max_num_seqs: most sequences in one batch (32).
+    max_num_batched_tokens: most tokens computed in one iteration, prefill and decode
+        together; longer prompts are prefilled in chunks of at most this (2048).
+    max_model_len: longest prompt + output (None: the model's max_position_embeddings
+        capped at 8192, and at what the KV cache holds).
+    block_size: tokens per KV cache block (16).
+    kv_cache_bytes: the KV cache budget (None: 512 MiB on CPU, half the accelerator's
+        free memory after the weights on CUDA).
+    dtype: "auto" (the weights' dtype) or float32 / float16 / bfloat16 / float64;
+        another dtype than the weights' converts them (a copy).
+    device: "cuda" when available, else "cpu" (None picks).
+    scheduler: "fcfs" (first come first served, continuous batching).
+    seed: seeds the per-request generators of requests that give no seed (0).
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    scheduler: str = "fcfs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(name, f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            _fail("max_model_len", f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            _fail("kv_cache_bytes", f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            _fail("dtype", f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.scheduler not in SCHEDULERS:
+            _fail("scheduler", f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                _fail("device", f"not a device: {self.device!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def torch_dtype(self, weights_dtype: torch.dtype) -> torch.dtype:
+        return weights_dtype if self.dtype == "auto" else DTYPES[self.dtype]
+
+    def default_kv_bytes(self, device: torch.device) -> int:
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * DEFAULT_GPU_KV_FRACTION)
+        return DEFAULT_CPU_KV_BYTES
+
+    def resolve_max_model_len(self, max_position_embeddings: int, kv_capacity_tokens: int) -> int:
+        """The context length the engine serves, given the model and the KV pool.
+
+        An explicit max_model_len larger than the model's positions or the KV pool is an
+        error; the default is capped by both.
+        """
+        if self.max_model_len is None:
+            return min(max_position_embeddings, MAX_DEFAULT_MODEL_LEN, kv_capacity_tokens)
+        if self.max_model_len > max_position_embeddings:
+            _fail(
+                "max_model_len",
+                f"max_model_len {self.max_model_len} exceeds the model's {max_position_embeddings} positions",
+            )
+        if self.max_model_len > kv_capacity_tokens:
+            _fail(
+                "max_model_len",
+                f"max_model_len {self.max_model_len} does not fit the KV cache "
+                f"({kv_capacity_tokens} tokens); raise kv_cache_bytes",
+            )
+        return self.max_model_len
+
+    def replace(self, **changes: object) -> EngineConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,208 @@
+"""Engine: the iteration loop of one instance (schedule, run the model, post-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Iterable
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.config import EngineConfig
+from ember.engine.detokenizer import IncrementalDetokenizer, Tokenizer
+from ember.engine.model_runner import CausalLMLike, KVCacheLike, ModelRunner
+from ember.engine.request import (
+    CompletionOutput,
+    EngineRequest,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    RequestSnapshot,
+    TokenLogprobs,
+)
+from ember.engine.sampler import SampleResult, export_state, import_state, new_generator
+from ember.engine.scheduler import Clock, SchedulerOutput, make_scheduler
+from ember.engine.sequence import Sequence, SequenceStatus
+from ember.engine.validation import validate_request
+from ember.errors import InvalidRequestError
+
+
+class Engine:
+    """Runs requests to completion, one iteration per step(); not thread-safe.
+
+    `tokenizer` may be None (token ids in, token ids out, no text, no stop strings).
+    """
+
+    def __init__(
+        self,
+        model: CausalLMLike,
+        kv_cache: KVCacheLike,
+        config: EngineConfig,
+        *,
+        tokenizer: Tokenizer | None = None,
+        eos_token_ids: Iterable[int] = (),
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.vocab_size = model.spec.vocab_size
+        self.clock = clock
+        self.blocks = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
+        self.max_model_len = config.resolve_max_model_len(
+            model.spec.max_position_embeddings, self.blocks.capacity_tokens
+        )
+        self.scheduler = make_scheduler(
+            config.scheduler,
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            clock=clock,
+        )
+        self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
+        self._seeds = random.Random(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+
+    # -- requests -------------------------------------------------------------------
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise InvalidRequestError (or a subclass) if the engine cannot serve it."""
+        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        if request.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.validate(request)
+        p = request.sampling_params
+        if request.sampler_state is not None:
+            generator = import_state(request.sampler_state)
+        else:
+            generator = new_generator(p.seed if p.seed is not None else self._seeds.getrandbits(63))
+        seq = Sequence(
+            request.request_id,
+            list(request.prompt_token_ids),
+            p,
+            RequestMetrics(arrival_time=self.clock()),
+            output_token_ids=list(request.output_token_ids),
+            prompt=request.prompt,
+            num_resumed_tokens=len(request.output_token_ids),
+            generator=generator,
+        )
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                skip_special_tokens=p.skip_special_tokens,
+                stop=p.stop,
+            )
+            for token in request.output_token_ids:
+                if not self._is_stop_token(token, seq):
+                    seq.detokenizer.append(token)
+            seq.detokenizer.skip_emitted()  # the source instance already streamed this text
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> tuple[RequestOutput, RequestSnapshot] | None:
+        """Stop a request now and free its KV blocks: its last output (finish_reason
+        "abort") and a snapshot from which resume() continues it. None if unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.abort(request_id)
+        assert seq.generator is not None
+        snapshot = RequestSnapshot(
+            request_id,
+            tuple(seq.prompt_token_ids),
+            tuple(seq.output_token_ids),
+            seq.params,
+            export_state(seq.generator),
+        )
+        self._finish(seq, "abort", None)
+        return self._output(seq, [], [], ""), snapshot
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # -- the loop -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration; a delta output for every sequence that got a token."""
+        batch = self.scheduler.schedule()
+        samples = self.runner.execute(batch) if not batch.is_empty else []
+        return self._postprocess(batch, samples)
+
+    def _postprocess(self, batch: SchedulerOutput, samples: list[SampleResult]) -> list[RequestOutput]:
+        sampling = [s.seq for s in batch.scheduled if s.samples]  # before any token is appended
+        outputs = [self._append(seq, sample) for seq, sample in zip(sampling, samples, strict=True)]
+        self.scheduler.update(batch, [seq.request_id for seq in sampling if seq.is_finished])
+        return outputs
+
+    def _is_stop_token(self, token: int, seq: Sequence) -> bool:
+        return token in seq.params.stop_token_ids or (
+            token in self.eos_token_ids and not seq.params.ignore_eos
+        )
+
+    def _append(self, seq: Sequence, sample: SampleResult) -> RequestOutput:
+        token, p = sample.token_id, seq.params
+        seq.output_token_ids.append(token)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = self.clock()
+        stop_string = None
+        if seq.detokenizer is not None and not self._is_stop_token(token, seq):
+            stop_string = seq.detokenizer.append(token)
+        if token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif token in self.eos_token_ids and not p.ignore_eos:
+            self._finish(seq, "stop", None)
+        elif stop_string is not None:
+            self._finish(seq, "stop", stop_string)
+        elif seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+        text = seq.detokenizer.take_delta(seq.is_finished) if seq.detokenizer is not None else ""
+        return self._output(seq, [token], self._logprobs(seq, sample), text)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason  # type: ignore[assignment]
+        seq.stop_reason = stop_reason
+        seq.metrics.finish_time = self.clock()
+        self._seqs.pop(seq.request_id, None)
+
+    def _logprobs(self, seq: Sequence, sample: SampleResult) -> list[TokenLogprobs]:
+        if sample.logprob is None:
+            return []
+
+        def lp(token: int, value: float) -> Logprob:
+            text = seq.detokenizer.token_text(token) if seq.detokenizer is not None else ""
+            return Logprob(token, text, value)
+
+        top = tuple(lp(t, v) for t, v in sample.top_logprobs)
+        return [TokenLogprobs(lp(sample.token_id, sample.logprob), top)]
+
+    def _output(
+        self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs], text: str
+    ) -> RequestOutput:
+        completion = CompletionOutput(
+            0,
+            text,
+            tokens,
+            seq.finish_reason,
+            seq.stop_reason,
+            logprobs if seq.params.logprobs else None,
+        )
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt,
+            seq.prompt_token_ids,
+            [completion],
+            seq.is_finished,
+            dataclasses.replace(seq.metrics),
+        )

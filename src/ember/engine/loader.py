@@ -1,0 +1,122 @@
+"""load_engine: an Engine from a checkpoint (store name or path).
+
+config.json and the tokenizer come from `<checkpoint>/model/`; the weights from the
+store's loader as zero-copy views, or from the caller (the seam for a node's DRAM
+pool: `lease, path, _ = node_store.acquire(name, device=...)`, then
+`load_engine(path, config, weights=lease.tensors)`, keeping the lease while the
+engine lives).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.engine.config import EngineConfig
+from ember.engine.engine import Engine
+from ember.engine.scheduler import Clock
+from ember.errors import CheckpointError, InvalidRequestError
+from ember.store import load_tensors
+from ember.store.format import INDEX_FILE
+from ember.store.local import LocalStore
+
+MODEL_DIR = "model"
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A checkpoint directory from a path to one, or a name in the local store."""
+    path = Path(model).expanduser()
+    if (path / INDEX_FILE).is_file():
+        return path  # a directory needs no catalogue lookup
+    return LocalStore().resolve(model)
+
+
+def read_hf_config(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / MODEL_DIR / "config.json"
+    try:
+        config: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{checkpoint} has no {MODEL_DIR}/config.json; re-import the model") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return config
+
+
+def load_tokenizer(model_dir: Path) -> Any | None:
+    """The checkpoint's tokenizer, or None when it has none (token ids only).
+
+    A tokenizer.json loads through PreTrainedTokenizerFast directly: AutoTokenizer
+    would import transformers' auto-modelling modules, which the engine avoids.
+    """
+    if (model_dir / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    if (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.model").is_file():
+        from transformers import AutoTokenizer  # sentencepiece-only checkpoints
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    return None
+
+
+def eos_token_ids(spec_eos: tuple[int, ...], model_dir: Path, tokenizer: Any | None) -> set[int]:
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer."""
+    ids = set(spec_eos)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _weights_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
+    counts = Counter(t.dtype for t in weights.values() if t.is_floating_point())
+    if not counts:
+        raise CheckpointError("the checkpoint holds no floating-point weights")
+    return counts.most_common(1)[0][0]
+
+
+def load_engine(
+    model: str | Path,
+    config: EngineConfig,
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    clock: Clock = time.monotonic,
+) -> Engine:
+    """Build the model, KV cache and tokenizer of a checkpoint and an Engine over them.
+
+    Raises CheckpointNotFoundError, UnsupportedModelError (an unknown architecture),
+    CheckpointError, or InvalidRequestError for a config that cannot work.
+    """
+    from ember.engine.kv_cache import KVCache, num_blocks_for_budget
+    from ember.engine.model import ModelSpec, build_model
+
+    checkpoint = resolve_checkpoint(model)
+    spec = ModelSpec.from_hf_config(read_hf_config(checkpoint))
+    device = config.torch_device
+    if weights is None:
+        weights = load_tensors(checkpoint, device=device)
+    dtype = config.torch_dtype(_weights_dtype(weights))
+    if dtype != _weights_dtype(weights):  # asked for another dtype: a converted copy
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    lm = build_model(spec, weights, device)
+    budget = config.default_kv_bytes(device)
+    num_blocks = num_blocks_for_budget(spec, budget, config.block_size, dtype)
+    if num_blocks < 1:
+        raise InvalidRequestError(
+            f"kv_cache_bytes={budget} holds no block of {config.block_size} tokens "
+            f"({spec.kv_bytes_per_token(dtype) * config.block_size} bytes)",
+            param="kv_cache_bytes",
+        )
+    kv = KVCache(spec, num_blocks, config.block_size, dtype, device)
+    tokenizer = load_tokenizer(checkpoint / MODEL_DIR)
+    eos = eos_token_ids(spec.eos_token_ids, checkpoint / MODEL_DIR, tokenizer)
+    return Engine(lm, kv, config, tokenizer=tokenizer, eos_token_ids=eos, clock=clock)

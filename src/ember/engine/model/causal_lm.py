@@ -1,0 +1,50 @@
+"""CausalLM: the interface the engine runs, and what every model family shares."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ember.engine.attention import AttentionMetadata, AttentionPlan
+from ember.engine.model.layers import linear
+from ember.engine.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from ember.engine.kv_cache import KVCache
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over a paged KV cache.
+
+    forward(input_ids, positions, meta, kv) -> hidden [T, hidden]: every scheduled
+    sequence's new tokens concatenated in batch order; writes their K/V into `kv`.
+    compute_logits(hidden [S, hidden]) -> [S, vocab] float32, only for the rows that
+    sample. Run under torch.inference_mode().
+    """
+
+    spec: ModelSpec
+    lm_head: nn.Parameter
+    project_out: nn.Parameter | None
+
+    def __init__(self, spec: ModelSpec, device: torch.device) -> None:
+        super().__init__()
+        self.spec = spec
+        self.device = torch.device(device)
+        self.project_out = None
+
+    def plan(self, meta: AttentionMetadata, kv: KVCache) -> AttentionPlan:
+        """What all layers share about this iteration's attention."""
+        return AttentionPlan.build(
+            meta, kv.block_size, self.spec.gqa_group, self.spec.sliding_windows, self.device, kv.null_block
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [S, hidden] -> logits [S, vocab] float32."""
+        if self.project_out is not None:
+            hidden = linear(hidden, self.project_out)
+        return linear(hidden, self.lm_head).float()

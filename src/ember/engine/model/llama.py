@@ -1,0 +1,80 @@
+"""The Llama family: Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ember.engine.attention import AttentionMetadata, AttentionPlan, paged_attention
+from ember.engine.model.causal_lm import CausalLM
+from ember.engine.model.layers import RotaryTable, activation, apply_rotary, linear, rms_norm
+from ember.engine.model.spec import ModelSpec
+from ember.engine.model.weights import Weights
+
+if TYPE_CHECKING:
+    from ember.engine.kv_cache import KVCache
+
+
+class LlamaLayer(nn.Module):
+    """Pre-norm attention + gated MLP, with residual adds."""
+
+    def __init__(self, spec: ModelSpec, w: Weights, i: int) -> None:
+        super().__init__()
+        p = f"layers.{i}."
+        self.input_layernorm = w.param(p + "input_layernorm.weight")
+        self.post_attention_layernorm = w.param(p + "post_attention_layernorm.weight")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            w.param(f"{p}self_attn.{n}_proj.weight") for n in "qkvo"
+        )
+        self.q_bias, self.k_bias, self.v_bias, self.o_bias = (
+            w.optional(f"{p}self_attn.{n}_proj.bias") for n in "qkvo"
+        )
+        self.gate_proj, self.up_proj, self.down_proj = (
+            w.param(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up", "down")
+        )
+        self.gate_bias, self.up_bias, self.down_bias = (
+            w.optional(f"{p}mlp.{n}_proj.bias") for n in ("gate", "up", "down")
+        )
+        self.eps = spec.norm_eps
+        self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.window = spec.sliding_windows[i]
+        self.act = activation(spec.hidden_act)
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
+    ) -> Tensor:
+        """x: [T, hidden] residual stream -> [T, hidden]."""
+        t = x.shape[0]
+        h = rms_norm(x, self.input_layernorm, self.eps)
+        q = linear(h, self.q_proj, self.q_bias).view(t, self.heads, self.head_dim)
+        k = linear(h, self.k_proj, self.k_bias).view(t, self.kv_heads, self.head_dim)
+        v = linear(h, self.v_proj, self.v_bias).view(t, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = paged_attention(q, k, v, k_cache, v_cache, plan, self.window)
+        x = x + linear(a, self.o_proj, self.o_bias)
+        h = rms_norm(x, self.post_attention_layernorm, self.eps)
+        gated = self.act(linear(h, self.gate_proj, self.gate_bias)) * linear(h, self.up_proj, self.up_bias)
+        return x + linear(gated, self.down_proj, self.down_bias)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, spec: ModelSpec, w: Weights) -> None:
+        super().__init__(spec, w.device)
+        self.embed_tokens = w.param("embed_tokens.weight")
+        self.layers = nn.ModuleList(LlamaLayer(spec, w, i) for i in range(spec.num_layers))
+        self.norm = w.param("norm.weight")
+        head = w.optional("lm_head.weight")
+        self.lm_head = head if head is not None else self.embed_tokens  # tied
+        self.rotary = RotaryTable(
+            spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.dtype
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
+        plan = self.plan(meta, kv)
+        cos, sin = self.rotary.lookup(positions)
+        x = torch.nn.functional.embedding(input_ids, self.embed_tokens)
+        for layer, k_cache, v_cache in zip(self.layers, kv.keys, kv.values, strict=True):
+            x = layer.forward(x, cos, sin, plan, k_cache, v_cache)
+        return rms_norm(x, self.norm, self.spec.norm_eps)

@@ -1,0 +1,196 @@
+"""Messages that cross the engine boundary: sampling parameters, submissions, outputs.
+
+All are plain picklable dataclasses, so they can travel between threads, processes
+and (for live migration) instances.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ember.errors import InvalidRequestError
+
+FinishReason = Literal["stop", "length", "abort"]
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message, param=param)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one completion. Validated on creation (InvalidRequestError).
+
+    temperature 0 is greedy. top_k 0 or -1 means no top-k cut. `logprobs` returns the
+    chosen token's log-probability under the raw model distribution (before penalties,
+    bias, temperature and cuts), `top_logprobs` that many alternatives beside it.
+    presence/frequency penalties and logit_bias follow OpenAI's definitions and see
+    only the generated tokens. Stop strings are cut from the text (the stop string
+    itself is not returned); stop_token_ids and eos end the completion with "stop".
+    """
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        stop: object = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(stop))  # type: ignore[arg-type]
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in (self.logit_bias or {}).items()})
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.top_logprobs and not self.logprobs:
+            object.__setattr__(self, "logprobs", True)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be >= 1, got {self.n}")
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "max_tokens",
+            f"max_tokens must be >= 1, got {self.max_tokens}",
+        )
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"temperature must be >= 0, got {self.temperature}",
+        )
+        _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "top_k", f"top_k must be -1, 0 (no cut) or >= 1, got {self.top_k}")
+        _check(
+            self.seed is None or isinstance(self.seed, int), "seed", f"seed must be an int, got {self.seed!r}"
+        )
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        _check(
+            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-2 <= value <= 2, name, f"{name} must be in [-2, 2], got {value}")
+        for token, bias in self.logit_bias.items():
+            _check(-100 <= bias <= 100, "logit_bias", f"logit_bias[{token}] must be in [-100, 100]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token and its log-probability; `token` is its text alone (may hold U+FFFD)."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the `top_logprobs` most likely tokens."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A submission. `output_token_ids` and `sampler_state` are set when resuming a
+    request from its tokens (live migration): the engine recomputes the KV cache of
+    prompt + outputs and continues; only tokens after them are returned."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    output_token_ids: tuple[int, ...] = ()
+    sampler_state: bytes | None = None
+
+    @classmethod
+    def make(
+        cls,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        output_token_ids: Sequence[int] = (),
+        sampler_state: bytes | None = None,
+    ) -> EngineRequest:
+        return cls(
+            request_id,
+            tuple(int(t) for t in prompt_token_ids),
+            sampling_params,
+            prompt,
+            tuple(int(t) for t in output_token_ids),
+            sampler_state,
+        )
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """Everything needed to continue a request elsewhere: its tokens and sampler state."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    sampler_state: bytes
+
+
+@dataclass
+class CompletionOutput:
+    """One completion. From the engine's step and the async stream these are deltas
+    (new text and tokens only); LLM.generate returns them whole."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """Times in seconds of the engine's clock."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
