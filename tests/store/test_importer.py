@@ -86,7 +86,9 @@ def test_dtype_converts_floating_tensors_and_keeps_ties(dtype: str) -> None:
     want = getattr(torch, dtype)
     assert out["model.norm.weight"].dtype == want
     assert out["position_ids"].dtype == torch.int64
-    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], tensors["model.layers.0.mlp.up_proj.weight"].to(want))
+    assert torch.equal(
+        out["model.layers.0.mlp.up_proj.weight"], tensors["model.layers.0.mlp.up_proj.weight"].to(want)
+    )
     assert out["lm_head.weight"].data_ptr() == out["model.embed_tokens.weight"].data_ptr()
     assert read_index(result.path).metadata["dtype"] == dtype
     assert AutoConfig.from_pretrained(result.path / "model").dtype == want
@@ -106,7 +108,9 @@ def test_hf_safetensors_directory(tmp_path: Path, shard_size: str | None) -> Non
     _assert_same(load_tensors(result.path, verify=True), dict(model.state_dict()))
     assert stages[0] == "read" and stages[-1] == "done" and "verify" in stages
     model_dir = result.path / "model"
-    assert (model_dir / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    assert (model_dir / "generation_config.json").read_bytes() == (
+        src / "generation_config.json"
+    ).read_bytes()
     assert AutoTokenizer.from_pretrained(model_dir).chat_template == CHAT_TEMPLATE
     assert read_index(result.path).metadata["source"] == str(src.resolve())
 
@@ -212,7 +216,9 @@ def _import_in_process(home: str, seed: int, barrier: Any, results: Any) -> None
 def test_two_processes_import_one_name(ember_home: Path) -> None:
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_import_in_process, args=(str(ember_home), s, barrier, results)) for s in (1, 2)]
+    procs = [
+        ctx.Process(target=_import_in_process, args=(str(ember_home), s, barrier, results)) for s in (1, 2)
+    ]
     for p in procs:
         p.start()
     try:

@@ -39,7 +39,7 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 
 def source_kind(src: Path) -> str:
-    """"safetensors" or "gguf"; raises for a missing path or anything else."""
+    """ "safetensors" or "gguf"; raises for a missing path or anything else."""
     if not src.exists():
         raise CheckpointNotFoundError(f"nothing to import at {src}: no such file or directory")
     if src.is_file() and src.suffix.lower() == ".gguf":

@@ -1,0 +1,1 @@
+"""Benchmarks: checkpoint loading (load.py) and, later, the engine and serving."""
