@@ -57,9 +57,9 @@ def load_cmd(
     if as_json:
         print_json(report.to_json())
         return
-    size = human_bytes(report.tensor_bytes)
+    tensor_size = human_bytes(report.tensor_bytes)
     print_table(
-        f"load: {report.checkpoint} ({size} of tensors, {report.repeats} repeats)",
+        f"load: {report.checkpoint} ({tensor_size} of tensors, {report.repeats} repeats)",
         ["method", "cache", "median s", "GB/s"],
         [[r.method, r.cache, f"{r.median_s:.4f}", f"{r.gbps:.2f}"] for r in report.results],
     )
