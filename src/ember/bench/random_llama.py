@@ -63,13 +63,17 @@ LADDER = (
 )
 
 
+MIN_LAYERS = 8
+
+
 def plan_llama(nbytes: int, itemsize: int) -> tuple[LlamaShape, int]:
-    """The largest ladder shape with room for two layers, and the layer count that
-    brings the checkpoint closest to `nbytes`."""
+    """The largest ladder shape with room for MIN_LAYERS layers (real models are
+    deep, not one giant layer), and the layer count that brings the checkpoint
+    closest to `nbytes`."""
     params = nbytes // itemsize
     shape = LADDER[0]
     for s in LADDER:
-        if s.fixed_params() + 2 * s.layer_params() <= params:
+        if s.fixed_params() + MIN_LAYERS * s.layer_params() <= params:
             shape = s
     layers = max(1, round((params - shape.fixed_params()) / shape.layer_params()))
     return shape, layers
