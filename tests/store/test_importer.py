@@ -175,13 +175,13 @@ class _FillsUp:
 
 
 def test_disk_full_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(writer, "open", lambda path, mode: _FillsUp(path, 10_000), raising=False)
-    with pytest.raises(StorageFullError, match="no space left"):
-        import_state_dict("full", tiny_llama().state_dict(), tiny_llama_config())
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would drop EMBER_HOME too
+        patch.setattr(writer, "open", lambda path, mode: _FillsUp(path, 10_000), raising=False)
+        with pytest.raises(StorageFullError, match="no space left"):
+            import_state_dict("full", tiny_llama().state_dict(), tiny_llama_config())
     store = LocalStore()
     assert store.list() == []
     assert list(store.root.iterdir()) == []  # no half-written or temporary directory
-    monkeypatch.undo()
     import_state_dict("full", tiny_llama().state_dict(), tiny_llama_config())  # the name is still free
 
 
