@@ -28,6 +28,9 @@ _IMPORT_STAGES = {
 
 def _quiet_transformers() -> None:
     # Our own progress bar replaces transformers' tqdm bars and its load-time chatter.
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser's bar is a plain tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
