@@ -9,7 +9,6 @@ clock stops."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import statistics
@@ -116,27 +115,25 @@ def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _dram_pool_hit(tensors: dict[str, torch.Tensor], nbytes: int) -> tuple[str, Callable[[], object]]:
-    """Time to get a hit from the DRAM pool: ember.store.dram_pool.DramPool when it
-    exists, else a dict lookup (what a hit costs at least)."""
-    if importlib.util.find_spec("ember.store.dram_pool") is not None:
+    """Time to get a hit from the DRAM pool (ember.store.dram_pool.DramPool): lease,
+    touch, release. Where that module is missing, a dict lookup stands in."""
+    try:
         from ember.store.dram_pool import DramPool
+    except ImportError:
+        cache = {"bench": tensors}
+        return "dict lookup (no ember.store.dram_pool here)", lambda: touch_pages(cache["bench"].values())
 
-        pool: Any
-        try:  # the pool's constructor was not settled when this was written
-            pool = DramPool(capacity_bytes=2 * nbytes + (1 << 20))
-        except TypeError:
-            pool = DramPool()
-        pool.insert("bench", tensors, nbytes)
+    pool = DramPool(2 * nbytes + (1 << 20))
+    pool.insert("bench", tensors, nbytes).release()
 
-        def pool_hit() -> None:
-            got = pool.acquire("bench")
-            touch_pages((got if isinstance(got, dict) else got.tensors).values())
+    def pool_hit() -> None:
+        lease = pool.acquire("bench")
+        if lease is None:
+            raise RuntimeError("the DRAM pool evicted the benchmark's entry")
+        with lease:
+            touch_pages(lease.tensors.values())
 
-        return "DramPool", pool_hit
-    cache = {"bench": tensors}
-    return "dict lookup (ember.store.dram_pool is not there yet)", lambda: touch_pages(
-        cache["bench"].values()
-    )
+    return "DramPool", pool_hit
 
 
 def _methods(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -164,6 +166,16 @@ def _registry(location: str | None) -> Registry:
     return open_registry(where)
 
 
+@contextmanager
+def _closing(reg: Registry) -> Iterator[Registry]:
+    try:
+        yield reg
+    finally:
+        close = getattr(reg, "close", None)  # HTTP registries hold a connection pool
+        if callable(close):
+            close()
+
+
 RegistryOption = typer.Option(
     "--registry", "-r", help="A directory or http(s) URL (default: $EMBER_REGISTRY)."
 )
@@ -177,7 +189,8 @@ def push_cmd(
     """Upload a stored checkpoint to the remote registry."""
     store = LocalStore()
     rec = store.require(name)
-    _registry(registry).push(Path(rec.path), name)
+    with _closing(_registry(registry)) as reg:
+        reg.push(Path(rec.path), name)
     typer.echo(f"pushed {name} ({human_bytes(rec.size)})")
 
 
@@ -205,7 +218,8 @@ def pull_cmd(
                 ) from exc
             fetch_url(source, dest, progress=progress)
         else:
-            _registry(registry).fetch(source, dest, progress=progress)
+            with _closing(_registry(registry)) as reg:
+                reg.fetch(source, dest, progress=progress)
     rec = store.register(target, source)
     if as_json:
         print_json({"name": rec.name, "path": rec.path, "size": rec.size, "source": source})

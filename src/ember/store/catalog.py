@@ -74,13 +74,11 @@ class Catalog:
     def __init__(self, db_path: str | Path) -> None:
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        # executescript commits any open transaction first, so it runs outside _tx.
-        db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA busy_timeout=30000")
-            db.executescript(_SCHEMA)
-        finally:
-            db.close()
+        with self._tx() as db:
+            # Not executescript: it COMMITs first, ending _tx's transaction early.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

