@@ -1,9 +1,10 @@
-"""Shared fixtures: every test gets its own EMBER_HOME; SmolLM2's tokenizer and a tiny
-random Llama checkpoint are made once per session."""
+"""Shared fixtures: every test gets its own EMBER_HOME; SmolLM2's tokenizer, a tiny
+random Llama checkpoint and the real SmolLM2 import are made once per session."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,24 @@ def tiny_llama(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     path = tmp_path_factory.mktemp("tiny-llama") / "ckpt"
     save_tensors(model.state_dict(), path, files=files)
     return path, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """SmolLM2-135M-Instruct (GGUF, dequantised to float32) imported once per session
+    into its own EMBER_HOME; yields the checkpoint directory. Treat it as read-only.
+    Takes ~25 s: use it only from tests marked slow."""
+    from ember.errors import MissingDependencyError
+    from ember.store.importer import DEFAULT_MODEL_NAME, default_model_source, import_checkpoint
+    from ember.store.local import LocalStore
+
+    try:
+        src = default_model_source()
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+    home = tmp_path_factory.mktemp("smollm2-home")
+    try:
+        result = import_checkpoint(src, DEFAULT_MODEL_NAME, store=LocalStore(home))
+        yield result.path
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

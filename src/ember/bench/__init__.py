@@ -1,1 +1,1 @@
-"""Benchmarks: load, engine and serving measurements."""
+"""Benchmarks: checkpoint loading, the engine, scheduling, and serving."""

@@ -1,0 +1,49 @@
+"""The `ember` command line: `ember store ...` and `ember bench ...`.
+
+Every EmberError a command raises is printed as `error: ...` on stderr with exit
+status 1; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from ember.errors import EmberError
+
+
+class _EmberGroup(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmberError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(1) from exc
+
+
+app = typer.Typer(
+    cls=_EmberGroup,
+    help="Ember: serverless LLM inference with fast cold starts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from ember.cli.bench import bench_app
+    from ember.cli.store import store_app
+
+    app.add_typer(store_app, name="store")
+    app.add_typer(bench_app, name="bench")
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point of the `ember` script."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,227 @@
+"""`ember store`: import, list, remove, verify, push and pull checkpoints."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ember.cli.output import JsonOption, byte_progress, human_bytes, print_json, print_table, stage_progress
+from ember.errors import CheckpointError, CheckpointExistsError, InvalidRequestError, UnsupportedFeatureError
+from ember.store.local import LocalStore
+
+if TYPE_CHECKING:
+    from ember.store.registry import Registry
+
+store_app = typer.Typer(help="Manage the checkpoints in the local store.", no_args_is_help=True)
+
+_IMPORT_STAGES = {
+    "read": "reading the source",
+    "convert": "converting dtype",
+    "write": "writing the checkpoint",
+    "verify": "verifying checksums",
+    "done": "done",
+}
+
+
+def _quiet_transformers() -> None:
+    # Our own progress bar replaces transformers' tqdm bars and its load-time chatter.
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser's bar is a plain tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _name_from(src: Path) -> str:
+    stem = src.stem if src.is_file() else src.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._").lower()[:128] or "model"
+
+
+@store_app.command("import")
+def import_cmd(
+    src: Annotated[
+        Path | None,
+        typer.Argument(help="A Hugging Face safetensors directory or a .gguf file (default: SmolLM2-135M)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Name in the store.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Convert floating tensors: float32, bfloat16 or float16.")
+    ] = None,
+    as_json: bool = JsonOption,
+) -> None:
+    """Import a model into the store (converted once into Ember's loading format)."""
+    from ember.store.importer import DEFAULT_MODEL_NAME, default_model_source, import_checkpoint
+
+    if src is None:
+        src, name = default_model_source(), name or DEFAULT_MODEL_NAME
+    name = name or _name_from(src)
+    _quiet_transformers()
+    with stage_progress(_IMPORT_STAGES, enabled=not as_json) as progress:
+        result = import_checkpoint(src, name, dtype=dtype, progress=progress)  # type: ignore[arg-type]
+    if as_json:
+        print_json(
+            {
+                "name": result.name,
+                "path": str(result.path),
+                "size": result.nbytes,
+                "dtype": result.dtype,
+                "tensors": result.tensors,
+                "source": result.source,
+            }
+        )
+    else:
+        typer.echo(
+            f"imported {result.name}: {result.tensors} tensors, {human_bytes(result.nbytes)} "
+            f"({result.dtype}) at {result.path}"
+        )
+
+
+def _describe(store: LocalStore) -> list[dict[str, Any]]:
+    from ember.store.format import read_index
+
+    tiers: dict[str, list[str]] = {}
+    for loc in store.catalog.locations():
+        tiers.setdefault(loc.name, []).append(f"{loc.node}:{loc.tier}")
+    out = []
+    for rec in store.list():
+        try:
+            meta = dict(read_index(rec.path).metadata)
+        except CheckpointError:
+            meta = {}
+        out.append(
+            {
+                "name": rec.name,
+                "size": rec.size,
+                "dtype": meta.get("dtype", ""),
+                "architecture": meta.get("architecture", ""),
+                "tiers": ["store", *tiers.get(rec.name, [])],
+                "path": rec.path,
+                "source": rec.source,
+                "created": rec.created,
+            }
+        )
+    return out
+
+
+@store_app.command("ls")
+def ls_cmd(as_json: bool = JsonOption) -> None:
+    """List stored checkpoints: size and which tiers hold them."""
+    rows = _describe(LocalStore())
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        "checkpoints",
+        ["name", "size", "dtype", "architecture", "tiers"],
+        [
+            [r["name"], human_bytes(r["size"]), r["dtype"], r["architecture"], ", ".join(r["tiers"])]
+            for r in rows
+        ],
+    )
+
+
+@store_app.command("rm")
+def rm_cmd(name: Annotated[str, typer.Argument(help="Checkpoint name.")]) -> None:
+    """Remove a checkpoint from the store."""
+    rec = LocalStore().remove(name)
+    typer.echo(f"removed {rec.name} ({human_bytes(rec.size)})")
+
+
+@store_app.command("verify")
+def verify_cmd(
+    target: Annotated[str, typer.Argument(help="A checkpoint name or a checkpoint directory.")],
+    as_json: bool = JsonOption,
+) -> None:
+    """Read every byte of a checkpoint and check it against its checksums."""
+    from ember.store.checksum import verify_checkpoint
+
+    path = LocalStore().resolve(target)
+    index = verify_checkpoint(path)
+    if as_json:
+        print_json({"path": str(path), "ok": True, "size": index.total_bytes, "files": len(index.files)})
+    else:
+        typer.echo(
+            f"ok: {path}: {len(index.partitions)} partition(s), {len(index.files)} file(s), "
+            f"{human_bytes(index.total_bytes)} verified"
+        )
+
+
+def _registry(location: str | None) -> Registry:
+    from ember.env import EMBER_REGISTRY, registry_location
+
+    where = location or registry_location()
+    if not where:
+        raise InvalidRequestError(f"no registry: pass --registry or set {EMBER_REGISTRY}", param="registry")
+    try:
+        from ember.store.registry import open_registry
+    except ImportError as exc:
+        raise UnsupportedFeatureError("this Ember has no registry support (ember.store.registry)") from exc
+    return open_registry(where)
+
+
+@contextmanager
+def _closing(reg: Registry) -> Iterator[Registry]:
+    try:
+        yield reg
+    finally:
+        close = getattr(reg, "close", None)  # HTTP registries hold a connection pool
+        if callable(close):
+            close()
+
+
+RegistryOption = typer.Option(
+    "--registry", "-r", help="A directory or http(s) URL (default: $EMBER_REGISTRY)."
+)
+
+
+@store_app.command("push")
+def push_cmd(
+    name: Annotated[str, typer.Argument(help="Checkpoint name.")],
+    registry: Annotated[str | None, RegistryOption] = None,
+) -> None:
+    """Upload a stored checkpoint to the remote registry."""
+    store = LocalStore()
+    rec = store.require(name)
+    with _closing(_registry(registry)) as reg:
+        reg.push(Path(rec.path), name)
+    typer.echo(f"pushed {name} ({human_bytes(rec.size)})")
+
+
+@store_app.command("pull")
+def pull_cmd(
+    source: Annotated[str, typer.Argument(help="A checkpoint name in the registry, or an http(s) URL.")],
+    registry: Annotated[str | None, RegistryOption] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Name in the local store.")] = None,
+    as_json: bool = JsonOption,
+) -> None:
+    """Download a checkpoint from the registry (or a URL) into the store."""
+    is_url = source.startswith(("http://", "https://"))
+    target = name or (source.rstrip("/").rsplit("/", 1)[-1] if is_url else source)
+    store = LocalStore()
+    dest = store.path_for(target)
+    if store.exists(target) or dest.exists():
+        raise CheckpointExistsError(f"a checkpoint named {target!r} is already stored")
+    with byte_progress(f"pulling {target}", enabled=not as_json) as progress:
+        if is_url:
+            try:
+                from ember.store.registry import fetch_url
+            except ImportError as exc:
+                raise UnsupportedFeatureError(
+                    "this Ember has no registry support (ember.store.registry)"
+                ) from exc
+            fetch_url(source, dest, progress=progress)
+        else:
+            with _closing(_registry(registry)) as reg:
+                reg.fetch(source, dest, progress=progress)
+    rec = store.register(target, source)
+    if as_json:
+        print_json({"name": rec.name, "path": rec.path, "size": rec.size, "source": source})
+    else:
+        typer.echo(f"pulled {rec.name} ({human_bytes(rec.size)}) into {rec.path}")
