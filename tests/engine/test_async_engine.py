@@ -173,3 +173,20 @@ def test_streamed_text_concatenates_and_resume_continues_on_the_tiny_llama(
     finally:
         source.shutdown()
         destination.shutdown()
+
+
+def test_abort_whose_caller_gave_up_still_aborts_and_engine_keeps_serving(engine: AsyncEngine) -> None:
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def run() -> list[int]:
+        stream = engine.submit(EngineRequest.make("gone", [1, 2, 3], long))
+        await stream.__anext__()
+        waiter = asyncio.create_task(engine.abort("gone"))
+        await asyncio.sleep(0)  # the abort is queued...
+        waiter.cancel()  # e.g. the HTTP client disconnected while the abort was queued
+        await asyncio.gather(waiter, return_exceptions=True)
+        return await collect(engine.submit(EngineRequest.make("next", [4, 5, 6], GREEDY)))
+
+    tokens = asyncio.run(run())
+    assert tokens == reference_greedy([4, 5, 6], 10)
+    assert engine.engine.num_running == 0 and engine.engine.blocks.usage == 0.0

@@ -19,7 +19,9 @@ BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, max_position_emb
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": (
         "LlamaConfig",
-        dict(BASE, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        dict(
+            BASE, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+        ),
     ),
     "llama3-rope": (
         "LlamaConfig",
@@ -40,7 +42,13 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "qwen2": (
         "Qwen2Config",
-        dict(BASE, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+        dict(
+            BASE,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        ),
     ),
     "mistral": (
         "MistralConfig",

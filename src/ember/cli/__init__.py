@@ -1,4 +1,4 @@
-"""The `ember` command line: `ember store ...` and `ember bench ...`.
+"""The `ember` command line: `ember serve`, `ember chat`, `ember store ...`, `ember bench ...`.
 
 Every EmberError a command raises is printed as `error: ...` on stderr with exit
 status 1; anything else is a bug and keeps its traceback."""
@@ -32,8 +32,12 @@ app = typer.Typer(
 
 def _register() -> None:
     from ember.cli.bench import bench_app
+    from ember.cli.chat import chat_cmd
+    from ember.cli.serve import serve_cmd
     from ember.cli.store import store_app
 
+    app.command("serve")(serve_cmd)
+    app.command("chat")(chat_cmd)
     app.add_typer(store_app, name="store")
     app.add_typer(bench_app, name="bench")
 

@@ -119,6 +119,13 @@ class AsyncEngine:
         future: concurrent.futures.Future[RequestSnapshot | None] = concurrent.futures.Future()
 
         def command() -> None:
+            # The caller may have given up waiting (its task was cancelled, which
+            # cancels this future); the abort itself must still happen.
+            if not future.set_running_or_notify_cancel():
+                result = self.engine.abort(request_id)
+                if result is not None:
+                    self._deliver(result[0])
+                return
             result = self.engine.abort(request_id)
             if result is None:
                 future.set_result(None)
@@ -176,7 +183,10 @@ class AsyncEngine:
                 if command is _STOP:
                     return False
                 assert callable(command)
-                command()
+                try:
+                    command()
+                except Exception:  # one bad command must not end the engine thread
+                    log.exception("engine command failed")
                 command = self._commands.get_nowait()
         except queue.Empty:
             return True

@@ -1,0 +1,114 @@
+"""`ember chat`: talk to a model, streaming, against a server or embedded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+import typer
+
+from ember import env
+from ember.errors import EmberError, ModelNotFoundError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+Turn = Callable[[list[dict[str, str]]], Iterator[str]]  # messages -> streamed answer pieces
+
+
+def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str, Turn]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0)
+    try:
+        names = [m.id for m in client.models.list().data]
+    except openai.APIConnectionError as exc:
+        raise EmberError(
+            f"no Ember server at {url} (start one with `ember serve`, or use --embedded)"
+        ) from exc
+    except openai.APIStatusError as exc:
+        raise EmberError(f"{url}: {exc.message}") from exc
+    chosen = model or (names[0] if names else None)
+    if chosen is None or chosen not in names:
+        raise ModelNotFoundError(f"the server at {url} does not serve {chosen!r} (it serves {names})")
+
+    def turn(messages: list[dict[str, str]]) -> Iterator[str]:
+        stream: Any = client.chat.completions.create(model=chosen, messages=messages, stream=True)  # type: ignore[arg-type]
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+    return chosen, turn
+
+
+def _embedded_turns(model: str | None) -> tuple[str, Turn]:
+    from ember.engine.async_engine import AsyncEngine
+    from ember.engine.request import EngineRequest, SamplingParams
+    from ember.store.importer import ensure_default_model
+    from ember.store.local import LocalStore
+
+    store = LocalStore()
+    name = model or ensure_default_model(store)
+    engine = AsyncEngine.from_checkpoint(store.resolve(name))
+    tokenizer: Any = engine.engine.tokenizer
+    loop = asyncio.new_event_loop()
+
+    def turn(messages: list[dict[str, str]]) -> Iterator[str]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+        room = engine.engine.max_model_len - len(ids)
+        params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=max(1, min(512, room)))
+
+        async def first() -> Any:
+            return engine.submit(EngineRequest.make(uuid.uuid4().hex, ids, params))
+
+        stream = loop.run_until_complete(first())
+        while True:
+            try:
+                out = loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+            yield out.outputs[0].text
+
+    return name, turn
+
+
+def chat_cmd(
+    model: Annotated[str | None, typer.Argument(help="Model id (default: the server's first).")] = None,
+    url: Annotated[str | None, typer.Option(help=f"Server URL (EMBER_URL). [default: {DEFAULT_URL}]")] = None,
+    embedded: Annotated[bool, typer.Option(help="Run the model in this process, no server.")] = False,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+) -> None:
+    """Chat with a model, streaming its answers. Reads standard input line by line
+    when it is not a terminal (each line a user turn) and exits at its end."""
+    api_key = os.environ.get(env.EMBER_API_KEY)
+    if embedded:
+        name, turn = _embedded_turns(model)
+    else:
+        name, turn = _server_turns(url or os.environ.get(env.EMBER_URL) or DEFAULT_URL, model, api_key)
+    interactive = sys.stdin.isatty()
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    if interactive:
+        typer.echo(f"Chatting with {name}. Ctrl-D to quit.", err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and not line:
+            break  # end of input
+        line = line.strip()
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = []
+        for piece in turn(messages):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})

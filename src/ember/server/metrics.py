@@ -1,0 +1,102 @@
+"""Prometheus metrics with vLLM's names under the `ember:` prefix, labelled by model.
+
+Request-level histograms and counters are observed as requests finish; the gauges
+(running, waiting, KV usage) and engine counters (preemptions, swaps) are read from
+each model's engine when /metrics is scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+
+
+_ENGINE_COUNTERS = {
+    "num_preemptions": "Preemptions of running requests.",
+    "num_swaps_out": "Jobs whose KV blocks were swapped out to host memory.",
+    "num_swaps_in": "Jobs whose KV blocks were swapped back in.",
+    "num_recomputations": "Preempted jobs whose KV cache was recomputed.",
+}
+
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """A snapshot of one engine's state, read at scrape time."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float  # 0.0 - 1.0, as vLLM reports it
+    num_preemptions: int
+    num_swaps_out: int = 0
+    num_swaps_in: int = 0
+    num_recomputations: int = 0
+
+
+class _EngineCollector(Collector):
+    def __init__(self, sources: Callable[[], Mapping[str, EngineGauges]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._sources()
+        running = GaugeMetricFamily(
+            "ember:num_requests_running", "Requests in the running batch.", labels=["model_name"]
+        )
+        waiting = GaugeMetricFamily(
+            "ember:num_requests_waiting", "Requests waiting to run.", labels=["model_name"]
+        )
+        usage = GaugeMetricFamily(
+            "ember:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", labels=["model_name"]
+        )
+        counters = {
+            name: CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
+            for name, doc in _ENGINE_COUNTERS.items()
+        }
+        for model, g in snapshot.items():
+            running.add_metric([model], g.num_requests_running)
+            waiting.add_metric([model], g.num_requests_waiting)
+            usage.add_metric([model], g.kv_cache_usage_perc)
+            for name, family in counters.items():
+                family.add_metric([model], getattr(g, name))
+        yield from (running, waiting, usage, *counters.values())
+
+
+class ServerMetrics:
+    """The server's metrics registry (one per app, so tests never share state)."""
+
+    def __init__(self, engine_gauges: Callable[[], Mapping[str, EngineGauges]]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, registry=self.registry, buckets=_LATENCY_BUCKETS)
+
+        self.ttft = hist("ember:time_to_first_token_seconds", "Time to first token.")
+        self.itl = hist("ember:inter_token_latency_seconds", "Time between two output tokens.")
+        self.e2e = hist("ember:e2e_request_latency_seconds", "End-to-end request latency.")
+        self.queue = hist("ember:request_queue_time_seconds", "Time from arrival to first scheduling.")
+        self.prompt_tokens = Counter(
+            "ember:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "ember:generation_tokens", "Tokens generated.", labels, registry=self.registry
+        )
+        self.requests = Counter(
+            "ember:request_success",
+            "Finished requests by finish reason.",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engine_gauges))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,132 @@
+"""`ember serve` and `ember chat` as a user runs them: a real process, the real model.
+
+One server process per module, started on a fresh EMBER_HOME, so the first-run
+import of SmolLM2 is part of what is tested. The last test stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    home: Path
+    log: list[str] = field(default_factory=list)
+    health_seen: list[int] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    home = tmp_path_factory.mktemp("serve-home")
+    port = _free_port()
+    env = {**os.environ, "EMBER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("EMBER_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), "--shutdown-grace-s", "60"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    server = ServeProcess(proc, f"http://127.0.0.1:{port}", home)
+    reader = threading.Thread(target=lambda: server.log.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, "ember serve exited:\n" + "".join(server.log)
+            assert time.monotonic() < deadline, "not ready in time:\n" + "".join(server.log)
+            try:
+                status = httpx.get(f"{server.url}/health", timeout=2).status_code
+                server.health_seen.append(status)
+                if status == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_health_is_503_while_the_first_run_imports_then_200(served: ServeProcess) -> None:
+    assert 503 in served.health_seen and served.health_seen[-1] == 200
+    assert any("importing smollm2-135m-instruct" in line for line in served.log)
+
+
+def test_openai_client_chats_with_the_default_model(served: ServeProcess) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+    out = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert "Paris" in (out.choices[0].message.content or "")
+
+
+def test_ember_chat_reads_stdin_and_exits_at_its_end(served: ServeProcess) -> None:
+    env = {**os.environ, "EMBER_URL": served.url}
+    done = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "chat"],
+        input="What is the capital of France? Answer in one word.\n",
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_ember_chat_without_a_server_fails_clearly() -> None:
+    env = {**os.environ, "EMBER_URL": f"http://127.0.0.1:{_free_port()}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "chat"],
+        input="hi\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "no Ember server" in done.stderr
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(served: ServeProcess) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.completions.create(
+        model="smollm2-135m-instruct", prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0,
+        stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = iter(stream)
+    first = next(chunks)
+    served.proc.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert served.proc.wait(timeout=120) == 0, "".join(served.log)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{served.url}/health", timeout=2)
