@@ -63,21 +63,29 @@ def supports_direct_io(path: Path) -> bool:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def resident_fraction(path: Path) -> float:
-    """Fraction of a file's pages in the page cache (mincore), 0.0 for an empty file."""
+def resident_fraction(path: Path, samples: int = 64, window_pages: int = 16) -> float:
+    """Estimated fraction of a file's pages in the page cache: mincore over `samples`
+    windows spread across the file (a whole-file scan costs ~13 ms per 500 MB, a
+    fifth of a warm load). 0.0 for an empty file."""
     size = path.stat().st_size
     if size == 0:
         return 0.0
+    page = mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    window = min(window_pages, pages)
+    starts = sorted({(pages - window) * i // max(1, samples - 1) for i in range(samples)})
+    vec = (ctypes.c_ubyte * window)()
+    resident = checked = 0
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        base = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mm)))
-        try:
-            if _libc.mincore(base, ctypes.c_size_t(size), vec) != 0:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        for first in starts:
+            length = min(window * page, size - first * page)
+            if _libc.mincore(ctypes.c_void_p(base + first * page), ctypes.c_size_t(length), vec) != 0:
                 return 0.0
-        finally:
-            del base
-        return sum(b & 1 for b in vec) / pages
+            n = (length + page - 1) // page
+            resident += sum(vec[i] & 1 for i in range(n))
+            checked += n
+    return resident / checked
 
 
 def choose_io(root: Path, index: CheckpointIndex, io: IoMode) -> Literal["direct", "buffered"]:
