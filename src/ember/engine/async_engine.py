@@ -138,6 +138,7 @@ class AsyncEngine:
         self._commands.put(_STOP)
         self._thread.join()
         self._fail_all(EmberError("the engine was shut down"))
+        self.engine.close()
 
     # -- the engine thread --------------------------------------------------------------
 
