@@ -31,10 +31,28 @@ def context_hash(tokens: Sequence[int], vocab_size: int) -> int:
 
 
 class FakeKVCache:
+    """One token id per slot; copies blocks out and in like KVCache, so a swap that
+    loses or misplaces a block changes what the fake model reads back."""
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.block_bytes = 8 * block_size  # what the swap budget counts: 8 bytes a token
+        self.device = torch.device("cpu")
         self.tokens = torch.full((num_blocks * block_size,), -1, dtype=torch.int64)
+
+    def _slots(self, block_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)
+        return (ids.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).reshape(-1)
+
+    def copy_blocks_out(self, block_ids: Sequence[int], *, pin: bool = False) -> torch.Tensor:
+        slots = self._slots(block_ids)
+        data = self.tokens[slots].clone()
+        self.tokens[slots] = -1  # a freed block must not still hold the right tokens by luck
+        return data
+
+    def copy_blocks_in(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        self.tokens[self._slots(block_ids)] = data
 
 
 class FakeModel:

@@ -15,6 +15,12 @@ from ember.errors import InvalidRequestError
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 
 
+def _register() -> None:
+    from ember.cli.bench_sched import sched_command
+
+    bench_app.command("sched")(sched_command)
+
+
 @bench_app.command("load")
 def load_cmd(
     target: Annotated[str | None, typer.Argument(help="A checkpoint name or directory.")] = None,
@@ -76,3 +82,6 @@ def load_cmd(
     out.print(f"DRAM pool hit measured with: {report.dram_pool}")
     for note in report.notes:
         out.print(f"note: {note}")
+
+
+_register()

@@ -23,7 +23,12 @@ def serve_cmd(
     api_key: Annotated[
         str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set EMBER_API_KEY).")
     ] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Scheduling policy: fcfs, mlfq or srpt.")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Scheduling policy: mlfq, fcfs or srpt. [default: mlfq]")
+    ] = None,
+    swap: Annotated[
+        str | None, typer.Option(help="KV swapping: proactive, reactive or off. [default: proactive]")
+    ] = None,
     kv_cache_bytes: Annotated[int | None, typer.Option(help="KV cache budget in bytes per model.")] = None,
     swap_bytes: Annotated[int | None, typer.Option(help="Host swap space for KV blocks, bytes.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="Most sequences a batch. [default: 32]")] = None,
@@ -57,6 +62,7 @@ def serve_cmd(
             "port": port,
             "api_key": api_key,
             "scheduler": scheduler,
+            "swap": swap,
             "kv_cache_bytes": kv_cache_bytes,
             "swap_bytes": swap_bytes,
             "max_num_seqs": max_num_seqs,

@@ -68,7 +68,7 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_checkpoint(cls, model: str | Path, scheduler: str = "fcfs", **engine_config: Any) -> AsyncEngine:
+    def from_checkpoint(cls, model: str | Path, scheduler: str = "mlfq", **engine_config: Any) -> AsyncEngine:
         """Load a checkpoint (store name or path) and start its engine thread."""
         from ember.engine.config import EngineConfig
         from ember.engine.loader import load_engine
@@ -145,6 +145,7 @@ class AsyncEngine:
         self._commands.put(_STOP)
         self._thread.join()
         self._fail_all(EmberError("the engine was shut down"))
+        self.engine.close()
 
     # -- the engine thread --------------------------------------------------------------
 

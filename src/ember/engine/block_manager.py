@@ -23,6 +23,33 @@ class KVAllocator(Protocol):
     def usage(self) -> float: ...
 
 
+class SwapKVAllocator(KVAllocator, Protocol):
+    """A KVAllocator that can also park a sequence's blocks in host memory
+    (ember.engine.swapper.KVSwapper). Counts are in blocks; ids never leave it."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def num_free_blocks(self) -> int: ...
+
+    def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
+        """Device blocks the sequence lacks to hold num_tokens (all of them if swapped out)."""
+        ...
+
+    def num_device_blocks(self, seq_id: str) -> int: ...
+
+    def is_swapped(self, seq_id: str) -> bool: ...
+
+    def can_swap_out(self, seq_id: str) -> bool: ...
+
+    def swap_out(self, seq_id: str) -> None: ...
+
+    def can_swap_in(self, seq_id: str) -> bool: ...
+
+    def swap_in(self, seq_id: str) -> None: ...
+
+
 class OutOfBlocksError(RuntimeError):
     """allocate() without room: a scheduler bug, never a user's."""
 

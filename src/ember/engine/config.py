@@ -9,7 +9,8 @@ import torch
 
 from ember.errors import InvalidRequestError
 
-SCHEDULERS = ("fcfs",)
+SCHEDULERS = ("mlfq", "fcfs", "srpt")
+SWAP_MODES = ("proactive", "reactive", "off")
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -40,8 +41,29 @@ class EngineConfig:
     dtype: "auto" (the weights' dtype) or float32 / float16 / bfloat16 / float64;
         another dtype than the weights' converts them (a copy).
     device: "cuda" when available, else "cpu" (None picks).
-    scheduler: "fcfs" (first come first served, continuous batching).
+    scheduler: "mlfq" (FastServe's skip-join multi-level feedback queue: short jobs
+        overtake long ones, so mean completion time drops), "fcfs" (first come first
+        served, continuous batching, what vLLM does) or "srpt" (shortest remaining
+        processing time from each request's max_tokens: an oracle for evaluation).
     seed: seeds the per-request generators of requests that give no seed (0).
+    swap: what happens to the KV cache of a job pushed off the device (mlfq, srpt):
+        "proactive" (FastServe: swap the last-to-run jobs out to host memory before
+        blocks run short, keep a reserve free for arrivals, and swap the next-to-run
+        back in ahead of time, overlapped with computation), "reactive" (swap out only
+        when an allocation fails, swap in when the job is scheduled) or "off"
+        (recompute, as vLLM does). Recomputation is the fallback when host space is full.
+    swap_bytes: the host swap space budget (None: as large as the device KV budget, so
+        every block the device holds can be parked once; 0 turns swapping off).
+    swap_reserve_fraction: proactive mode keeps this fraction of device blocks free for
+        new arrivals (0.05: room for a prefill or two without swapping on their path).
+    mlfq_base_quantum_s: the top queue's quantum (None: the measured time of one decode
+        iteration, so a job in the top queue runs one token before it is demoted,
+        the finest granularity at which preemption can help).
+    mlfq_num_queues: queues, each quantum twice the one above (8: the bottom quantum is
+        128 decode iterations, past most outputs, so only the long tail shares it).
+    mlfq_starvation_s: a job that waited this long is promoted to the top queue (None:
+        twice the bottom queue's quantum, so a long job is delayed at most about two
+        rounds of the longest quantum).
     """
 
     max_num_seqs: int = 32
@@ -51,8 +73,14 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     dtype: str = "auto"
     device: str | None = None
-    scheduler: str = "fcfs"
+    scheduler: str = "mlfq"
     seed: int = 0
+    swap: str = "proactive"
+    swap_bytes: int | None = None
+    swap_reserve_fraction: float = 0.05
+    mlfq_base_quantum_s: float | None = None
+    mlfq_num_queues: int = 8
+    mlfq_starvation_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -67,6 +95,21 @@ class EngineConfig:
             _fail("dtype", f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.scheduler not in SCHEDULERS:
             _fail("scheduler", f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        if self.swap not in SWAP_MODES:
+            _fail("swap", f"unknown swap mode {self.swap!r}; known: {', '.join(SWAP_MODES)}")
+        if self.swap_bytes is not None and self.swap_bytes < 0:
+            _fail("swap_bytes", f"swap_bytes must be >= 0, got {self.swap_bytes}")
+        if not 0 <= self.swap_reserve_fraction < 1:
+            _fail(
+                "swap_reserve_fraction",
+                f"swap_reserve_fraction must be in [0, 1): {self.swap_reserve_fraction}",
+            )
+        if not isinstance(self.mlfq_num_queues, int) or self.mlfq_num_queues < 1:
+            _fail("mlfq_num_queues", f"mlfq_num_queues must be a positive integer: {self.mlfq_num_queues!r}")
+        for name in ("mlfq_base_quantum_s", "mlfq_starvation_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                _fail(name, f"{name} must be positive, got {value}")
         if self.device is not None:
             try:
                 torch.device(self.device)

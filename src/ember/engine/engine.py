@@ -11,9 +11,11 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
 from ember.engine.detokenizer import IncrementalDetokenizer, Tokenizer
 from ember.engine.model_runner import CausalLMLike, KVCacheLike, ModelRunner
+from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.request import (
     CompletionOutput,
     EngineRequest,
+    EngineStats,
     Logprob,
     RequestMetrics,
     RequestOutput,
@@ -23,6 +25,7 @@ from ember.engine.request import (
 from ember.engine.sampler import SampleResult, export_state, import_state, new_generator
 from ember.engine.scheduler import Clock, SchedulerOutput, make_scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
+from ember.engine.swapper import KVSwapper
 from ember.engine.validation import validate_request
 from ember.errors import InvalidRequestError
 
@@ -42,6 +45,7 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         eos_token_ids: Iterable[int] = (),
         clock: Clock = time.monotonic,
+        profile: PrefillProfile | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -52,16 +56,44 @@ class Engine:
         self.max_model_len = config.resolve_max_model_len(
             model.spec.max_position_embeddings, self.blocks.capacity_tokens
         )
+        self.profile = profile or PrefillProfile()
+        host_blocks = self._host_blocks(config, kv_cache)
+        self.swapper = KVSwapper(self.blocks, kv_cache if host_blocks else None, host_blocks)
         self.scheduler = make_scheduler(
             config.scheduler,
-            self.blocks,
+            self.swapper,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             clock=clock,
+            **self._policy_options(config),
         )
         self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
+
+    @staticmethod
+    def _host_blocks(config: EngineConfig, kv_cache: KVCacheLike) -> int:
+        if config.swap == "off" or config.scheduler == "fcfs":
+            return 0
+        if config.swap_bytes is None:
+            return kv_cache.num_blocks
+        return config.swap_bytes // kv_cache.block_bytes
+
+    def _policy_options(self, config: EngineConfig) -> dict[str, object]:
+        if config.scheduler == "fcfs":
+            return {}
+        options: dict[str, object] = {
+            "profile": self.profile,
+            "swap": config.swap,
+            "reserve_fraction": config.swap_reserve_fraction,
+        }
+        if config.scheduler == "mlfq":
+            options |= {
+                "base_quantum_s": config.mlfq_base_quantum_s,
+                "num_queues": config.mlfq_num_queues,
+                "starvation_s": config.mlfq_starvation_s,
+            }
+        return options
 
     # -- requests -------------------------------------------------------------------
 
@@ -131,12 +163,41 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    def stats(self) -> EngineStats:
+        """Load and memory counters (see EngineStats)."""
+        s, w = self.scheduler, self.swapper
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=self.blocks.usage,
+            num_preemptions=s.num_preemptions,
+            num_swaps_out=w.num_swaps_out,
+            num_swaps_in=w.num_swaps_in,
+            swap_bytes_out=w.swap_bytes_out,
+            swap_bytes_in=w.swap_bytes_in,
+            num_recomputations=s.num_recomputations,
+        )
+
+    def close(self) -> None:
+        """Finish the swap transfers in flight and save the iteration-time profile."""
+        self.swapper.close()
+        self.profile.save()
+
     # -- the loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One iteration; a delta output for every sequence that got a token."""
         batch = self.scheduler.schedule()
-        samples = self.runner.execute(batch) if not batch.is_empty else []
+        samples: list[SampleResult] = []
+        if not batch.is_empty:
+            self.swapper.prepare(s.seq.request_id for s in batch.scheduled)
+            start = time.perf_counter()
+            samples = self.runner.execute(batch)
+            self.profile.observe(
+                [s.num_new_tokens for s in batch.scheduled],
+                [s.start for s in batch.scheduled],
+                time.perf_counter() - start,
+            )
         return self._postprocess(batch, samples)
 
     def _postprocess(self, batch: SchedulerOutput, samples: list[SampleResult]) -> list[RequestOutput]:

@@ -53,7 +53,7 @@ class LLM:
     EngineConfig fields (max_num_seqs, kv_cache_bytes, device, ...).
     """
 
-    def __init__(self, model: str | Path, scheduler: str = "fcfs", **engine_config: Any) -> None:
+    def __init__(self, model: str | Path, scheduler: str = "mlfq", **engine_config: Any) -> None:
         self.engine = load_engine(model, EngineConfig(scheduler=scheduler, **engine_config))
         self._counter = 0
 

@@ -9,6 +9,7 @@ engine lives).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ import torch
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
+from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.scheduler import Clock
 from ember.errors import CheckpointError, InvalidRequestError
 from ember.store import load_tensors
@@ -119,4 +121,12 @@ def load_engine(
     kv = KVCache(spec, num_blocks, config.block_size, dtype, device)
     tokenizer = load_tokenizer(checkpoint / MODEL_DIR)
     eos = eos_token_ids(spec.eos_token_ids, checkpoint / MODEL_DIR, tokenizer)
-    return Engine(lm, kv, config, tokenizer=tokenizer, eos_token_ids=eos, clock=clock)
+    profile = PrefillProfile.for_model(model_key(checkpoint), str(device), str(dtype).removeprefix("torch."))
+    return Engine(lm, kv, config, tokenizer=tokenizer, eos_token_ids=eos, clock=clock, profile=profile)
+
+
+def model_key(checkpoint: Path) -> str:
+    """A name for the model's iteration-time profile: the checkpoint's name and a digest
+    of its config.json (the same model imported twice shares one profile)."""
+    config = (checkpoint / MODEL_DIR / "config.json").read_bytes()
+    return f"{checkpoint.name}-{hashlib.sha256(config).hexdigest()[:12]}"

@@ -10,6 +10,7 @@ from ember.engine.attention import AttentionMetadata
 from ember.engine.block_manager import BlockManager
 from ember.engine.sampler import Sampler, SampleResult, SamplingRow
 from ember.engine.scheduler import SchedulerOutput
+from ember.engine.swapper import BlockMover
 
 
 class ModelSpecLike(Protocol):
@@ -20,7 +21,9 @@ class ModelSpecLike(Protocol):
     def max_position_embeddings(self) -> int: ...
 
 
-class KVCacheLike(Protocol):
+class KVCacheLike(BlockMover, Protocol):
+    """The paged cache (ember.engine.kv_cache.KVCache): its size, and block copies for swapping."""
+
     @property
     def num_blocks(self) -> int: ...
 

@@ -194,3 +194,23 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine's load and memory counters (the server's metrics).
+
+    Counters are totals since the engine started: preemptions (a job stopped before it
+    finished), swaps out / in (a job's KV blocks moved to / from host memory) and their
+    bytes, recomputations (a job's KV cache dropped, to be computed again).
+    """
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1 of the device KV blocks
+    num_preemptions: int
+    num_swaps_out: int
+    num_swaps_in: int
+    swap_bytes_out: int
+    swap_bytes_in: int
+    num_recomputations: int

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ember.engine.block_manager import KVAllocator
 from ember.engine.sequence import Sequence, SequenceStatus
@@ -37,6 +38,7 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # ids sent back to recompute this iteration
+    swapped_out: list[str] = field(default_factory=list)  # ids whose KV blocks went to host memory
 
     @property
     def num_batched_tokens(self) -> int:
@@ -62,7 +64,8 @@ class Scheduler(abc.ABC):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.clock = clock
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # times a job was stopped before it finished
+        self.num_recomputations = 0  # times a job's KV cache was dropped, to be recomputed
 
     @abc.abstractmethod
     def add(self, seq: Sequence) -> None:
@@ -143,6 +146,7 @@ class FCFSScheduler(Scheduler):
         victim.status = SequenceStatus.WAITING
         victim.metrics.num_preemptions += 1
         self.num_preemptions += 1
+        self.num_recomputations += 1
         self.waiting.appendleft(victim)
         out.preempted.append(victim.request_id)
 
@@ -204,10 +208,26 @@ def make_scheduler(
     max_num_seqs: int,
     max_num_batched_tokens: int,
     clock: Clock = time.monotonic,
+    **policy_options: Any,
 ) -> Scheduler:
-    """The scheduling policy called `name` ("fcfs")."""
+    """The scheduling policy called `name` ("mlfq", "fcfs" or "srpt").
+
+    mlfq and srpt need a SwapKVAllocator (ember.engine.swapper.KVSwapper) and take
+    their own options (swap, reserve_fraction, profile, and mlfq's quanta).
+    """
+    limits: dict[str, Any] = {
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "clock": clock,
+    }
     if name == "fcfs":
-        return FCFSScheduler(
-            kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, clock=clock
-        )
-    raise InvalidRequestError(f"unknown scheduler {name!r}; known: fcfs", param="scheduler")
+        return FCFSScheduler(kv, **limits)
+    if name == "mlfq":
+        from ember.engine.mlfq import SkipJoinMLFQ
+
+        return SkipJoinMLFQ(kv, **limits, **policy_options)  # type: ignore[arg-type]
+    if name == "srpt":
+        from ember.engine.srpt import SRPTScheduler
+
+        return SRPTScheduler(kv, **limits, **policy_options)  # type: ignore[arg-type]
+    raise InvalidRequestError(f"unknown scheduler {name!r}; known: mlfq, fcfs, srpt", param="scheduler")

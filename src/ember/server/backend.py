@@ -88,10 +88,13 @@ class EmbeddedBackend:
 
 
 def engine_gauges(e: AsyncEngine) -> EngineGauges:
-    engine = e.engine
+    stats = e.engine.stats()
     return EngineGauges(
-        num_requests_running=engine.num_running,
-        num_requests_waiting=engine.num_waiting,
-        kv_cache_usage_perc=engine.blocks.usage,
-        num_preemptions=engine.scheduler.num_preemptions,
+        num_requests_running=stats.num_running,
+        num_requests_waiting=stats.num_waiting,
+        kv_cache_usage_perc=stats.kv_cache_usage,
+        num_preemptions=stats.num_preemptions,
+        num_swaps_out=stats.num_swaps_out,
+        num_swaps_in=stats.num_swaps_in,
+        num_recomputations=stats.num_recomputations,
     )

@@ -24,7 +24,8 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # also EMBER_API_KEY
-    scheduler: str = "fcfs"
+    scheduler: str = "mlfq"  # skip-join MLFQ (FastServe); fcfs and srpt for comparison
+    swap: str = "proactive"  # KV swapping: proactive, reactive or off
     kv_cache_bytes: int | None = None  # None: the engine's default budget
     swap_bytes: int | None = None  # host swap space for preempted jobs' KV blocks
     max_num_seqs: int = 32
@@ -50,6 +51,7 @@ class ServeSettings:
     def engine_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "scheduler": self.scheduler,
+            "swap": self.swap,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
         }
@@ -57,6 +59,8 @@ class ServeSettings:
             opts["max_model_len"] = self.max_model_len
         if self.kv_cache_bytes is not None:
             opts["kv_cache_bytes"] = self.kv_cache_bytes
+        if self.swap_bytes is not None:
+            opts["swap_bytes"] = self.swap_bytes
         return opts
 
 

@@ -1,0 +1,50 @@
+"""Trace reading and scaling."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from ember.bench.workload import mean_rate, read_trace, synthetic_prompt, with_rate_scale
+from ember.errors import InvalidRequestError
+
+SHARED_TRACE = Path("/work/shared/data/azure_llm_2023_conv.csv")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "trace.csv"
+    path.write_text(text)
+    return path
+
+
+def test_first_n_rows_scaled_in_length_and_rate(tmp_path: Path) -> None:
+    path = write(tmp_path, "arrived_at,num_prefill_tokens,num_decode_tokens\n10,100,40\n12,3,2\n16,50,1000\n")
+    got = read_trace(path, num_requests=2, length_scale=0.1, rate_scale=2.0)
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in got] == [(0.0, 10, 4), (1.0, 1, 1)]
+    capped = read_trace(path, max_total_tokens=64)
+    assert all(r.prompt_tokens + r.output_tokens <= 64 for r in capped)
+    assert mean_rate(with_rate_scale(got, 4.0)) == pytest.approx(4.0)
+
+
+def test_bad_traces_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="lacks the columns"):
+        read_trace(write(tmp_path, "a,b\n1,2\n"))
+    with pytest.raises(InvalidRequestError, match="no trace"):
+        read_trace(tmp_path / "missing.csv")
+    with pytest.raises(InvalidRequestError, match="not numbers"):
+        read_trace(write(tmp_path, "arrived_at,num_prefill_tokens,num_decode_tokens\nx,1,1\n"))
+
+
+@pytest.mark.skipif(not SHARED_TRACE.is_file(), reason="the shared traces are not here")
+def test_the_shared_azure_trace_reads() -> None:
+    got = read_trace(SHARED_TRACE, num_requests=50, length_scale=0.1)
+    assert len(got) == 50 and got[0].arrival_s == 0.0
+    assert all(b.arrival_s >= a.arrival_s for a, b in itertools.pairwise(got))
+
+
+def test_synthetic_prompts_are_reproducible_and_distinct() -> None:
+    assert synthetic_prompt(3, 20, 1000) == synthetic_prompt(3, 20, 1000)
+    assert synthetic_prompt(3, 20, 1000) != synthetic_prompt(4, 20, 1000)
+    assert all(100 <= t < 1000 for t in synthetic_prompt(5, 50, 1000))
