@@ -40,20 +40,23 @@ def measure_bandwidth_floor(
     model_bytes: int, *, buffer_bytes: int = 2 << 30, threads: int = 2, repeats: int = 5
 ) -> Bandwidth:
     """Streaming read bandwidth (torch.sum over a buffer far larger than the caches,
-    with `threads` torch threads; best of `repeats`) and the floor it implies."""
+    with `threads` torch threads; median of `repeats`) and the floor it implies."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        buf = torch.ones(buffer_bytes // 4, dtype=torch.float32)
-        best = min(_timed(lambda: buf.sum()) for _ in range(repeats))
+        # distinct values on every page, written once before timing
+        buf = torch.arange(buffer_bytes // 4, dtype=torch.float32)
+        median = statistics.median(_timed(lambda: buf.sum()) for _ in range(repeats))
     finally:
         torch.set_num_threads(before)
-    return Bandwidth(buffer_bytes / best, model_bytes)
+    return Bandwidth(buffer_bytes / median, model_bytes)
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], device: torch.device | None = None) -> float:
     t0 = time.perf_counter()
     fn()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -84,7 +87,7 @@ def time_prefill(model: CausalLM, prompt_len: int = 512, *, block_size: int = 16
     kv = _cache(model, 1, prompt_len, block_size)
     ids = torch.randint(0, model.spec.vocab_size, (prompt_len,)).tolist()
     with torch.inference_mode():
-        return _timed(lambda: _step(model, kv, [ids], [0], block_size))
+        return _timed(lambda: _step(model, kv, [ids], [0], block_size), kv.device)
 
 
 def time_decode(
@@ -99,7 +102,7 @@ def time_decode(
         nxt = _step(model, kv, prompts, [0] * batch, block_size).tolist()
         for s in range(steps):
             t0 = time.perf_counter()
-            nxt = _next(model, kv, nxt, [context_len + s] * batch)
+            nxt = _next(model, kv, nxt, [context_len + s] * batch)  # .tolist() synchronises
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

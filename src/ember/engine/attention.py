@@ -71,7 +71,8 @@ class _Group:
     q_len: int
     token_index: Tensor | None  # [seqs * q_len] rows of the batch (None: every row, in order)
     block_table: Tensor | None  # [seqs, blocks] int64; None when nothing is cached: keys = new tokens
-    masks: dict[int | None, Tensor] = field(default_factory=dict)  # window -> [seqs, 1, rows, keys] bool
+    # window -> [seqs, 1, rows, keys] bool; none for a plain causal prefill (nothing cached, no window)
+    masks: dict[int | None, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class AttentionPlan:
             group = _Group(len(seqs), q_len, index, table)
             ctx_t = torch.tensor(ctx, dtype=torch.int64, device=device)
             for window in set(windows):
-                group.masks[window] = _mask(ctx_t, q_len, key_len, gqa_group, window)
+                if table is not None or window is not None:  # else plain causal: no mask
+                    group.masks[window] = _mask(ctx_t, q_len, key_len, gqa_group, window)
             groups.append(group)
         slots = meta.slot_mapping.to(device)
         fresh = None
@@ -186,8 +188,22 @@ def _group_attention(
     _, heads, dim = q.shape
     kv_heads = k.shape[1]
     g = heads // kv_heads
+    mask = group.masks.get(window)
+    if mask is None:
+        # a prefill with nothing cached and no window: the fused causal kernel, no mask
+        o = F.scaled_dot_product_attention(
+            q.view(n, q_len, heads, dim).transpose(1, 2),
+            k.view(n, q_len, kv_heads, dim).transpose(1, 2),
+            v.view(n, q_len, kv_heads, dim).transpose(1, 2),
+            is_causal=True,
+            enable_gqa=g > 1,
+        )
+        return o.transpose(1, 2).reshape(n * q_len, heads * dim)
     # [n, kv_heads, g * q_len, d]; a view when q_len == 1
-    qf = q.view(n, q_len, kv_heads, g, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, g * q_len, dim)
+    if q_len == 1:
+        qf = q.view(n, kv_heads, g, dim)
+    else:
+        qf = q.view(n, q_len, kv_heads, g, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, g * q_len, dim)
     if group.block_table is None:
         keys = k.view(n, q_len, kv_heads, dim).transpose(1, 2)
         values = v.view(n, q_len, kv_heads, dim).transpose(1, 2)
@@ -196,5 +212,7 @@ def _group_attention(
         length = group.block_table.shape[1] * k_cache.shape[1]
         keys = k_cache.index_select(0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
         values = v_cache.index_select(0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=group.masks[window])
+    o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask)
+    if q_len == 1:
+        return o.reshape(n, heads * dim)
     return o.view(n, kv_heads, g, q_len, dim).permute(0, 3, 1, 2, 4).reshape(n * q_len, heads * dim)
