@@ -26,16 +26,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | N
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n_new, HEADS * DIM)
 
 
-def new_cache(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def new_cache(num_blocks: int) -> torch.Tensor:
     # never-written memory may hold anything, NaN included: attention must not read it unmasked
-    shape = (num_blocks + 1, BLOCK, KV_HEADS, DIM)
-    k, v = (
-        torch.full(shape, float("nan"), dtype=torch.float64),
-        torch.full(shape, float("nan"), dtype=torch.float64),
-    )
-    k[num_blocks] = 0
-    v[num_blocks] = 0
-    return k, v
+    cache = torch.full((num_blocks + 1, BLOCK, 2, KV_HEADS, DIM), float("nan"), dtype=torch.float64)
+    cache[num_blocks] = 0
+    return cache
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -47,7 +42,7 @@ def test_mixed_batch_matches_reference(window: int | None) -> None:
     keys = [torch.randn(t, KV_HEADS, DIM, dtype=torch.float64) for t in full]
     values = [torch.randn(t, KV_HEADS, DIM, dtype=torch.float64) for t in full]
     queries = [torch.randn(n, HEADS, DIM, dtype=torch.float64) for _, n in shapes]
-    k_cache, v_cache = new_cache(40)
+    cache = new_cache(40)
     pool = BlockPool(40)
     tables = []
     for (c, n), k, v in zip(shapes, keys, values, strict=True):
@@ -56,18 +51,16 @@ def test_mixed_batch_matches_reference(window: int | None) -> None:
         # earlier iterations wrote the context (a fresh block is zeroed at its first write)
         for p in range(c):
             if p % BLOCK == 0:
-                k_cache[blocks[p // BLOCK]] = 0
-                v_cache[blocks[p // BLOCK]] = 0
-            k_cache[blocks[p // BLOCK], p % BLOCK] = k[p]
-            v_cache[blocks[p // BLOCK], p % BLOCK] = v[p]
+                cache[blocks[p // BLOCK]] = 0
+            cache[blocks[p // BLOCK], p % BLOCK, 0] = k[p]
+            cache[blocks[p // BLOCK], p % BLOCK, 1] = v[p]
     meta = AttentionMetadata.build([n for _, n in shapes], [c for c, _ in shapes], tables, BLOCK)
     plan = AttentionPlan.build(meta, BLOCK, HEADS // KV_HEADS, [window], torch.device("cpu"), 40)
     out = paged_attention(
         torch.cat(queries),
         torch.cat([k[c:] for (c, _), k in zip(shapes, keys, strict=True)]),
         torch.cat([v[c:] for (c, _), v in zip(shapes, values, strict=True)]),
-        k_cache,
-        v_cache,
+        cache,
         plan,
         window,
     )

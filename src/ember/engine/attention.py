@@ -151,37 +151,27 @@ def _mask(ctx: Tensor, q_len: int, key_len: int, gqa_group: int, window: int | N
 
 
 def paged_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    plan: AttentionPlan,
-    window: int | None = None,
+    q: Tensor, k: Tensor, v: Tensor, cache: Tensor, plan: AttentionPlan, window: int | None = None
 ) -> Tensor:
-    """q: [T, heads, d]; k, v: [T, kv_heads, d] (positions already applied);
-    caches: [num_blocks, block_size, kv_heads, d]. Writes k, v into the caches at
-    plan.slot_mapping and returns the attention output [T, heads * d]."""
+    """q: [T, heads, d]; k, v: [T, kv_heads, d] (positions already applied); cache: one
+    layer's [num_blocks, block_size, 2, kv_heads, d] (K and V). Writes k, v into the
+    cache at plan.slot_mapping and returns the attention output [T, heads * d]."""
     tokens, heads, dim = q.shape
-    kv_heads = k.shape[1]
     if plan.fresh_blocks is not None:
-        k_cache.index_fill_(0, plan.fresh_blocks, 0)
-        v_cache.index_fill_(0, plan.fresh_blocks, 0)
-    k_cache.view(-1, kv_heads, dim).index_copy_(0, plan.slot_mapping, k)
-    v_cache.view(-1, kv_heads, dim).index_copy_(0, plan.slot_mapping, v)
+        cache.index_fill_(0, plan.fresh_blocks, 0)
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, plan.slot_mapping, torch.stack((k, v), 1))
     if len(plan.groups) == 1:
-        return _group_attention(q, k, v, k_cache, v_cache, plan.groups[0], window)
+        return _group_attention(q, k, v, cache, plan.groups[0], window)
     out = q.new_empty(tokens, heads * dim)
     for group in plan.groups:
         assert group.token_index is not None
         idx = group.token_index
-        o = _group_attention(q[idx], k[idx], v[idx], k_cache, v_cache, group, window)
-        out.index_copy_(0, idx, o)
+        out.index_copy_(0, idx, _group_attention(q[idx], k[idx], v[idx], cache, group, window))
     return out
 
 
 def _group_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, group: _Group, window: int | None
+    q: Tensor, k: Tensor, v: Tensor, cache: Tensor, group: _Group, window: int | None
 ) -> Tensor:
     """One group: q [n * q_len, heads, d] -> [n * q_len, heads * d]."""
     n, q_len = group.seqs, group.q_len
@@ -208,10 +198,9 @@ def _group_attention(
         keys = k.view(n, q_len, kv_heads, dim).transpose(1, 2)
         values = v.view(n, q_len, kv_heads, dim).transpose(1, 2)
     else:
-        flat = group.block_table.reshape(-1)
-        length = group.block_table.shape[1] * k_cache.shape[1]
-        keys = k_cache.index_select(0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
-        values = v_cache.index_select(0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
+        length = group.block_table.shape[1] * cache.shape[1]
+        both = cache.index_select(0, group.block_table.reshape(-1)).view(n, length, 2, kv_heads, dim)
+        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
     o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask)
     if q_len == 1:
         return o.reshape(n, heads * dim)

@@ -63,7 +63,7 @@ class LlamaLayer(nn.Module):
         self.act = activation(spec.hidden_act)
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, cache: Tensor
     ) -> Tensor:
         """x: [T, hidden] residual stream -> [T, hidden]."""
         t = x.shape[0]
@@ -74,7 +74,7 @@ class LlamaLayer(nn.Module):
         k = self.k(h, cols).view(t, self.kv_heads, self.head_dim)
         v = self.v(h, cols).view(t, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = paged_attention(q, k, v, k_cache, v_cache, plan, self.window)
+        a = paged_attention(q, k, v, cache, plan, self.window)
         x = x + self.o(a)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
         cols = columns(h) if small else None
@@ -97,6 +97,6 @@ class LlamaForCausalLM(CausalLM):
         plan = self.plan(meta, kv)
         cos, sin = self.rotary.lookup(positions)
         x = torch.nn.functional.embedding(input_ids, self.embed_tokens)
-        for layer, k_cache, v_cache in zip(self.layers, kv.keys, kv.values, strict=True):
-            x = layer.forward(x, cos, sin, plan, k_cache, v_cache)
+        for layer, cache in zip(self.layers, kv.layers, strict=True):
+            x = layer.forward(x, cos, sin, plan, cache)
         return rms_norm(x, self.norm, self.spec.norm_eps)
