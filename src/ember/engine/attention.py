@@ -71,7 +71,8 @@ class _Group:
     q_len: int
     token_index: Tensor | None  # [seqs * q_len] rows of the batch (None: every row, in order)
     block_table: Tensor | None  # [seqs, blocks] int64; None when nothing is cached: keys = new tokens
-    masks: dict[int | None, Tensor] = field(default_factory=dict)  # window -> [seqs, 1, rows, keys] bool
+    # window -> [seqs, 1, rows, keys] bool; none for a plain causal prefill (nothing cached, no window)
+    masks: dict[int | None, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class AttentionPlan:
             group = _Group(len(seqs), q_len, index, table)
             ctx_t = torch.tensor(ctx, dtype=torch.int64, device=device)
             for window in set(windows):
-                group.masks[window] = _mask(ctx_t, q_len, key_len, gqa_group, window)
+                if table is not None or window is not None:  # else plain causal: no mask
+                    group.masks[window] = _mask(ctx_t, q_len, key_len, gqa_group, window)
             groups.append(group)
         slots = meta.slot_mapping.to(device)
         fresh = None
@@ -149,52 +151,57 @@ def _mask(ctx: Tensor, q_len: int, key_len: int, gqa_group: int, window: int | N
 
 
 def paged_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    plan: AttentionPlan,
-    window: int | None = None,
+    q: Tensor, k: Tensor, v: Tensor, cache: Tensor, plan: AttentionPlan, window: int | None = None
 ) -> Tensor:
-    """q: [T, heads, d]; k, v: [T, kv_heads, d] (positions already applied);
-    caches: [num_blocks, block_size, kv_heads, d]. Writes k, v into the caches at
-    plan.slot_mapping and returns the attention output [T, heads * d]."""
+    """q: [T, heads, d]; k, v: [T, kv_heads, d] (positions already applied); cache: one
+    layer's [num_blocks, block_size, 2, kv_heads, d] (K and V). Writes k, v into the
+    cache at plan.slot_mapping and returns the attention output [T, heads * d]."""
     tokens, heads, dim = q.shape
-    kv_heads = k.shape[1]
     if plan.fresh_blocks is not None:
-        k_cache.index_fill_(0, plan.fresh_blocks, 0)
-        v_cache.index_fill_(0, plan.fresh_blocks, 0)
-    k_cache.view(-1, kv_heads, dim).index_copy_(0, plan.slot_mapping, k)
-    v_cache.view(-1, kv_heads, dim).index_copy_(0, plan.slot_mapping, v)
+        cache.index_fill_(0, plan.fresh_blocks, 0)
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, plan.slot_mapping, torch.stack((k, v), 1))
     if len(plan.groups) == 1:
-        return _group_attention(q, k, v, k_cache, v_cache, plan.groups[0], window)
+        return _group_attention(q, k, v, cache, plan.groups[0], window)
     out = q.new_empty(tokens, heads * dim)
     for group in plan.groups:
         assert group.token_index is not None
         idx = group.token_index
-        o = _group_attention(q[idx], k[idx], v[idx], k_cache, v_cache, group, window)
-        out.index_copy_(0, idx, o)
+        out.index_copy_(0, idx, _group_attention(q[idx], k[idx], v[idx], cache, group, window))
     return out
 
 
 def _group_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, group: _Group, window: int | None
+    q: Tensor, k: Tensor, v: Tensor, cache: Tensor, group: _Group, window: int | None
 ) -> Tensor:
     """One group: q [n * q_len, heads, d] -> [n * q_len, heads * d]."""
     n, q_len = group.seqs, group.q_len
     _, heads, dim = q.shape
     kv_heads = k.shape[1]
     g = heads // kv_heads
+    mask = group.masks.get(window)
+    if mask is None:
+        # a prefill with nothing cached and no window: the fused causal kernel, no mask
+        o = F.scaled_dot_product_attention(
+            q.view(n, q_len, heads, dim).transpose(1, 2),
+            k.view(n, q_len, kv_heads, dim).transpose(1, 2),
+            v.view(n, q_len, kv_heads, dim).transpose(1, 2),
+            is_causal=True,
+            enable_gqa=g > 1,
+        )
+        return o.transpose(1, 2).reshape(n * q_len, heads * dim)
     # [n, kv_heads, g * q_len, d]; a view when q_len == 1
-    qf = q.view(n, q_len, kv_heads, g, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, g * q_len, dim)
+    if q_len == 1:
+        qf = q.view(n, kv_heads, g, dim)
+    else:
+        qf = q.view(n, q_len, kv_heads, g, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, g * q_len, dim)
     if group.block_table is None:
         keys = k.view(n, q_len, kv_heads, dim).transpose(1, 2)
         values = v.view(n, q_len, kv_heads, dim).transpose(1, 2)
     else:
-        flat = group.block_table.reshape(-1)
-        length = group.block_table.shape[1] * k_cache.shape[1]
-        keys = k_cache.index_select(0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
-        values = v_cache.index_select(0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=group.masks[window])
+        length = group.block_table.shape[1] * cache.shape[1]
+        both = cache.index_select(0, group.block_table.reshape(-1)).view(n, length, 2, kv_heads, dim)
+        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
+    o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask)
+    if q_len == 1:
+        return o.reshape(n, heads * dim)
     return o.view(n, kv_heads, g, q_len, dim).permute(0, 3, 1, 2, 4).reshape(n * q_len, heads * dim)

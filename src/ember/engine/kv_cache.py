@@ -27,14 +27,18 @@ class KVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
-        # one extra block, `null_block`, kept zero: padded block-table entries read it.
+        # Per layer one tensor [num_blocks + 1, block_size, 2, kv_heads, head_dim] holding
+        # K and V side by side, so attention writes and gathers both with one op each;
+        # keys[i] / values[i] are views of it, [num_blocks + 1, block_size, kv_heads, head_dim].
+        # One extra block, `null_block`, kept zero: padded block-table entries read it.
         # torch.empty: other pages are touched only when blocks are first written
         # (attention zeroes a block as its first slot is written).
-        shape = (num_blocks + 1, block_size, spec.num_kv_heads, spec.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
-        for t in (*self.keys, *self.values):
+        shape = (num_blocks + 1, block_size, 2, spec.num_kv_heads, spec.head_dim)
+        self.layers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        for t in self.layers:
             t[num_blocks].zero_()
+        self.keys = [t[:, :, 0] for t in self.layers]
+        self.values = [t[:, :, 1] for t in self.layers]
 
     @property
     def null_block(self) -> int:
@@ -48,13 +52,12 @@ class KVCache:
 
     def copy_blocks_out(self, block_ids: Sequence[int], *, pin: bool = False) -> list[Tensor]:
         """The blocks' contents as host tensors, one per layer:
-        [2, len(block_ids), block_size, kv_heads, head_dim] (K then V)."""
+        [len(block_ids), block_size, 2, kv_heads, head_dim] (K and V)."""
         idx = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
         out = []
-        for k, v in zip(self.keys, self.values, strict=True):
-            host = torch.empty((2, len(block_ids), *k.shape[1:]), dtype=self.dtype, pin_memory=pin)
-            host[0].copy_(k.index_select(0, idx))
-            host[1].copy_(v.index_select(0, idx))
+        for layer in self.layers:
+            host = torch.empty((len(block_ids), *layer.shape[1:]), dtype=self.dtype, pin_memory=pin)
+            host.copy_(layer.index_select(0, idx))
             out.append(host)
         return out
 
@@ -62,6 +65,5 @@ class KVCache:
         """Write what copy_blocks_out returned into blocks `block_ids` (may differ from
         the ids it was copied out of)."""
         idx = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
-        for k, v, host in zip(self.keys, self.values, data, strict=True):
-            k.index_copy_(0, idx, host[0].to(self.device, non_blocking=True))
-            v.index_copy_(0, idx, host[1].to(self.device, non_blocking=True))
+        for layer, host in zip(self.layers, data, strict=True):
+            layer.index_copy_(0, idx, host.to(self.device, non_blocking=True))

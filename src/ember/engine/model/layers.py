@@ -18,20 +18,42 @@ from ember.engine.model.spec import RopeSpec
 SMALL_BATCH_ROWS = 8
 
 
+class Linear:
+    """y = x @ weight^T (+ bias) over a zero-copy weight view. On CPU, inputs of up to
+    SMALL_BATCH_ROWS rows run as a bmm over the weight's two halves (see above)."""
+
+    __slots__ = ("bias", "halves", "weight")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
+        out, inp = weight.shape
+        split = weight.device.type == "cpu" and out % 2 == 0 and weight.is_contiguous()
+        self.halves = weight.view(2, out // 2, inp) if split else None  # a view, not a copy
+
+    def __call__(self, x: Tensor, cols: Tensor | None = None) -> Tensor:
+        """x: [T, in] -> [T, out]. `cols`: columns(x), when several layers share x."""
+        rows = x.shape[0]
+        if self.halves is None or rows > SMALL_BATCH_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.bmm(self.halves, columns(x) if cols is None else cols)  # [2, out/2, T]
+        y = y.view(1, -1) if rows == 1 else y.view(-1, rows).t().contiguous()
+        return y if self.bias is None else y + self.bias
+
+
+def columns(x: Tensor) -> Tensor:
+    """x [T, in] as the right operand of Linear's bmm: [2, in, T] (a view)."""
+    return x.t().unsqueeze(0).expand(2, -1, -1)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x: [T, in] @ weight [out, in]^T (+ bias) -> [T, out]."""
-    rows = x.shape[0]
-    out = weight.shape[0]
-    if x.device.type == "cpu" and rows <= SMALL_BATCH_ROWS and out % 2 == 0 and weight.is_contiguous():
-        halves = weight.view(2, out // 2, weight.shape[1])
-        y = torch.bmm(halves, x.t().unsqueeze(0).expand(2, -1, -1))  # [2, out/2, T]
-        y = y.view(1, out) if rows == 1 else y.view(out, rows).t().contiguous()
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+    """x: [T, in] @ weight [out, in]^T (+ bias) -> [T, out], for one-off weights."""
+    return Linear(weight, bias)(x)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama RMSNorm, computed in float32 as the reference does. x: [T, hidden]."""
+    """Llama RMSNorm, computed in (at least) float32 as the reference does. x: [T, hidden]."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op
     xf = x.float()
     scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
     return weight * (xf * scale).to(x.dtype)

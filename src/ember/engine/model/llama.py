@@ -9,7 +9,15 @@ from torch import Tensor, nn
 
 from ember.engine.attention import AttentionMetadata, AttentionPlan, paged_attention
 from ember.engine.model.causal_lm import CausalLM
-from ember.engine.model.layers import RotaryTable, activation, apply_rotary, linear, rms_norm
+from ember.engine.model.layers import (
+    SMALL_BATCH_ROWS,
+    Linear,
+    RotaryTable,
+    activation,
+    apply_rotary,
+    columns,
+    rms_norm,
+)
 from ember.engine.model.spec import ModelSpec
 from ember.engine.model.weights import Weights
 
@@ -37,26 +45,40 @@ class LlamaLayer(nn.Module):
         self.gate_bias, self.up_bias, self.down_bias = (
             w.optional(f"{p}mlp.{n}_proj.bias") for n in ("gate", "up", "down")
         )
+        self.q, self.k, self.v, self.o = (
+            Linear(w_, b_)
+            for w_, b_ in (
+                (self.q_proj, self.q_bias),
+                (self.k_proj, self.k_bias),
+                (self.v_proj, self.v_bias),
+                (self.o_proj, self.o_bias),
+            )
+        )
+        self.gate = Linear(self.gate_proj, self.gate_bias)
+        self.up = Linear(self.up_proj, self.up_bias)
+        self.down = Linear(self.down_proj, self.down_bias)
         self.eps = spec.norm_eps
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.window = spec.sliding_windows[i]
         self.act = activation(spec.hidden_act)
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, cache: Tensor
     ) -> Tensor:
         """x: [T, hidden] residual stream -> [T, hidden]."""
         t = x.shape[0]
+        small = t <= SMALL_BATCH_ROWS
         h = rms_norm(x, self.input_layernorm, self.eps)
-        q = linear(h, self.q_proj, self.q_bias).view(t, self.heads, self.head_dim)
-        k = linear(h, self.k_proj, self.k_bias).view(t, self.kv_heads, self.head_dim)
-        v = linear(h, self.v_proj, self.v_bias).view(t, self.kv_heads, self.head_dim)
+        cols = columns(h) if small else None
+        q = self.q(h, cols).view(t, self.heads, self.head_dim)
+        k = self.k(h, cols).view(t, self.kv_heads, self.head_dim)
+        v = self.v(h, cols).view(t, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = paged_attention(q, k, v, k_cache, v_cache, plan, self.window)
-        x = x + linear(a, self.o_proj, self.o_bias)
+        a = paged_attention(q, k, v, cache, plan, self.window)
+        x = x + self.o(a)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
-        gated = self.act(linear(h, self.gate_proj, self.gate_bias)) * linear(h, self.up_proj, self.up_bias)
-        return x + linear(gated, self.down_proj, self.down_bias)
+        cols = columns(h) if small else None
+        return x + self.down(self.act(self.gate(h, cols)) * self.up(h, cols))
 
 
 class LlamaForCausalLM(CausalLM):
@@ -75,6 +97,6 @@ class LlamaForCausalLM(CausalLM):
         plan = self.plan(meta, kv)
         cos, sin = self.rotary.lookup(positions)
         x = torch.nn.functional.embedding(input_ids, self.embed_tokens)
-        for layer, k_cache, v_cache in zip(self.layers, kv.keys, kv.values, strict=True):
-            x = layer.forward(x, cos, sin, plan, k_cache, v_cache)
+        for layer, cache in zip(self.layers, kv.layers, strict=True):
+            x = layer.forward(x, cos, sin, plan, cache)
         return rms_norm(x, self.norm, self.spec.norm_eps)

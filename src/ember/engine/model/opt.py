@@ -42,7 +42,7 @@ class OPTLayer(nn.Module):
         self.act = activation(spec.hidden_act)
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, plan: AttentionPlan, cache: Tensor
     ) -> Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         t = x.shape[0]
@@ -50,7 +50,7 @@ class OPTLayer(nn.Module):
         q = linear(h, self.q_proj, self.q_bias).view(t, self.heads, self.head_dim)
         k = linear(h, self.k_proj, self.k_bias).view(t, self.heads, self.head_dim)
         v = linear(h, self.v_proj, self.v_bias).view(t, self.heads, self.head_dim)
-        a = paged_attention(q, k, v, k_cache, v_cache, plan)
+        a = paged_attention(q, k, v, cache, plan)
         x = x + linear(a, self.out_proj, self.out_bias)
         if not self.before:
             x = layer_norm(x, self.attn_ln_w, self.attn_ln_b, self.eps)
@@ -80,8 +80,8 @@ class OPTForCausalLM(CausalLM):
         if self.project_in is not None:
             x = linear(x, self.project_in)
         x = x + torch.nn.functional.embedding(positions + POSITION_OFFSET, self.embed_positions)
-        for layer, k_cache, v_cache in zip(self.layers, kv.keys, kv.values, strict=True):
-            x = layer.forward(x, plan, k_cache, v_cache)
+        for layer, cache in zip(self.layers, kv.layers, strict=True):
+            x = layer.forward(x, plan, cache)
         if self.spec.final_layer_norm:
             x = layer_norm(x, self.final_ln_w, self.final_ln_b, self.eps)
         return x
