@@ -1,0 +1,159 @@
+"""`ember bench engine`: the instance engine against transformers on the same weights.
+
+Reports prefill and decode throughput at several batch sizes (ours and transformers'
+forward, interleaved, medians), the memory-bandwidth floor of a batch-1 decode step,
+resident memory against weights + KV budget + 300 MB, and the start-up time from a
+DRAM-pool hit ("weights in the pool" to "engine ready": no compilation, no warm-up,
+KV memory allocated lazily).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from ember.bench.engine_model import Comparison, compare, measure_bandwidth_floor, time_decode, weight_bytes
+from ember.engine.config import EngineConfig
+from ember.engine.engine import Engine
+from ember.engine.loader import load_engine
+from ember.store.format import MODEL_DIR
+from ember.store.node import NodeStore
+
+RSS_SLACK_BYTES = 300 << 20  # the target: resident <= weights + KV budget + 300 MB
+
+
+@dataclass
+class EngineBenchReport:
+    checkpoint: str
+    dtype: str
+    threads: int
+    weight_bytes: int
+    kv_budget_bytes: int
+    startup_from_dram_s: float
+    startup_samples_s: list[float]
+    rss_bytes: int
+    rss_limit_bytes: int
+    bandwidth_gbps: float
+    floor_step_s: float
+    decode_b1_step_s: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.decode_b1_step_s / self.floor_step_s
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Each target: the measured ratio, the bound, and whether it is met."""
+        resident = self.rss_bytes / self.rss_limit_bytes
+        out = [
+            _target(f"{r['case']}: ours / transformers tokens/s", r["speedup"], at_least=1.0)
+            for r in self.rows
+        ]
+        out.append(_target("batch-1 decode step / bandwidth floor", self.floor_ratio, at_most=1.2))
+        out.append(_target("resident / (weights + KV budget + 300 MB)", resident, at_most=1.0))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "floor_ratio": self.floor_ratio, "targets": self.targets()}
+
+
+def _target(
+    name: str, ratio: float, *, at_least: float | None = None, at_most: float | None = None
+) -> dict[str, Any]:
+    met = ratio >= at_least if at_least is not None else ratio <= (at_most or 0.0)
+    bound = f">= {at_least}" if at_least is not None else f"<= {at_most}"
+    return {"name": name, "ratio": ratio, "target": bound, "met": met}
+
+
+def _row(c: Comparison) -> dict[str, Any]:
+    return {
+        "case": c.label,
+        "tokens": c.tokens,
+        "ours_s": c.ours_s,
+        "hf_s": c.hf_s,
+        "ours_tok_s": c.tokens / c.ours_s,
+        "hf_tok_s": c.tokens / c.hf_s,
+        "speedup": c.hf_s / c.ours_s,
+    }
+
+
+def startup_from_dram(
+    node: NodeStore, name: str, config: EngineConfig, repeats: int
+) -> tuple[Engine, list[float]]:
+    """Load the checkpoint into the node's DRAM pool once, then time pool hit -> ready."""
+    lease, _, _ = node.acquire(name)  # the first acquire loads it into the pool
+    samples, engine = [], None
+    for _ in range(repeats):
+        engine = None
+        gc.collect()
+        start = time.perf_counter()
+        hit, path, report = node.acquire(name)
+        engine = load_engine(path, config, weights=hit.tensors)
+        samples.append(time.perf_counter() - start)
+        assert report.tier == "dram", report
+        hit.release()
+    lease.release()
+    assert engine is not None
+    return engine, samples
+
+
+def _hf_model(path: Path, weights: dict[str, torch.Tensor]) -> Any:
+    """transformers' model over the very same tensors (assign=True: no copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path / MODEL_DIR)
+    # Built on the CPU (not meta) so its computed buffers (rotary frequencies) exist;
+    # then every parameter is replaced by our tensor itself.
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(weights.values())).dtype)
+    model.load_state_dict(weights, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def run_engine_bench(
+    name: str,
+    path: Path,
+    *,
+    batches: tuple[int, ...] = (1, 8, 32),
+    prompt_len: int = 512,
+    rounds: int = 3,
+    startup_repeats: int = 3,
+) -> EngineBenchReport:
+    node = NodeStore("bench-engine")
+    config = EngineConfig(device="cpu")
+    engine, samples = startup_from_dram(node, name, config, startup_repeats)
+    model: Any = engine.runner.model
+    wbytes = weight_bytes(model)
+    kv_budget = config.default_kv_bytes(torch.device("cpu"))
+    floor = measure_bandwidth_floor(wbytes)
+    b1 = statistics.median(time_decode(model, 1) for _ in range(rounds))
+    rss = psutil.Process().memory_info().rss  # before transformers' model exists
+    lease, _, _ = node.acquire(name)
+    try:
+        hf = _hf_model(path, dict(lease.tensors))
+        rows = [_row(c) for c in compare(model, hf, batches=batches, prompt_len=prompt_len, rounds=rounds)]
+    finally:
+        lease.release()
+    return EngineBenchReport(
+        checkpoint=str(path),
+        dtype=str(next(iter(lease.tensors.values())).dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        weight_bytes=wbytes,
+        kv_budget_bytes=kv_budget,
+        startup_from_dram_s=statistics.median(samples),
+        startup_samples_s=samples,
+        rss_bytes=rss,
+        rss_limit_bytes=wbytes + kv_budget + RSS_SLACK_BYTES,
+        bandwidth_gbps=floor.bytes_per_s / 1e9,
+        floor_step_s=floor.floor_s,
+        decode_b1_step_s=b1,
+        rows=rows,
+    )

@@ -1,0 +1,33 @@
+"""`ember bench engine` runs end to end at a tiny size (so it cannot rot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from ember.cli import app
+from ember.store.local import LocalStore
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_home: Path) -> None:
+    import shutil
+
+    store = LocalStore()
+    shutil.copytree(tiny_llama[0], store.path_for("tiny"))
+    store.register("tiny")
+    result = CliRunner().invoke(
+        app, ["bench", "engine", "tiny", "--batches", "1,2", "--prompt-len", "16", "--rounds", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [r["case"] for r in report["rows"]] == ["prefill 16", "decode b1", "decode b2"]
+    assert all(r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in report["rows"])
+    assert report["startup_from_dram_s"] > 0 and len(report["startup_samples_s"]) == 3
+    assert report["floor_step_s"] > 0 and report["rss_bytes"] > 0
+    assert {t["name"] for t in report["targets"]} >= {"batch-1 decode step / bandwidth floor"}
