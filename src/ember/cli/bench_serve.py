@@ -13,7 +13,7 @@ import typer
 
 from ember import env
 from ember.cli.bench import bench_app
-from ember.cli.output import JsonOption, console, print_json, stage_progress
+from ember.cli.output import JsonOption, print_json, stage_progress
 from ember.errors import EmberError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -125,7 +125,6 @@ def bench_serve_cmd(
     if as_json:
         print_json(data)
         return
-    out = console()
-    out.print(report.block(), highlight=False, markup=False)
+    typer.echo(report.block())  # plain text: vLLM's fixed-width layout must not wrap
     if save_result:
-        out.print(f"saved {path}", highlight=False, markup=False)
+        typer.echo(f"saved {path}")
