@@ -40,6 +40,7 @@ def _register() -> None:
     app.command("chat")(chat_cmd)
     app.add_typer(store_app, name="store")
     app.add_typer(bench_app, name="bench")
+    import ember.cli.bench_serve  # noqa: F401  (registers `ember bench serve` on bench_app)
 
 
 _register()

@@ -1,0 +1,128 @@
+"""What `ember bench serve` sends: token-id prompts of exact lengths, output lengths,
+and arrival times, from a trace or from vLLM's `random` dataset."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.bench.trace import TraceScaling, read_trace
+from ember.errors import InvalidRequestError
+
+DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request to send: `prompt` is `input_len` token ids; `output_len` is max_tokens."""
+
+    prompt: list[int]
+    input_len: int
+    output_len: int
+    arrival_s: float  # seconds after the start of the run
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: list[BenchRequest]
+    dataset: str
+    scaling: dict[str, Any] = field(default_factory=dict)  # how lengths and rates were scaled
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """The dataset flags of `ember bench serve`, as vLLM's serving benchmark names them."""
+
+    dataset: str = "random"  # "random" or "trace:PATH"
+    num_prompts: int = 100
+    request_rate: float | None = None  # None: a trace's own times, or inf for `random`
+    burstiness: float = 1.0
+    seed: int = 0
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    length_scale: float = 1.0
+    rate_scale: float = 1.0
+
+
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    """`length` random token ids from a safe range of the vocabulary: above the special
+    tokens that tokenizers keep at low ids, below the padding some vocabularies end with."""
+    low = min(1000, vocab_size // 4)
+    high = vocab_size - 1 - min(256, vocab_size // 8)
+    return [rng.randint(low, high) for _ in range(length)]
+
+
+def gamma_arrivals(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
+    """Arrival times of `n` requests from a gamma process, as vLLM's benchmark draws them:
+    intervals with shape `burstiness` and mean 1/`rate` (burstiness 1 = Poisson; lower is
+    burstier). rate = inf sends everything at time 0."""
+    if not rate > 0:
+        raise InvalidRequestError("--request-rate must be positive (inf: all at once)")
+    if not burstiness > 0:
+        raise InvalidRequestError("--burstiness must be positive")
+    times, now = [], 0.0
+    for _ in range(n):
+        times.append(now)
+        if not math.isinf(rate):
+            now += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return times
+
+
+def _random_lengths(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, int]]:
+    r = spec.random_range_ratio
+    if not 0 <= r < 1:
+        raise InvalidRequestError("--random-range-ratio must be in [0, 1)")
+    if spec.random_input_len < 1 or spec.random_output_len < 1:
+        raise InvalidRequestError("--random-input-len and --random-output-len must be at least 1")
+
+    def bounds(n: int) -> tuple[int, int]:
+        return max(1, math.floor(n * (1 - r))), max(1, math.ceil(n * (1 + r)))
+
+    (in_lo, in_hi), (out_lo, out_hi) = bounds(spec.random_input_len), bounds(spec.random_output_len)
+    return [(rng.randint(in_lo, in_hi), rng.randint(out_lo, out_hi)) for _ in range(spec.num_prompts)]
+
+
+def build_workload(spec: WorkloadSpec) -> Workload:
+    """The requests of one run. With a trace, arrivals follow the trace's (scaled) times
+    unless a request rate is given; the random dataset uses the gamma process."""
+    if spec.num_prompts < 1:
+        raise InvalidRequestError("--num-prompts must be at least 1")
+    if spec.vocab_size < 16:
+        raise InvalidRequestError("--vocab-size is too small")
+    rng = random.Random(spec.seed)
+    scaling: dict[str, Any] = {}
+    arrivals: list[float] | None = None
+    if spec.dataset == "random":
+        lengths = _random_lengths(spec, rng)
+        scaling = {
+            "random_input_len": spec.random_input_len,
+            "random_output_len": spec.random_output_len,
+            "random_range_ratio": spec.random_range_ratio,
+        }
+    elif spec.dataset.startswith("trace:"):
+        path = Path(spec.dataset.removeprefix("trace:")).expanduser()
+        trace_scaling = TraceScaling(spec.length_scale, spec.rate_scale)
+        trace = read_trace(path, spec.num_prompts, trace_scaling)
+        lengths = [(t.input_len, t.output_len) for t in trace]
+        scaling = {"trace": str(path), "length_scale": spec.length_scale, "rate_scale": spec.rate_scale}
+        if spec.request_rate is None:
+            arrivals = [t.arrival_s for t in trace]
+            span = arrivals[-1]
+            scaling["arrivals"] = "trace"
+            scaling["trace_request_rate"] = (len(trace) - 1) / span if span > 0 else None
+    else:
+        raise InvalidRequestError(f"unknown dataset {spec.dataset!r}: use 'random' or 'trace:PATH'")
+    if arrivals is None:
+        rate = math.inf if spec.request_rate is None else spec.request_rate
+        arrivals = gamma_arrivals(len(lengths), rate, spec.burstiness, rng)
+        scaling["arrivals"] = f"gamma(rate={rate}, burstiness={spec.burstiness})"
+    requests = [
+        BenchRequest(random_prompt(rng, n_in, spec.vocab_size), n_in, n_out, at)
+        for (n_in, n_out), at in zip(lengths, arrivals, strict=True)
+    ]
+    return Workload(requests, spec.dataset, scaling)
