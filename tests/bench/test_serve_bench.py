@@ -16,9 +16,7 @@ from typer.testing import CliRunner
 from ember.bench.serve import ServeTarget, run_serve_bench, split_gaps
 from ember.bench.serve_metrics import RequestResult, compute_metrics, result_block
 from ember.bench.serve_workload import WorkloadSpec, build_workload, gamma_arrivals
-from ember.bench.trace import TraceScaling, read_trace
 from ember.cli import app
-from ember.errors import InvalidRequestError, NotFoundError
 from tests.bench.conftest import API_KEY, LiveServer
 
 VLLM_FIELDS = [
@@ -181,18 +179,6 @@ def test_without_a_model_a_down_server_is_a_clear_error() -> None:
     url = _dead_url()
     code, out = _bench("--base-url", url, "--num-prompts", "1")
     assert code == 1 and f"no server answers at {url}" in out
-
-
-def test_trace_scaling_divides_times_and_scales_lengths(tmp_path: Path) -> None:
-    trace = _write_trace(tmp_path / "t.csv", TRACE)
-    got = read_trace(trace, 4, TraceScaling(length_scale=0.1, rate_scale=2.0))
-    assert [t.arrival_s for t in got] == [0.0, 0.25, 0.5, 0.6000000000000014]
-    assert [(t.input_len, t.output_len) for t in got] == [(4, 1), (8, 1), (2, 3), (12, 1)]
-    with pytest.raises(NotFoundError):
-        read_trace(tmp_path / "missing.csv", 1)
-    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(InvalidRequestError, match="arrived_at"):
-        read_trace(tmp_path / "bad.csv", 1)
 
 
 def test_request_rate_overrides_the_trace_times(tmp_path: Path) -> None:

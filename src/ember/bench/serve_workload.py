@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.bench.trace import TraceScaling, read_trace
+from ember.bench.workload import read_trace
 from ember.errors import InvalidRequestError
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
@@ -106,9 +106,10 @@ def build_workload(spec: WorkloadSpec) -> Workload:
         }
     elif spec.dataset.startswith("trace:"):
         path = Path(spec.dataset.removeprefix("trace:")).expanduser()
-        trace_scaling = TraceScaling(spec.length_scale, spec.rate_scale)
-        trace = read_trace(path, spec.num_prompts, trace_scaling)
-        lengths = [(t.input_len, t.output_len) for t in trace]
+        trace = read_trace(
+            path, num_requests=spec.num_prompts, length_scale=spec.length_scale, rate_scale=spec.rate_scale
+        )
+        lengths = [(t.prompt_tokens, t.output_tokens) for t in trace]
         scaling = {"trace": str(path), "length_scale": spec.length_scale, "rate_scale": spec.rate_scale}
         if spec.request_rate is None:
             arrivals = [t.arrival_s for t in trace]
