@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ember.engine.request import TokenLogprobs
-
 from ember.errors import EmberError
 from ember.server.serving import Choice, Generation, error_body, new_id, sse
 

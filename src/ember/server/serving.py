@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ember.engine.request import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
-
 from ember.errors import EmberError, InvalidRequestError
 from ember.server.backend import ModelBackend, ModelInfo
 from ember.server.metrics import ServerMetrics
