@@ -1,8 +1,3 @@
-"""The serverless control plane: deployments, startup-time-aware placement,
-autoscaling and routing over nodes (ServerlessLLM)."""
-
-from ember.cluster.controller import Controller, ControllerConfig
-from ember.cluster.node import EmbeddedNode
-from ember.cluster.state import ClusterState, Deployment
-
-__all__ = ["ClusterState", "Controller", "ControllerConfig", "Deployment", "EmbeddedNode"]
+"""The serverless control plane (ServerlessLLM): deployments in `state`, nodes behind
+`runtime.NodeRuntime` (`node.EmbeddedNode` in this process), `estimator`,
+`placement`, `autoscaler`, `router`, and the `controller` that the server serves."""
