@@ -1,4 +1,5 @@
-"""The `ember` command line: `ember serve`, `ember chat`, `ember store ...`, `ember bench ...`.
+"""The `ember` command line: `ember serve`, `ember chat`, `ember deploy/delete/status`,
+`ember store ...`, `ember bench ...`.
 
 Every EmberError a command raises is printed as `error: ...` on stderr with exit
 status 1; anything else is a bug and keeps its traceback."""
@@ -33,11 +34,15 @@ app = typer.Typer(
 def _register() -> None:
     from ember.cli.bench import bench_app
     from ember.cli.chat import chat_cmd
+    from ember.cli.cluster import delete_cmd, deploy_cmd, status_cmd
     from ember.cli.serve import serve_cmd
     from ember.cli.store import store_app
 
     app.command("serve")(serve_cmd)
     app.command("chat")(chat_cmd)
+    app.command("deploy")(deploy_cmd)
+    app.command("delete")(delete_cmd)
+    app.command("status")(status_cmd)
     app.add_typer(store_app, name="store")
     app.add_typer(bench_app, name="bench")
     import ember.cli.bench_serve  # noqa: F401  (registers `ember bench serve` on bench_app)

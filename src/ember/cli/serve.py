@@ -45,12 +45,24 @@ def serve_cmd(
     log_level: Annotated[
         str | None, typer.Option(help="debug, info, warning, error. [default: info]")
     ] = None,
+    nodes: Annotated[int | None, typer.Option(help="Nodes of the control plane. [default: 1]")] = None,
+    slots: Annotated[int | None, typer.Option(help="Instances per node. [default: 1]")] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(
+            help="startup-time-aware, random, round-robin or remote-only. [default: startup-time-aware]"
+        ),
+    ] = None,
+    start_timeout_s: Annotated[
+        float | None, typer.Option(help="Seconds a request waits for a cold start before 503. [default: 300]")
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="A TOML file of these settings; flags override it.")
     ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API. With no arguments: SmolLM2-135M-Instruct
-    as `smollm2-135m-instruct` on 127.0.0.1:8000, imported on first run."""
+    as `smollm2-135m-instruct` on 127.0.0.1:8000, imported on first run. Each model is a
+    deployment with one instance always up; `ember deploy` adds more (scaled to zero)."""
     from ember.server.runner import serve
     from ember.server.settings import load_settings
 
@@ -73,6 +85,10 @@ def serve_cmd(
             "home": str(home) if home else None,
             "registry": registry,
             "log_level": log_level,
+            "nodes": nodes,
+            "slots": slots,
+            "placement": placement,
+            "start_timeout_s": start_timeout_s,
         },
     )
     if settings.home:

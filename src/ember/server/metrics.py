@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ember.cluster.estimator import Observation
+    from ember.cluster.messages import InstanceInfo
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -100,3 +105,46 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ClusterMetrics:
+    """The control plane's metrics, labelled by model (deployment): cold starts and load
+    bytes and seconds by tier, estimated and actual start-up times, scale events.
+    Implements ember.cluster.events.ClusterEvents."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model_name"]
+        tiered = [*labels, "tier"]
+        self.cold_starts = Counter(
+            "ember:cold_starts", "Instances started, by the tier the weights came from.", tiered,
+            registry=registry,
+        )  # fmt: skip
+        self.load_bytes = Counter(
+            "ember:load_bytes", "Checkpoint bytes loaded to start instances.", tiered, registry=registry
+        )
+        self.load_seconds = Counter(
+            "ember:load_seconds", "Seconds spent loading weights to start instances.", tiered,
+            registry=registry,
+        )  # fmt: skip
+        self.estimated = Histogram(
+            "ember:startup_time_estimated_seconds", "Start-up time placement expected.", labels,
+            registry=registry, buckets=_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.actual = Histogram(
+            "ember:startup_time_seconds", "Start-up time from placement to a ready instance.", labels,
+            registry=registry, buckets=_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.scale = Counter(
+            "ember:scale_events", "Instances started (up) and stopped (down).", [*labels, "direction"],
+            registry=registry,
+        )  # fmt: skip
+
+    def instance_started(self, deployment: str, info: InstanceInfo, observed: Observation) -> None:
+        self.cold_starts.labels(deployment, info.tier).inc()
+        self.load_bytes.labels(deployment, info.tier).inc(info.nbytes)
+        self.load_seconds.labels(deployment, info.tier).inc(info.load_s)
+        self.estimated.labels(deployment).observe(observed.estimated_s)
+        self.actual.labels(deployment).observe(observed.actual_s)
+
+    def scaled(self, deployment: str, direction: str) -> None:
+        self.scale.labels(deployment, direction).inc()

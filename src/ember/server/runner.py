@@ -2,19 +2,20 @@
 until SIGTERM / Ctrl-C, then drain.
 
 Start-up: uvicorn binds and answers /health with 503 while a loader thread imports
-the default model on first run (with a progress bar on the console) and starts one
-engine per model; /health turns 200 when every model is ready.
+the default model on first run (with a progress bar on the console) and starts the
+control plane: `--nodes` embedded nodes of `--slots` instances each, one deployment
+per model with one instance always up; /health turns 200 when those are ready.
 Shutdown: uvicorn stops accepting and gives in-flight requests `shutdown_grace_s`
 to finish; what is left is aborted when the engines shut down; the exit status is 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -22,9 +23,11 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from ember.engine.async_engine import AsyncEngine
+from ember.cluster.controller import Controller, ControllerConfig
+from ember.cluster.state import Deployment
+from ember.server.admin import add_admin_routes
 from ember.server.app import create_app
-from ember.server.backend import EmbeddedBackend
+from ember.server.metrics import ClusterMetrics
 from ember.server.settings import DEFAULT_MODEL, ServeSettings
 
 log = logging.getLogger("ember.serve")
@@ -52,52 +55,96 @@ def model_id(ref: str) -> str:
     return path.name if path.is_dir() else ref
 
 
-def start_engines(settings: ServeSettings, progress: ProgressFactory = logged_progress) -> EmbeddedBackend:
-    """Import the default model if it is missing, then start one engine per model."""
+def prepare_models(settings: ServeSettings, progress: ProgressFactory = logged_progress) -> list[str]:
+    """The store names of the models to serve: the default model is imported on first
+    run; a checkpoint directory outside the store is copied into it (verified), since
+    the store is the nodes' registry when no --registry is given."""
     from ember.store.importer import ensure_default_model
     from ember.store.local import LocalStore
+    from ember.store.registry import DirectorySource
+    from ember.store.transfer import copy_checkpoint
 
     store = LocalStore()
-    engines: dict[str, AsyncEngine] = {}
-    try:
-        for ref in settings.models:
-            if ref == DEFAULT_MODEL and not store.exists(ref):
-                log.info("importing %s into the store (first run)", ref)
-                with progress() as update:
-                    ensure_default_model(store, progress=update)
-            path = store.resolve(ref)
-            engines[model_id(ref)] = AsyncEngine.from_checkpoint(path, **settings.engine_options())
-            log.info("model %s ready", model_id(ref))
-    except BaseException:
-        for e in engines.values():
-            e.shutdown()
-        raise
-    return EmbeddedBackend(engines, created=int(time.time()))
+    names = []
+    for ref in settings.models:
+        if ref == DEFAULT_MODEL and not store.exists(ref):
+            log.info("importing %s into the store (first run)", ref)
+            with progress() as update:
+                ensure_default_model(store, progress=update)
+        name = model_id(ref)
+        path = Path(ref).expanduser()
+        if path.is_dir() and not store.exists(name) and not settings.registry:
+            log.info("copying %s into the store as %s", path, name)
+            copy_checkpoint(DirectorySource(path), store.path_for(name))
+            store.register(name, source=str(path))
+        names.append(name)
+    return names
+
+
+def start_cluster(
+    settings: ServeSettings,
+    loop: asyncio.AbstractEventLoop,
+    metrics: ClusterMetrics | None = None,
+    progress: ProgressFactory = logged_progress,
+) -> Controller:
+    """Nodes, the controller and a deployment (min 1 instance) per model, started on
+    `loop` (the server's); returns once every minimum instance is ready."""
+    from ember.cluster.node import EmbeddedNode
+    from ember.store.local import LocalStore
+    from ember.store.registry import DirectoryRegistry, Registry, open_registry
+
+    names = prepare_models(settings, progress)
+    registry: Registry = (
+        open_registry(settings.registry) if settings.registry else DirectoryRegistry(LocalStore().root)
+    )
+    nodes = [
+        EmbeddedNode(f"node{i}", registry, slots=settings.slots, engine_options=settings.engine_options())
+        for i in range(settings.nodes)
+    ]
+    controller = Controller(
+        nodes,
+        policy=settings.placement,
+        config=ControllerConfig(
+            start_timeout_s=settings.start_timeout_s, max_model_len=settings.max_model_len
+        ),
+        events=metrics,
+    )
+    deployments = [Deployment(name, name, min_instances=1) for name in names]
+    asyncio.run_coroutine_threadsafe(controller.start(deployments), loop).result()
+    wait = controller.wait_ready(settings.start_timeout_s)
+    asyncio.run_coroutine_threadsafe(wait, loop).result()
+    for name in names:
+        log.info("model %s ready", name)
+    return controller
 
 
 def build_app(settings: ServeSettings, progress: ProgressFactory = logged_progress) -> FastAPI:
-    """The app, with a lifespan that loads the models in a thread after the socket is up."""
+    """The app, with a lifespan that starts the control plane in a thread after the
+    socket is up; the admin routes are mounted under the same API key."""
     app = create_app(
         api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight
     )
+    add_admin_routes(app)
     state = app.state.ember
+    metrics = ClusterMetrics(app.state.metrics.registry)
 
-    def load() -> None:
+    def load(loop: asyncio.AbstractEventLoop) -> None:
         try:
-            state.backend = start_engines(settings, progress)
+            state.backend = start_cluster(settings, loop, metrics, progress)
         except Exception as exc:
             state.startup_error = exc
             log.error("start-up failed: %s", exc)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=load, name="ember-loader", daemon=True)
+        loop = asyncio.get_running_loop()
+        loader = threading.Thread(target=load, args=(loop,), name="ember-loader", daemon=True)
         loader.start()
         try:
             yield
         finally:
             state.draining = True
-            loader.join(timeout=60)
+            await asyncio.to_thread(loader.join, 60)
             if state.backend is not None:
                 await state.backend.close()
 

@@ -37,15 +37,32 @@ class ServeSettings:
     home: str | None = None  # EMBER_HOME
     registry: str | None = None  # EMBER_REGISTRY
     log_level: str = "info"
+    nodes: int = 1  # embedded nodes of the control plane
+    slots: int = 1  # instances per node
+    placement: str = "startup-time-aware"  # or random, round-robin, remote-only
+    start_timeout_s: float = 300.0  # a request waits this long for a cold start, then 503
 
     def validate(self) -> ServeSettings:
         if not self.models:
             raise InvalidRequestError("at least one model to serve", param="model")
         if not 0 < self.port < 65536:
             raise InvalidRequestError(f"port {self.port} is out of range", param="port")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_body_bytes", "max_in_flight"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_body_bytes",
+            "max_in_flight",
+            "nodes",
+            "slots",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be at least 1", param=name)
+        from ember.cluster.placement import POLICIES
+
+        if self.placement not in POLICIES:
+            raise InvalidRequestError(
+                f"unknown placement {self.placement!r} (one of {', '.join(POLICIES)})", param="placement"
+            )
         return self
 
     def engine_options(self) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""A deployment's ModelInfo without its weights: the checkpoint's model/ files (config,
+tokenizer, chat template) copied under `$EMBER_HOME/cluster/models/<model>/`, so
+/v1/models lists and requests are tokenised even while scaled to zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ember.engine.loader import load_tokenizer
+from ember.errors import CheckpointError
+from ember.server.backend import ModelInfo
+
+
+def write_model_dir(root: Path, model: str, files: dict[str, bytes]) -> Path:
+    """Write the files to `root/<model>/` (replaced atomically); returns that directory."""
+    dest = root / model
+    tmp = root / f".{model}.{uuid.uuid4().hex[:8]}"
+    for rel, data in files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def model_info(name: str, model_dir: Path, created: int, max_model_len: int | None) -> ModelInfo:
+    """ModelInfo from a model/ directory: its tokenizer, and the context from config.json
+    (capped by the engine's max_model_len when one is set)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"the checkpoint of {name!r} has no readable model/config.json") from exc
+    positions = int(config.get("max_position_embeddings", 2048))
+    limit = positions if max_model_len is None else min(positions, max_model_len)
+    return ModelInfo(name, load_tokenizer(model_dir), limit, created)

@@ -1,0 +1,183 @@
+"""Placement: which node starts a new instance.
+
+`StartupTimeAware` (ServerlessLLM) starts it on the node with the smallest
+estimated start-up time among nodes with a free slot. When the node with the
+smallest estimate overall is full, it compares three ways of using that node or
+not: start on the best free node instead; wait for a slot there; or live-migrate
+one of its running inferences to a free node (a * tokens + b, plus the
+destination's own start-up) and start there. Migration is only considered when a
+migrator exists (`migration` is given).
+
+The baselines (random, round robin, remote-only: every start downloads from the
+registry, as a serving system without a local cache does) place among free nodes.
+All are plain objects over `NodeView`s, testable without a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ember.cluster.estimator import StartupEstimate, StartupTimeEstimator
+from ember.cluster.messages import LoadTier, NodeStatus
+from ember.cluster.migration_cost import MigrationCost
+from ember.errors import InvalidRequestError
+
+POLICIES = ("startup-time-aware", "random", "round-robin", "remote-only")
+
+
+@dataclass(frozen=True)
+class RunningInstance:
+    """An instance placement might move away: its model and its largest inference."""
+
+    instance_id: str
+    model: str
+    nbytes: int
+    tokens: int  # prompt + output so far of its longest in-flight request
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement knows of a node: its status, the instances it runs, and when a
+    slot is expected to free up there (an idle instance's keep-alive ending)."""
+
+    status: NodeStatus
+    running: tuple[RunningInstance, ...] = ()
+    slot_free_in_s: float = math.inf
+
+    @property
+    def node_id(self) -> str:
+        return self.status.node_id
+
+
+@dataclass(frozen=True)
+class Placement:
+    """start: load on `node` now. wait: a slot on `node` frees in `wait_s`, then load.
+    migrate: move `migrate_instance` to `migrate_to`, then load on `node`.
+    `cold`: the node must load from the registry (remote-only baseline)."""
+
+    action: Literal["start", "wait", "migrate"]
+    node: str
+    tier: LoadTier
+    estimate_s: float  # expected seconds until the new instance is ready
+    estimate: StartupEstimate
+    wait_s: float = 0.0
+    migrate_instance: str | None = None
+    migrate_to: str | None = None
+    cold: bool = False
+
+
+class PlacementPolicy(Protocol):
+    name: str
+
+    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
+        """Where to start an instance of `checkpoint`; None if no node can take it now."""
+        ...
+
+
+def _start(est: StartupEstimate, *, cold: bool = False) -> Placement:
+    return Placement("start", est.node, est.tier, est.total_s, est, cold=cold)
+
+
+class StartupTimeAware:
+    name = "startup-time-aware"
+
+    def __init__(self, estimator: StartupTimeEstimator, migration: MigrationCost | None = None) -> None:
+        self.estimator = estimator
+        self.migration = migration  # None: no migrator, never migrate
+
+    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
+        if not nodes:
+            return None
+        ests = {n.node_id: self.estimator.estimate(n.status, checkpoint, nbytes) for n in nodes}
+        best = min(nodes, key=lambda n: ests[n.node_id].total_s)
+        best_est = ests[best.node_id]
+        if best.status.free_slots > 0:
+            return _start(best_est)
+        free = [n for n in nodes if n.status.free_slots > 0]
+        options: list[Placement] = []
+        if free:
+            options.append(_start(ests[min(free, key=lambda n: ests[n.node_id].total_s).node_id]))
+        if math.isfinite(best.slot_free_in_s):
+            wait = max(best.slot_free_in_s, best_est.queue_s)
+            options.append(
+                Placement("wait", best.node_id, best_est.tier, wait + best_est.load_s, best_est, wait_s=wait)
+            )
+        if self.migration is not None:
+            options += self._migrations(best, best_est, free)
+        return min(options, key=lambda p: p.estimate_s, default=None)
+
+    def _migrations(self, src: NodeView, src_est: StartupEstimate, free: list[NodeView]) -> list[Placement]:
+        assert self.migration is not None
+        out = []
+        for victim in src.running:
+            for dest in free:
+                dest_est = self.estimator.estimate(dest.status, victim.model, victim.nbytes)
+                move = dest_est.total_s + self.migration.seconds(victim.tokens)
+                wait = max(move, src_est.queue_s)
+                placement = Placement(
+                    "migrate", src.node_id, src_est.tier, wait + src_est.load_s, src_est,
+                    wait_s=wait, migrate_instance=victim.instance_id, migrate_to=dest.node_id,
+                )  # fmt: skip
+                out.append(placement)
+        return out
+
+
+class RandomPlacement:
+    name = "random"
+
+    def __init__(self, estimator: StartupTimeEstimator, rng: random.Random | None = None) -> None:
+        self.estimator = estimator
+        self.rng = rng or random.Random()
+
+    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
+        free = [n for n in nodes if n.status.free_slots > 0]
+        if not free:
+            return None
+        return _start(self.estimator.estimate(self.rng.choice(free).status, checkpoint, nbytes))
+
+
+class RoundRobinPlacement:
+    name = "round-robin"
+
+    def __init__(self, estimator: StartupTimeEstimator, *, cold: bool = False) -> None:
+        self.estimator = estimator
+        self.cold = cold
+        self._turn = itertools.count()
+
+    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
+        free = sorted((n for n in nodes if n.status.free_slots > 0), key=lambda n: n.node_id)
+        if not free:
+            return None
+        status = free[next(self._turn) % len(free)].status
+        if self.cold:  # as if the node held nothing: the estimate of a download
+            status = NodeStatus(status.node_id, status.slots, status.free_slots)
+        return _start(self.estimator.estimate(status, checkpoint, nbytes), cold=self.cold)
+
+
+class RemoteOnlyPlacement(RoundRobinPlacement):
+    """Every start downloads from the registry (no DRAM or disk cache is used)."""
+
+    name = "remote-only"
+
+    def __init__(self, estimator: StartupTimeEstimator) -> None:
+        super().__init__(estimator, cold=True)
+
+
+def make_policy(
+    name: str, estimator: StartupTimeEstimator, *, migration: MigrationCost | None = None
+) -> PlacementPolicy:
+    """A placement policy by name (see POLICIES)."""
+    if name == "startup-time-aware":
+        return StartupTimeAware(estimator, migration)
+    if name == "random":
+        return RandomPlacement(estimator)
+    if name == "round-robin":
+        return RoundRobinPlacement(estimator)
+    if name == "remote-only":
+        return RemoteOnlyPlacement(estimator)
+    raise InvalidRequestError(f"unknown placement policy {name!r} (one of {', '.join(POLICIES)})")

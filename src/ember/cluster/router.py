@@ -1,0 +1,88 @@
+"""Router: the routing table of live instances, and which one takes a request.
+
+A request goes to the ready instance of its deployment with the fewest requests in
+flight (a loading or draining instance takes none). The router counts in-flight
+requests per instance and when each went idle, for the autoscaler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ember.cluster.autoscaler import InstanceLoad
+
+
+@dataclass
+class Route:
+    instance_id: str
+    deployment: str
+    node: str | None  # None until placement chose one
+    ready: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    idle_since: float | None = None
+    max_tokens_in_flight: int = 0  # largest prompt + max output in flight (a migration's size)
+
+
+class Router:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._routes: dict[str, Route] = {}
+
+    def add(self, instance_id: str, deployment: str) -> Route:
+        """A new instance (loading) of `deployment`."""
+        route = Route(instance_id, deployment, None)
+        self._routes[instance_id] = route
+        return route
+
+    def get(self, instance_id: str) -> Route | None:
+        return self._routes.get(instance_id)
+
+    def set_ready(self, instance_id: str) -> None:
+        route = self._routes[instance_id]
+        route.ready = True
+        route.idle_since = self.clock()
+
+    def drain(self, instance_id: str) -> None:
+        """Take no new requests; the ones in flight go on."""
+        if (route := self._routes.get(instance_id)) is not None:
+            route.draining = True
+
+    def remove(self, instance_id: str) -> None:
+        self._routes.pop(instance_id, None)
+
+    def routes(self, deployment: str | None = None) -> list[Route]:
+        return [r for r in self._routes.values() if deployment is None or r.deployment == deployment]
+
+    def on_node(self, node: str) -> list[Route]:
+        return [r for r in self._routes.values() if r.node == node]
+
+    def pick(self, deployment: str) -> Route | None:
+        """The ready, not draining instance with the fewest requests in flight."""
+        ready = [r for r in self.routes(deployment) if r.ready and not r.draining]
+        return min(ready, key=lambda r: (r.in_flight, r.instance_id), default=None)
+
+    @contextmanager
+    def track(self, route: Route, tokens: int = 0) -> Iterator[None]:
+        """Count one request in flight on `route` while the block runs."""
+        route.in_flight += 1
+        route.idle_since = None
+        route.max_tokens_in_flight = max(route.max_tokens_in_flight, tokens)
+        try:
+            yield
+        finally:
+            route.in_flight -= 1
+            if route.in_flight == 0:
+                route.idle_since = self.clock()
+                route.max_tokens_in_flight = 0
+
+    def loads(self, deployment: str) -> list[InstanceLoad]:
+        """The deployment's live instances that count towards its size (not draining)."""
+        return [
+            InstanceLoad(r.instance_id, r.ready, r.in_flight, r.idle_since)
+            for r in self.routes(deployment)
+            if not r.draining
+        ]

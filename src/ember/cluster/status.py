@@ -1,0 +1,50 @@
+"""The shape of `ember status --json` and GET /admin/status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ember.cluster.messages import NodeStatus
+from ember.cluster.router import Route
+from ember.cluster.state import Deployment
+
+
+def _state(route: Route) -> str:
+    if route.draining:
+        return "draining"
+    return "ready" if route.ready else "loading"
+
+
+def cluster_status(
+    deployments: Sequence[Deployment], routes: Sequence[Route], nodes: Sequence[NodeStatus]
+) -> dict[str, Any]:
+    """{"deployments": [...with live instances], "nodes": [...]} (see docs in the CLI)."""
+    return {
+        "deployments": [
+            {
+                "name": d.name,
+                "model": d.model,
+                "min_instances": d.min_instances,
+                "max_instances": d.max_instances,
+                "target_concurrency": d.target_concurrency,
+                "keep_alive_s": d.keep_alive_s,
+                "instances": [
+                    {"id": r.instance_id, "node": r.node, "state": _state(r), "in_flight": r.in_flight}
+                    for r in routes
+                    if r.deployment == d.name
+                ],
+            }
+            for d in deployments
+        ],
+        "nodes": [
+            {
+                "id": n.node_id,
+                "slots": n.slots,
+                "free_slots": n.free_slots,
+                "dram": dict(n.dram),
+                "disk": list(n.disk),
+            }
+            for n in nodes
+        ],
+    }

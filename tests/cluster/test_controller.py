@@ -1,0 +1,161 @@
+"""The control plane on embedded nodes running tiny random Llamas: scaling from and
+to zero, cold starts shared by concurrent requests, deletion while serving, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ember.cluster.state import ClusterState, Deployment
+from ember.errors import ModelNotFoundError, OverloadedError
+from tests.cluster.conftest import collect, make_controller, request, run
+from tests.cluster.fakes import FakeClock
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_scales_from_zero_and_back_to_zero_then_restarts_from_dram(
+    ember_home: Path, models: list[str]
+) -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        c = make_controller(ember_home, clock=clock)
+        await c.start()
+        await c.deploy(Deployment("tiny", "tiny", min_instances=0, keep_alive_s=30))
+        status = await c.status()
+        assert status["deployments"][0]["instances"] == []
+        assert [m.name for m in c.models()] == ["tiny"]  # listed while scaled to zero
+        assert len(await collect(c, "tiny", request("r1"))) == 8
+        [inst] = (await c.status())["deployments"][0]["instances"]
+        assert (inst["node"], inst["state"], inst["in_flight"]) == ("node0", "ready", 0)
+        clock.advance(29)
+        c.reconcile()
+        await c.settle()
+        assert len((await c.status())["deployments"][0]["instances"]) == 1  # still within keep-alive
+        clock.advance(2)
+        c.reconcile()
+        await c.settle()
+        status = await c.status()
+        assert status["deployments"][0]["instances"] == []
+        [node] = status["nodes"]
+        assert node["free_slots"] == 1 and "tiny" in node["dram"] and node["disk"] == ["tiny"]
+        # The next cold start finds the weights in the node's DRAM: no I/O.
+        assert len(await collect(c, "tiny", request("r2"))) == 8
+        tiers = [load.tier for load in c.state.loads()]
+        assert tiers == ["registry", "dram"]
+        assert all(load.estimated_s > 0 and load.actual_s > 0 for load in c.state.loads())
+        await c.close()
+
+    run(main)
+
+
+def test_two_requests_for_one_cold_model_start_one_instance(ember_home: Path, models: list[str]) -> None:
+    async def main() -> None:
+        c = make_controller(ember_home, nodes=2)
+        await c.start()
+        await c.deploy(Deployment("tiny", "tiny", min_instances=0))
+        a, b = await asyncio.gather(collect(c, "tiny", request("a")), collect(c, "tiny", request("b")))
+        assert a == b and len(a) == 8
+        assert len(c.state.instances(live_only=False)) == 1
+        await c.close()
+
+    run(main)
+
+
+def test_a_deleted_deployment_finishes_its_requests_then_releases_its_instances(
+    ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        c = make_controller(ember_home)
+        await c.start([Deployment("tiny", "tiny", min_instances=1)])
+        await c.wait_ready(30)
+        stream = c.generate("tiny", request("long", max_tokens=48))
+        first = await anext(stream)
+        await c.delete("tiny")
+        with pytest.raises(ModelNotFoundError):
+            await collect(c, "tiny", request("late"))
+        assert c.models() == []
+        tokens = list(first.outputs[0].token_ids)
+        async for delta in stream:
+            tokens += delta.outputs[0].token_ids
+            last = delta
+        assert len(tokens) == 48 and last.outputs[0].finish_reason == "length"
+        await c.settle()
+        status = await c.status()
+        assert status["deployments"] == [] and status["nodes"][0]["free_slots"] == 1
+        assert c.state.instances() == []
+        await c.close()
+
+    run(main)
+
+
+def test_a_restarted_controller_keeps_deployments_and_forgets_dead_instances(
+    ember_home: Path, models: list[str]
+) -> None:
+    async def first_life() -> str:
+        c = make_controller(ember_home, nodes=2)
+        await c.start([Deployment("tiny", "tiny", min_instances=1), Deployment("cold", "tiny2")])
+        await c.wait_ready(30)
+        [inst] = (await c.status())["deployments"][0]["instances"]
+        for node in c.nodes.values():  # the process dies: its engines go, its records stay "ready"
+            await node.close()
+        return str(inst["id"])
+
+    old_id = run(first_life)
+    assert [i.id for i in ClusterState(ember_home / "old-view.db").instances()] == []
+
+    async def second_life() -> None:
+        c = make_controller(ember_home, nodes=2)
+        assert old_id not in {i.id for i in c.state.instances()}  # marked dead on open
+        await c.start()
+        await c.wait_ready(30)
+        status = await c.status()
+        assert [(d["name"], d["min_instances"]) for d in status["deployments"]] == [("tiny", 1), ("cold", 0)]
+        [inst] = status["deployments"][0]["instances"]
+        assert inst["id"] != old_id and inst["state"] == "ready"
+        assert status["deployments"][1]["instances"] == []
+        assert len(await collect(c, "cold", request("x"))) == 8
+        await c.close()
+
+    run(second_life)
+
+
+def test_placement_prefers_the_node_holding_the_model_in_dram(ember_home: Path, models: list[str]) -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        c = make_controller(ember_home, nodes=2, clock=clock)
+        await c.start()
+        await c.deploy(Deployment("tiny", "tiny", keep_alive_s=1))
+        await collect(c, "tiny", request("warm"))
+        [inst] = (await c.status())["deployments"][0]["instances"]
+        clock.advance(2)
+        c.reconcile()
+        await c.settle()
+        for i in range(3):  # every cold start goes back to the node holding it in DRAM
+            await collect(c, "tiny", request(f"r{i}"))
+            [again] = (await c.status())["deployments"][0]["instances"]
+            assert again["node"] == inst["node"]
+            clock.advance(2)
+            c.reconcile()
+            await c.settle()
+        assert [load.tier for load in c.state.loads()] == ["registry", "dram", "dram", "dram"]
+        await c.close()
+
+    run(main)
+
+
+def test_a_request_that_finds_every_slot_taken_gets_overloaded(ember_home: Path, models: list[str]) -> None:
+    async def main() -> None:
+        c = make_controller(ember_home, start_timeout_s=0.5)
+        await c.start([Deployment("tiny", "tiny", min_instances=1), Deployment("other", "tiny2")])
+        await c.wait_ready(30)
+        with pytest.raises(OverloadedError) as exc:
+            await collect(c, "other", request("x"))
+        assert exc.value.status == 503 and exc.value.retry_after_s > 0
+        await c.close()
+
+    run(main)

@@ -1,0 +1,94 @@
+"""Placement follows the start-up estimate, not a fixed ranking of tiers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.messages import BandwidthProbe
+from ember.cluster.migration_cost import MigrationCost
+from ember.cluster.placement import (
+    NodeView,
+    RandomPlacement,
+    RemoteOnlyPlacement,
+    RoundRobinPlacement,
+    RunningInstance,
+    StartupTimeAware,
+)
+from tests.cluster.fakes import GB, FakeClock, status
+
+pytestmark = pytest.mark.timeout(30)
+N = 4 * GB
+
+
+def _estimator(clock: FakeClock) -> StartupTimeEstimator:
+    est = StartupTimeEstimator(clock=clock)
+    for node in ("a", "b", "c"):
+        est.calibrate(BandwidthProbe(node, {"dram": 8 * GB, "disk": 1 * GB, "registry": 0.1 * GB}))
+    return est
+
+
+def test_dram_wins_when_idle_and_loses_behind_a_long_loading_queue() -> None:
+    clock = FakeClock()
+    est = _estimator(clock)
+    policy = StartupTimeAware(est)
+    nodes = [NodeView(status("a", dram=("m",))), NodeView(status("b", disk=("m",)))]
+    p = policy.place("m", N, nodes)
+    assert p is not None and (p.action, p.node, p.tier) == ("start", "a", "dram")
+    # Node a is loading other models (each ~4 s from disk): its queue outweighs its DRAM copy.
+    tokens = [est.begin(est.estimate(status("a", disk=("other",)), "other", N)) for _ in range(2)]
+    p = policy.place("m", N, nodes)
+    assert p is not None and (p.action, p.node, p.tier) == ("start", "b", "disk")
+    clock.advance(8.1)
+    for token in tokens:  # those loads are done: a wins again
+        est.cancel(token)
+    p = policy.place("m", N, nodes)
+    assert p is not None and p.node == "a"
+
+
+def test_when_the_best_node_is_full_it_compares_a_free_node_with_waiting() -> None:
+    est = _estimator(FakeClock())
+    policy = StartupTimeAware(est)
+    full = status("a", free=0, dram=("m",))
+    free = NodeView(status("b"))  # a download: ~40 s
+    soon = policy.place("m", N, [NodeView(full, slot_free_in_s=2.0), free])
+    assert soon is not None and (soon.action, soon.node, soon.wait_s) == ("wait", "a", 2.0)
+    late = policy.place("m", N, [NodeView(full, slot_free_in_s=100.0), free])
+    assert late is not None and (late.action, late.node) == ("start", "b")
+    never = policy.place("m", N, [NodeView(full), NodeView(status("c", free=0))])
+    assert never is None
+
+
+def test_migration_is_chosen_only_with_a_migrator_and_when_cheaper() -> None:
+    est = _estimator(FakeClock())
+    full = NodeView(
+        status("a", free=0, dram=("m",)),
+        running=(RunningInstance("busy", "small", GB // 100, tokens=500),),
+    )
+    dest = NodeView(status("b", dram=("small",)))  # the running model is cheap to start there
+    assert StartupTimeAware(est).place("m", N, [full, dest]).action == "start"  # type: ignore[union-attr]
+    p = StartupTimeAware(est, MigrationCost(a=1e-3, b=0.1)).place("m", N, [full, dest])
+    assert p is not None and (p.action, p.node) == ("migrate", "a")
+    assert (p.migrate_instance, p.migrate_to) == ("busy", "b")
+    slow = StartupTimeAware(est, MigrationCost(a=1.0, b=0.1)).place("m", N, [full, dest])  # 500 s to move
+    assert slow is not None and (slow.action, slow.node) == ("start", "b")
+
+
+def test_migration_cost_is_fitted_from_measured_recomputations() -> None:
+    cost = MigrationCost()
+    for tokens in (100, 200, 400, 800):
+        cost.observe(tokens, 0.002 * tokens + 0.5)
+    assert cost.seconds(1000) == pytest.approx(2.5)
+
+
+def test_baselines_ignore_the_estimate() -> None:
+    est = _estimator(FakeClock())
+    nodes = [NodeView(status("a", dram=("m",))), NodeView(status("b")), NodeView(status("c", free=0))]
+    rr = RoundRobinPlacement(est)
+    assert [rr.place("m", N, nodes).node for _ in range(4)] == ["a", "b", "a", "b"]  # type: ignore[union-attr]
+    remote = RemoteOnlyPlacement(est).place("m", N, nodes)
+    assert remote is not None and remote.cold and remote.tier == "registry"
+    picks = {RandomPlacement(est, random.Random(i)).place("m", N, nodes).node for i in range(20)}  # type: ignore[union-attr]
+    assert picks == {"a", "b"}
