@@ -109,6 +109,26 @@ def test_logits_match_transformers_in_mixed_batches(name: str) -> None:
         torch.testing.assert_close(logits, want.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama", "llama3-rope", "qwen2", "mistral"])
+def test_fused_projections_over_store_weights_match_transformers(name: str, tmp_path: Path) -> None:
+    """Through the store, q/k/v and gate/up lie back to back: one product each, as views."""
+    hf = hf_model(name)
+    save_tensors(hf.state_dict(), tmp_path / "ckpt")
+    weights = load_tensors(tmp_path / "ckpt")
+    model = build_model(ModelSpec.from_hf_config(hf.config.to_dict()), weights, torch.device("cpu"))
+    layer = model.layers[0]
+    assert layer.gate_up is not None
+    assert (layer.qkv is None) == (name == "qwen2")  # qwen2's 512-byte biases are not adjacent
+    assert layer.gate_up.weight.data_ptr() == weights["model.layers.0.mlp.gate_proj.weight"].data_ptr()
+    kv = KVCache(model.spec, 64, 4, torch.float64, torch.device("cpu"))
+    seqs = [tokens(13, 1), tokens(5, 2), tokens(22, 3)]
+    got = all_logits(model, kv, seqs, [[10, 4, 9], [1, 1, 8], [1, 0, 3], [1, 0, 1], [0, 0, 1]])
+    for seq, logits in zip(seqs, got, strict=True):
+        with torch.no_grad():
+            want = hf(torch.tensor([seq])).logits[0]
+        torch.testing.assert_close(logits, want.float(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_matches_transformers_generate(name: str) -> None:
     hf = hf_model(name)

@@ -40,6 +40,28 @@ class Linear:
         return y if self.bias is None else y + self.bias
 
 
+def adjacent(*tensors: Tensor) -> Tensor | None:
+    """The tensors [n_i, k] as one [sum n_i, k] view when they lie back to back in one
+    storage (the store writes q, k, v and gate, up that way when their sizes are page
+    multiples), else None. No copy: one matrix product then serves several weights."""
+    first = tensors[0]
+    if first.dim() != 2 or not all(t.is_contiguous() for t in tensors):
+        return None
+    end = first.storage_offset()
+    for t in tensors:
+        same_storage = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if (
+            not same_storage
+            or t.dtype != first.dtype
+            or t.shape[1] != first.shape[1]
+            or t.storage_offset() != end
+        ):
+            return None
+        end += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
+
+
 def columns(x: Tensor) -> Tensor:
     """x [T, in] as the right operand of Linear's bmm: [2, in, T] (a view)."""
     return x.t().unsqueeze(0).expand(2, -1, -1)

@@ -14,6 +14,7 @@ from ember.engine.model.layers import (
     Linear,
     RotaryTable,
     activation,
+    adjacent,
     apply_rotary,
     columns,
     rms_norm,
@@ -57,6 +58,10 @@ class LlamaLayer(nn.Module):
         self.gate = Linear(self.gate_proj, self.gate_bias)
         self.up = Linear(self.up_proj, self.up_bias)
         self.down = Linear(self.down_proj, self.down_bias)
+        # One product for q, k, v (and one for gate, up) when the weights lie back to
+        # back: fewer, larger matrix-vector products in the memory-bound decode step.
+        self.qkv = _fused((self.q_proj, self.k_proj, self.v_proj), (self.q_bias, self.k_bias, self.v_bias))
+        self.gate_up = _fused((self.gate_proj, self.up_proj), (self.gate_bias, self.up_bias))
         self.eps = spec.norm_eps
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.window = spec.sliding_windows[i]
@@ -70,15 +75,36 @@ class LlamaLayer(nn.Module):
         small = t <= SMALL_BATCH_ROWS
         h = rms_norm(x, self.input_layernorm, self.eps)
         cols = columns(h) if small else None
-        q = self.q(h, cols).view(t, self.heads, self.head_dim)
-        k = self.k(h, cols).view(t, self.kv_heads, self.head_dim)
-        v = self.v(h, cols).view(t, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = paged_attention(q, k, v, cache, plan, self.window)
+        nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.qkv is not None:
+            qkv = self.qkv(h, cols)  # [T, nq + 2 nkv]
+            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
+        else:
+            q, k, v = self.q(h, cols), self.k(h, cols), self.v(h, cols)
+        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        a = paged_attention(q, k, v.reshape(t, self.kv_heads, self.head_dim), cache, plan, self.window)
         x = x + self.o(a)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
         cols = columns(h) if small else None
+        if self.gate_up is not None:
+            gu = self.gate_up(h, cols)  # [T, 2 * intermediate]
+            half = gu.shape[1] // 2
+            return x + self.down(self.act(gu[:, :half]) * gu[:, half:])
         return x + self.down(self.act(self.gate(h, cols)) * self.up(h, cols))
+
+
+def _fused(weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) -> Linear | None:
+    """A Linear over adjacent weights (and adjacent biases, or none), else None."""
+    weight = adjacent(*weights)
+    if weight is None:
+        return None
+    if all(b is None for b in biases):
+        return Linear(weight)
+    if any(b is None for b in biases):
+        return None
+    bias = adjacent(*(b.view(-1, 1) for b in biases if b is not None))
+    return None if bias is None else Linear(weight, bias.view(-1))
 
 
 class LlamaForCausalLM(CausalLM):
