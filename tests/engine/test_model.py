@@ -254,12 +254,15 @@ def smollm2() -> Any:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_smollm2_greedy_matches_transformers(smollm2: Any) -> None:
+def test_smollm2_greedy_matches_transformers(smollm2: Any, tmp_path: Path) -> None:
     hf, tok = smollm2
     config = hf.config.to_dict()
     spec = ModelSpec.from_hf_config(config)
-    weights = dict(hf.state_dict())
+    # Through the store, as served: q/k/v and gate/up then run as fused products.
+    save_tensors(hf.state_dict(), tmp_path / "smollm2")
+    weights = load_tensors(tmp_path / "smollm2")
     model = build_model(spec, weights, torch.device("cpu"))
+    assert model.layers[0].qkv is not None and model.layers[0].gate_up is not None
     assert model.lm_head.data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
     prompts = []
     for text in SMOL_PROMPTS:
