@@ -12,15 +12,16 @@ from typing import Annotated, Any
 import typer
 
 from ember import env
-from ember.errors import EmberError, ModelNotFoundError
+from ember.errors import ContextLengthError, EmberError, InvalidRequestError, ModelNotFoundError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+MIN_ANSWER_TOKENS = 32  # forget old turns rather than leave the answer less room than this
 
 
 Turn = Callable[[list[dict[str, str]]], Iterator[str]]  # messages -> streamed answer pieces
 
 
-def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str, Turn]:
+def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str, Turn, Callable[[], None]]:
     import openai
 
     client = openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0)
@@ -37,15 +38,19 @@ def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str
         raise ModelNotFoundError(f"the server at {url} does not serve {chosen!r} (it serves {names})")
 
     def turn(messages: list[dict[str, str]]) -> Iterator[str]:
-        stream: Any = client.chat.completions.create(model=chosen, messages=messages, stream=True)  # type: ignore[arg-type]
+        try:
+            stream: Any = client.chat.completions.create(model=chosen, messages=messages, stream=True)  # type: ignore[arg-type]
+        except openai.BadRequestError as exc:
+            text = str(exc.body.get("message", exc) if isinstance(exc.body, dict) else exc)
+            raise (ContextLengthError if "context" in text else InvalidRequestError)(text) from exc
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 yield chunk.choices[0].delta.content
 
-    return chosen, turn
+    return chosen, turn, client.close
 
 
-def _embedded_turns(model: str | None) -> tuple[str, Turn]:
+def _embedded_turns(model: str | None) -> tuple[str, Turn, Callable[[], None]]:
     from ember.engine.async_engine import AsyncEngine
     from ember.engine.request import EngineRequest, SamplingParams
     from ember.store.importer import ensure_default_model
@@ -61,7 +66,11 @@ def _embedded_turns(model: str | None) -> tuple[str, Turn]:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
         room = engine.engine.max_model_len - len(ids)
-        params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=max(1, min(512, room)))
+        if room < MIN_ANSWER_TOKENS:
+            raise ContextLengthError(
+                f"the conversation is {len(ids)} tokens; the context holds {engine.engine.max_model_len}"
+            )
+        params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=min(512, room))
 
         async def first() -> Any:
             return engine.submit(EngineRequest.make(uuid.uuid4().hex, ids, params))
@@ -74,7 +83,11 @@ def _embedded_turns(model: str | None) -> tuple[str, Turn]:
                 return
             yield out.outputs[0].text
 
-    return name, turn
+    def close() -> None:
+        engine.shutdown()
+        loop.close()
+
+    return name, turn, close
 
 
 def chat_cmd(
@@ -87,9 +100,16 @@ def chat_cmd(
     when it is not a terminal (each line a user turn) and exits at its end."""
     api_key = os.environ.get(env.EMBER_API_KEY)
     if embedded:
-        name, turn = _embedded_turns(model)
+        name, turn, close = _embedded_turns(model)
     else:
-        name, turn = _server_turns(url or os.environ.get(env.EMBER_URL) or DEFAULT_URL, model, api_key)
+        name, turn, close = _server_turns(url or os.environ.get(env.EMBER_URL) or DEFAULT_URL, model, api_key)
+    try:
+        _converse(name, turn, system)
+    finally:
+        close()
+
+
+def _converse(name: str, turn: Turn, system: str | None) -> None:
     interactive = sys.stdin.isatty()
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     if interactive:
@@ -105,10 +125,29 @@ def chat_cmd(
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        answer = []
-        for piece in turn(messages):
-            answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        answer = _answer(turn, messages)
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+
+
+def _answer(turn: Turn, messages: list[dict[str, str]]) -> str | None:
+    """Stream the answer to the last message. When the conversation no longer fits the
+    context, the oldest turns are forgotten; a single message too long is refused
+    (and dropped) with a clear error, and the chat goes on."""
+    while True:
+        try:
+            pieces = []
+            for piece in turn(messages):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return "".join(pieces)
+        except ContextLengthError as exc:
+            first = 1 if messages[0]["role"] == "system" else 0
+            if len(messages) - first > 1:
+                del messages[first : first + 2]  # the oldest user turn and its answer
+                continue
+            messages.pop()
+            typer.echo(f"error: {exc.message}", err=True)
+            return None
