@@ -126,16 +126,8 @@ class EmbeddedNode:
 
     async def generate(self, instance_id: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         engine = self._engine(instance_id)
-        stream = engine.submit(request)
-        finished = False
-        try:
-            async for delta in stream:
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    await engine.abort(request.request_id)
+        async for delta in engine.generate(request):
+            yield delta
 
     async def abort(self, instance_id: str, request_id: str) -> RequestSnapshot | None:
         return await self._engine(instance_id).abort(request_id)

@@ -9,14 +9,12 @@ loads:       estimated vs actual start-up time of every load, by tier
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ember.cluster.messages import LIVE_STATES, InstanceState
+from ember.db import SqliteDb
 from ember.env import ember_home
 from ember.errors import InvalidRequestError, ModelNotFoundError
 
@@ -118,28 +116,11 @@ class ClusterState:
 
     def __init__(self, db_path: str | Path | None = None) -> None:
         self.db_path = Path(db_path) if db_path is not None else ember_home() / "cluster.db"
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = SqliteDb(self.db_path, _SCHEMA)
+        self._tx = self._db.tx
         with self._tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
             marks = ",".join("?" * len(LIVE_STATES))
             db.execute(f"UPDATE instances SET state = 'dead' WHERE state IN ({marks})", LIVE_STATES)
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
 
     # -- deployments ------------------------------------------------------------------
 

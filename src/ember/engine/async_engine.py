@@ -91,6 +91,20 @@ class AsyncEngine:
         self._commands.put(lambda: self._add(request))
         return stream
 
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """submit() as an async generator; a caller that stops early (a client that went
+        away) aborts the request, which frees its KV blocks."""
+        stream = self.submit(request)
+        finished = False
+        try:
+            async for delta in stream:
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await self.abort(request.request_id)
+
     def resume(
         self,
         prompt_token_ids: Sequence[int],

@@ -7,7 +7,6 @@ and routing behind the same interface.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,16 +63,8 @@ class EmbeddedBackend:
 
     async def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         engine = self._engine(model)
-        stream = engine.submit(request)
-        finished = False
-        try:
-            async for delta in stream:
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    await engine.abort(request.request_id)
+        async for delta in engine.generate(request):
+            yield delta
 
     def _engine(self, name: str) -> AsyncEngine:
         self.model(name)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.db import SqliteDb
 from ember.errors import CheckpointExistsError, CheckpointNotFoundError, InvalidRequestError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,47 +72,8 @@ class Catalog:
 
     def __init__(self, db_path: str | Path) -> None:
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._use_wal()
-        with self._tx() as db:
-            # Not executescript: it COMMITs first, ending _tx's transaction early.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-
-    def _use_wal(self) -> None:
-        """Switch the file to WAL once (it persists in the file). Changing the journal
-        mode does not wait on SQLite's busy handler, so two processes creating the
-        catalogue at once retry here instead of failing with 'database is locked'."""
-        deadline = time.monotonic() + 30.0
-        while True:
-            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-            try:
-                if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
-                    return
-                db.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            finally:
-                db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA busy_timeout=30000")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+        self._db = SqliteDb(self.db_path, _SCHEMA)
+        self._tx = self._db.tx
 
     def add(self, name: str, path: Path, size: int, digest: str, source: str = "") -> CheckpointRecord:
         check_name(name)
