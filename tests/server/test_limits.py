@@ -94,3 +94,28 @@ def test_bad_toml_settings_are_clear_errors(tmp_path: Path, text: str, message: 
     config.write_text(text)
     with pytest.raises(InvalidRequestError, match=message):
         load_settings(config, {})
+
+
+class ColdBackend(GatedBackend):
+    """Never gets an instance in time: what a cold start that times out looks like."""
+
+    async def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        from ember.errors import OverloadedError
+
+        raise OverloadedError("no instance of 'm' became ready in time", retry_after_s=5.0)
+        yield  # an async generator, as the backend's is
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cold_start_timeout_is_a_503_streaming_or_not(tokenizer: Any, stream: bool) -> None:
+    async def run() -> httpx.Response:
+        app = create_app()
+        app.state.ember.backend = ColdBackend(tokenizer)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ember") as client:
+            body = {"model": "m", "prompt": [1, 2], "max_tokens": 1, "stream": stream}
+            return await client.post("/v1/completions", json=body)
+
+    r = asyncio.run(run())
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert "in time" in r.json()["error"]["message"]

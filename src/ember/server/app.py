@@ -183,6 +183,11 @@ def create_app(
         chat = isinstance(req, ChatCompletionRequest)
         state.in_flight += 1
         if req.stream:
+            try:
+                await gen.start()  # errors before the first token get their own status
+            except BaseException:
+                state.in_flight -= 1
+                raise
             stream = (chat_stream if chat else completion_stream)(gen, req.model, req.include_usage)
             return StreamingResponse(_counted(stream), media_type="text/event-stream")
         try:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,8 +123,32 @@ class Generation:
         self.n = n
         self.metrics = metrics
         self.arrival = time.monotonic()
+        self._started: AsyncGenerator[tuple[Choice, RequestOutput]] | None = None
+        self._first: tuple[Choice, RequestOutput] | None = None
+
+    async def start(self) -> None:
+        """Wait for the first delta, so that what can fail before any token (no
+        instance in time, a refused request) fails before a streaming response's 200."""
+        self._started = self._run()
+        try:
+            self._first = await anext(self._started)
+        except StopAsyncIteration:
+            self._first = None
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Every (choice, delta) as it arrives, after start()'s first one if it ran."""
+        if self._started is None:
+            self._started = self._run()
+        elif self._first is not None:
+            yield self._first
+        run = self._started
+        try:
+            async for item in run:
+                yield item
+        finally:
+            await run.aclose()  # stops the choices' streams
+
+    async def _run(self) -> AsyncGenerator[tuple[Choice, RequestOutput]]:
         queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException | None] = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
