@@ -10,11 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from ember.engine.request import CompletionOutput, EngineRequest, RequestOutput
+from ember.engine.request import CompletionOutput, EngineRequest, EngineStats, RequestOutput
 from ember.errors import InvalidRequestError
 from ember.server.app import create_app
 from ember.server.backend import ModelInfo
-from ember.server.metrics import EngineGauges
 from ember.server.settings import load_settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,7 +39,7 @@ class GatedBackend:
         out = CompletionOutput(0, "x", [5], "length")
         yield RequestOutput(request.request_id, None, list(request.prompt_token_ids), [out], True)
 
-    def gauges(self) -> dict[str, EngineGauges]:
+    def gauges(self) -> dict[str, EngineStats]:
         return {}
 
     async def close(self) -> None:

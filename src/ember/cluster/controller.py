@@ -35,11 +35,10 @@ from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
 from ember.cluster.state import ClusterState, Deployment, InstanceRecord, LoadRecord
 from ember.cluster.status import cluster_status
-from ember.engine.request import EngineRequest, RequestOutput
+from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.env import ember_home
 from ember.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
 from ember.server.backend import ModelInfo
-from ember.server.metrics import EngineGauges
 
 log = logging.getLogger(__name__)
 
@@ -202,31 +201,21 @@ class Controller:
         finally:
             await self._notify()  # a draining instance may be waiting for this one
 
-    def gauges(self) -> dict[str, EngineGauges]:
+    def gauges(self) -> dict[str, EngineStats]:
         out = {}
         for name in self._deps:
-            running = [r for r in self.router.routes(name) if r.ready]
-            gauges = [self._gauges(r) for r in running]
-            out[name] = EngineGauges(
-                num_requests_running=sum(g.num_requests_running for g in gauges),
-                num_requests_waiting=sum(g.num_requests_waiting for g in gauges) + self._waiting[name],
-                kv_cache_usage_perc=max((g.kv_cache_usage_perc for g in gauges), default=0.0),
-                num_preemptions=sum(g.num_preemptions for g in gauges),
-                num_swaps_out=sum(g.num_swaps_out for g in gauges),
-                num_swaps_in=sum(g.num_swaps_in for g in gauges),
-                num_recomputations=sum(g.num_recomputations for g in gauges),
-            )
+            stats = [self._stats(r) for r in self.router.routes(name) if r.ready]
+            out[name] = EngineStats.total(stats, extra_waiting=self._waiting[name])
         return out
 
-    def _gauges(self, route: Route) -> EngineGauges:
+    def _stats(self, route: Route) -> EngineStats:
         from ember.cluster.node import EmbeddedNode
-        from ember.server.backend import engine_gauges
 
         node = self.nodes.get(route.node or "")
         if isinstance(node, EmbeddedNode):
             with contextlib.suppress(ModelNotFoundError):
-                return engine_gauges(node.engine(route.instance_id))
-        return EngineGauges(route.in_flight, 0, 0.0, 0)
+                return node.engine(route.instance_id).engine.stats()
+        return EngineStats(route.in_flight, 0, 0.0, 0, 0, 0, 0, 0, 0)
 
     async def status(self) -> dict[str, Any]:
         """What `ember status --json` prints: deployments with live instances, nodes."""

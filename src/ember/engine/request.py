@@ -214,3 +214,18 @@ class EngineStats:
     swap_bytes_out: int
     swap_bytes_in: int
     num_recomputations: int
+
+    @classmethod
+    def total(cls, stats: Sequence[EngineStats], *, extra_waiting: int = 0) -> EngineStats:
+        """Several instances' stats as one model's: counts summed, KV usage the highest."""
+        return cls(
+            num_running=sum(s.num_running for s in stats),
+            num_waiting=sum(s.num_waiting for s in stats) + extra_waiting,
+            kv_cache_usage=max((s.kv_cache_usage for s in stats), default=0.0),
+            num_preemptions=sum(s.num_preemptions for s in stats),
+            num_swaps_out=sum(s.num_swaps_out for s in stats),
+            num_swaps_in=sum(s.num_swaps_in for s in stats),
+            swap_bytes_out=sum(s.swap_bytes_out for s in stats),
+            swap_bytes_in=sum(s.swap_bytes_in for s in stats),
+            num_recomputations=sum(s.num_recomputations for s in stats),
+        )

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ember.engine.async_engine import AsyncEngine
-from ember.engine.request import EngineRequest, RequestOutput
+from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.errors import ModelNotFoundError
-from ember.server.metrics import EngineGauges
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class ModelBackend(Protocol):
         and frees its KV blocks."""
         ...
 
-    def gauges(self) -> Mapping[str, EngineGauges]: ...
+    def gauges(self) -> Mapping[str, EngineStats]: ...
 
     async def close(self) -> None: ...
 
@@ -70,22 +69,9 @@ class EmbeddedBackend:
         self.model(name)
         return self._engines[name]
 
-    def gauges(self) -> dict[str, EngineGauges]:
-        return {name: engine_gauges(e) for name, e in self._engines.items()}
+    def gauges(self) -> dict[str, EngineStats]:
+        return {name: e.engine.stats() for name, e in self._engines.items()}
 
     async def close(self) -> None:
         for e in self._engines.values():
             e.shutdown()
-
-
-def engine_gauges(e: AsyncEngine) -> EngineGauges:
-    stats = e.engine.stats()
-    return EngineGauges(
-        num_requests_running=stats.num_running,
-        num_requests_waiting=stats.num_waiting,
-        kv_cache_usage_perc=stats.kv_cache_usage,
-        num_preemptions=stats.num_preemptions,
-        num_swaps_out=stats.num_swaps_out,
-        num_swaps_in=stats.num_swaps_in,
-        num_recomputations=stats.num_recomputations,
-    )

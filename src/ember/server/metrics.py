@@ -8,13 +8,14 @@ each model's engine when /metrics is scraped, so they are never stale.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from ember.engine.request import EngineStats
 
 if TYPE_CHECKING:
     from ember.cluster.estimator import Observation
@@ -34,21 +35,8 @@ _ENGINE_COUNTERS = {
 }
 
 
-@dataclass(frozen=True)
-class EngineGauges:
-    """A snapshot of one engine's state, read at scrape time."""
-
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage_perc: float  # 0.0 - 1.0, as vLLM reports it
-    num_preemptions: int
-    num_swaps_out: int = 0
-    num_swaps_in: int = 0
-    num_recomputations: int = 0
-
-
 class _EngineCollector(Collector):
-    def __init__(self, sources: Callable[[], Mapping[str, EngineGauges]]) -> None:
+    def __init__(self, sources: Callable[[], Mapping[str, EngineStats]]) -> None:
         self._sources = sources
 
     def collect(self) -> Iterator[Metric]:
@@ -67,9 +55,9 @@ class _EngineCollector(Collector):
             for name, doc in _ENGINE_COUNTERS.items()
         }
         for model, g in snapshot.items():
-            running.add_metric([model], g.num_requests_running)
-            waiting.add_metric([model], g.num_requests_waiting)
-            usage.add_metric([model], g.kv_cache_usage_perc)
+            running.add_metric([model], g.num_running)
+            waiting.add_metric([model], g.num_waiting)
+            usage.add_metric([model], g.kv_cache_usage)
             for name, family in counters.items():
                 family.add_metric([model], getattr(g, name))
         yield from (running, waiting, usage, *counters.values())
@@ -78,7 +66,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The server's metrics registry (one per app, so tests never share state)."""
 
-    def __init__(self, engine_gauges: Callable[[], Mapping[str, EngineGauges]]) -> None:
+    def __init__(self, engine_stats: Callable[[], Mapping[str, EngineStats]]) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
 
@@ -101,7 +89,7 @@ class ServerMetrics:
             [*labels, "finished_reason"],
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(engine_gauges))
+        self.registry.register(_EngineCollector(engine_stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
