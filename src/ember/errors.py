@@ -12,6 +12,7 @@ EmberError                      base; carries an HTTP status for the server
 │   └── CheckpointExistsError   409: a checkpoint of that name is already stored
 ├── PayloadTooLargeError        413
 ├── OverloadedError             503: queue full or no instance in time (Retry-After)
+│   └── NodeFailedError         503: a node died or stopped answering; its requests move on
 ├── CheckpointError             422: a checkpoint on disk is unusable
 │   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
 │   ├── FormatVersionError      422: index written by an unknown format version
@@ -91,6 +92,16 @@ class OverloadedError(EmberError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NodeFailedError(OverloadedError):
+    """A node of the cluster died or stopped answering. The controller resumes the
+    node's requests elsewhere from their tokens; only when no node can take them does a
+    client see this error (503, retry later)."""
+
+    def __init__(self, message: str, *, node: str | None = None, retry_after_s: float = 5.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.node = node
 
 
 class CheckpointError(EmberError):
