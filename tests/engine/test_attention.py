@@ -75,3 +75,30 @@ def test_metadata_build_maps_slots_through_block_tables() -> None:
     assert meta.slot_mapping.tolist() == [5 * 4 + 3, 9 * 4, 7 * 4]
     assert meta.block_tables.dtype == torch.int32
     assert meta.num_tokens == 3
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(("context", "new"), [(9, 1), (8, 1), (6, 5)])
+def test_one_sequence_on_consecutive_blocks_reads_the_cache_in_place(
+    window: int | None, context: int, new: int
+) -> None:
+    """Batch 1 on blocks 3, 4, 5, ... (what the block manager hands out to a lone
+    sequence) takes the no-gather path; it must agree with the reference too."""
+    torch.manual_seed(1)
+    total = context + new
+    keys = torch.randn(total, KV_HEADS, DIM, dtype=torch.float64)
+    values = torch.randn(total, KV_HEADS, DIM, dtype=torch.float64)
+    query = torch.randn(new, HEADS, DIM, dtype=torch.float64)
+    cache = new_cache(12)
+    blocks = list(range(3, 3 + -(-total // BLOCK)))
+    for p in range(context):
+        if p % BLOCK == 0:
+            cache[blocks[p // BLOCK]] = 0
+        cache[blocks[p // BLOCK], p % BLOCK, 0] = keys[p]
+        cache[blocks[p // BLOCK], p % BLOCK, 1] = values[p]
+    meta = AttentionMetadata.build([new], [context], [blocks], BLOCK)
+    plan = AttentionPlan.build(meta, BLOCK, HEADS // KV_HEADS, [window], torch.device("cpu"), 12)
+    assert plan.groups[0].block_run == (3, total)
+    out = paged_attention(query, keys[context:], values[context:], cache, plan, window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, reference(query, keys, values, window))

@@ -71,6 +71,9 @@ class _Group:
     q_len: int
     token_index: Tensor | None  # [seqs * q_len] rows of the batch (None: every row, in order)
     block_table: Tensor | None  # [seqs, blocks] int64; None when nothing is cached: keys = new tokens
+    # (first block, key count) when the group is one sequence whose blocks are consecutive
+    # ids (the usual case at batch 1): its keys are then a view of the cache, not a gather
+    block_run: tuple[int, int] | None = None
     # window -> [seqs, 1, rows, keys] bool; none for a plain causal prefill (nothing cached, no window)
     masks: dict[int | None, Tensor] = field(default_factory=dict)
 
@@ -123,6 +126,8 @@ class AttentionPlan:
                 table = sel[:, :blocks]
                 key_len = blocks * block_size
             group = _Group(len(seqs), q_len, index, table)
+            if table is not None and len(seqs) == 1:
+                group.block_run = _run(meta.block_tables[seqs[0], : table.shape[1]].tolist(), ctx[0] + q_len)
             ctx_t = torch.tensor(ctx, dtype=torch.int64, device=device)
             for window in set(windows):
                 if table is not None or window is not None:  # else plain causal: no mask
@@ -136,6 +141,12 @@ class AttentionPlan:
         ):
             fresh = slots[slots % block_size == 0] // block_size
         return cls(slots, total, groups, fresh)
+
+
+def _run(blocks: list[int], keys: int) -> tuple[int, int] | None:
+    """(first block, keys) when `blocks` are consecutive ids, else None."""
+    first = blocks[0]
+    return (first, keys) if blocks == list(range(first, first + len(blocks))) else None
 
 
 def _mask(ctx: Tensor, q_len: int, key_len: int, gqa_group: int, window: int | None) -> Tensor:
@@ -197,6 +208,14 @@ def _group_attention(
     if group.block_table is None:
         keys = k.view(n, q_len, kv_heads, dim).transpose(1, 2)
         values = v.view(n, q_len, kv_heads, dim).transpose(1, 2)
+    elif group.block_run is not None:
+        first, length = group.block_run
+        blocks = group.block_table.shape[1]
+        both = cache[first : first + blocks].view(1, -1, 2, kv_heads, dim)
+        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
+        if q_len == 1 and window is None:
+            # one decoding token sees every cached key: no mask, only the written ones
+            keys, values, mask = keys[:, :, :length], values[:, :, :length], None
     else:
         length = group.block_table.shape[1] * cache.shape[1]
         both = cache.index_select(0, group.block_table.reshape(-1)).view(n, length, 2, kv_heads, dim)

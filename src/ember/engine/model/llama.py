@@ -78,11 +78,13 @@ class LlamaLayer(nn.Module):
         nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.qkv is not None:
             qkv = self.qkv(h, cols)  # [T, nq + 2 nkv]
-            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
+            # q and k side by side: one rotation for both, [T, heads + kv_heads, d]
+            qk = apply_rotary(qkv[:, : nq + nkv].view(t, -1, self.head_dim), cos, sin)
+            q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, nq + nkv :]
         else:
-            q, k, v = self.q(h, cols), self.k(h, cols), self.v(h, cols)
-        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+            q = apply_rotary(self.q(h, cols).view(t, self.heads, self.head_dim), cos, sin)
+            k = apply_rotary(self.k(h, cols).view(t, self.kv_heads, self.head_dim), cos, sin)
+            v = self.v(h, cols)
         a = paged_attention(q, k, v.reshape(t, self.kv_heads, self.head_dim), cache, plan, self.window)
         x = x + self.o(a)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
