@@ -33,7 +33,7 @@ def test_bench_sched_reports_every_policy(tiny_llama: tuple[Path, Any], tmp_path
     out_json, out_png = tmp_path / "r.json", tmp_path / "cdf.png"
     args = ["sched", "--model", str(tiny_llama[0]), "--trace", str(trace), "--num-requests", "3",
             "--length-scale", "0.5", "--policies", "fcfs,mlfq,srpt", "--kv-budget", str(12 * 16 * 1024),
-            "--json", str(out_json), "--plot", str(out_png)]  # fmt: skip
+            "--swap-bytes", str(4 * 16 * 1024), "--json", str(out_json), "--plot", str(out_png)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out_json.read_text())
@@ -41,6 +41,7 @@ def test_bench_sched_reports_every_policy(tiny_llama: tuple[Path, Any], tmp_path
     w = report["workload"]
     assert w["requests"] == 3 and w["measured_capacity_req_s"] > 0 and w["rate_scale"] > 0
     assert w["engine"]["kv_cache_bytes"] == 12 * 16 * 1024
+    assert w["engine"]["swap_bytes"] == 4 * 16 * 1024
     assert set(report["policies"]) == {"fcfs", "mlfq", "srpt"}
     for r in report["policies"].values():
         assert set(r) == FIELDS

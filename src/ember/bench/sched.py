@@ -162,6 +162,7 @@ class SchedBenchConfig:
     policies: tuple[str, ...] = ("fcfs", "mlfq", "srpt")
     swap: str | None = None  # None: the engine's default
     kv_budget: int | None = None
+    swap_bytes: int | None = None  # None: the engine's default (as large as the KV budget)
     engine_options: Mapping[str, Any] | None = None  # more EngineConfig fields
 
 
@@ -184,6 +185,8 @@ def run_sched_bench(cfg: SchedBenchConfig, *, progress: Progress | None = None) 
         options["swap"] = cfg.swap
     if cfg.kv_budget is not None:
         options["kv_cache_bytes"] = cfg.kv_budget
+    if cfg.swap_bytes is not None:
+        options["swap_bytes"] = cfg.swap_bytes
     base = EngineConfig(**options)
     weights = load_tensors(checkpoint, device=base.torch_device)
 

@@ -42,6 +42,9 @@ def sched_command(
         str | None, typer.Option(help="proactive, reactive or off (default: the engine's).")
     ] = None,
     kv_budget: Annotated[int | None, typer.Option(help="KV cache bytes (default: the engine's).")] = None,
+    swap_bytes: Annotated[
+        int | None, typer.Option(help="Host swap space bytes (default: the engine's: the KV budget).")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the CDF of completion time (PNG) here.")] = None,
 ) -> None:
@@ -62,6 +65,7 @@ def sched_command(
         policies=names,
         swap=swap,
         kv_budget=kv_budget,
+        swap_bytes=swap_bytes,
     )
     report = run_sched_bench(cfg)
     jcts = report.pop("_jcts")
