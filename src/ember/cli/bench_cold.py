@@ -90,21 +90,14 @@ def _print(report: ColdReport) -> None:
     for m in data["models"]:
         base = next(r for r in m["rows"] if r["tier"] == "transformers")["overhead_s"]
         for r in m["rows"]:
-            rows.append(
-                [
-                    f"{m['model']} ({human_bytes(m['nbytes'])}, {m['dtype']})",
-                    r["tier"],
-                    f"{r['cold_ttft_s']:.3f}",
-                    f"{r['warm_ttft_s']:.3f}",
-                    f"{r['overhead_s']:.3f}",
-                    f"{r['load_s']:.3f}",
-                    f"{r['overhead_s'] / base:.3f}" if base > 0 else "-",
-                ]
-            )
+            ratio = f"{r['overhead_s'] / base:.3f}" if base > 0 else "-"
+            rows.append([m["model"], r["tier"], f"{r['cold_ttft_s']:.3f}", f"{r['warm_ttft_s']:.3f}",
+                         f"{r['overhead_s']:.3f}", f"{r['load_s']:.3f}", ratio])  # fmt: skip
+    sizes = ", ".join(f"{m['model']} {human_bytes(m['nbytes'])} {m['dtype']}" for m in data["models"])
     print_table(
-        f"cold start over HTTP (medians of {report.config.repeats}; TTFT of {report.config.max_tokens}-token "
-        "streaming chat completions)",
-        ["model", "start from", "cold TTFT s", "warm TTFT s", "overhead s", "load s", "/ transformers"],
+        f"cold start over HTTP: {sizes}; medians of {report.config.repeats}, "
+        f"{report.config.max_tokens}-token streaming chat completions (seconds)",
+        ["model", "from", "cold TTFT", "warm TTFT", "overhead", "load", "/ baseline"],
         rows,
     )
     print_table(
@@ -116,5 +109,9 @@ def _print(report: ColdReport) -> None:
         ],
     )
     out = console()
+    out.print(
+        "overhead = cold TTFT - warm TTFT; load s = instance start-up (Ember) or "
+        "tokenizer + from_pretrained (transformers, whose cold TTFT adds its first token)"
+    )
     for note in report.notes:
         out.print(f"note: {note}")
