@@ -76,7 +76,9 @@ def transformers_cold_start(
     """Drop the copy's pages from the page cache, load tokenizer and model in this
     process, and generate `max_tokens` greedy tokens for `messages`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its bars would interleave with the benchmark's table
     evict_page_cache(copy.files())
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(copy.path)
