@@ -10,14 +10,16 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ember.bench.cold import BenchModel, ColdBenchConfig, ColdReport
 from ember.cli.output import console, human_bytes, print_table, stage_progress
 from ember.errors import InvalidRequestError
 from ember.store.format import MODEL_DIR
+
+if TYPE_CHECKING:  # the benchmark imports torch and the server: only when it runs
+    from ember.bench.cold import BenchModel, ColdReport
 
 SMOLLM2 = "smollm2"
 RANDOM_LLAMA = "random-llama"
@@ -26,6 +28,7 @@ RANDOM_LLAMA = "random-llama"
 def _models(names: list[str], scratch: Path, random_size: str) -> list[BenchModel]:
     """Checkpoints for the names: smollm2 (imported into the store if missing), a
     random-weight Llama with SmolLM2's tokenizer, or a store name / directory."""
+    from ember.bench.cold import BenchModel
     from ember.bench.random_llama import make_random_llama, parse_size
     from ember.store.importer import ensure_default_model
     from ember.store.local import LocalStore
@@ -64,7 +67,7 @@ def cold_command(
     with the weights in the node's DRAM pool, on its disk (page cache dropped) or in a
     registry over loopback HTTP, side by side with transformers' from_pretrained from
     safetensors in the running process."""
-    from ember.bench.cold import run_cold_bench
+    from ember.bench.cold import ColdBenchConfig, run_cold_bench
     from ember.env import ember_home
 
     names = [n.strip() for n in models.split(",") if n.strip()]
