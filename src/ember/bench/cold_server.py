@@ -105,6 +105,8 @@ class ColdServer:
                     self._serving.result(timeout=30)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
+            if not self._thread.is_alive():
+                self._loop.close()
             self._sock.close()
             self.http.close()
             self.registry.close()
