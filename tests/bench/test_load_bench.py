@@ -135,3 +135,15 @@ def test_dram_pool_hit_uses_the_pool_when_it_exists(tmp_path: Path) -> None:
     assert report.dram_pool == "DramPool"
     hit = report.find("dram pool hit", "dram")
     assert hit is not None and hit.gbps > 0
+
+
+def test_random_llama_can_carry_a_tokenizer_of_another_vocabulary(tmp_path: Path) -> None:
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"model": {}}')
+    ckpt = make_random_llama(
+        tmp_path / "ck", 6 * 10**6, vocab=1000, files={"model/tokenizer.json": tokenizer}
+    )
+    assert (ckpt / "model" / "tokenizer.json").read_text() == '{"model": {}}'
+    config = json.loads((ckpt / "model" / "config.json").read_text())
+    assert config["vocab_size"] == 1000
+    assert load_tensors(ckpt)["model.embed_tokens.weight"].shape[0] == 1000

@@ -101,7 +101,7 @@ class LoadBenchReport:
         }
 
 
-def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unique_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Own-storage copies, one per distinct tensor (tied names kept once), as a
     safetensors or torch.save file of the same weights would hold them."""
     seen: set[tuple[object, ...]] = set()
@@ -141,7 +141,7 @@ def _methods(
 ) -> tuple[list[Method], str, int]:
     index = read_index(ckpt)
     total = index.total_bytes
-    tensors = _unique(load_tensors(ckpt, io="buffered"))
+    tensors = unique_tensors(load_tensors(ckpt, io="buffered"))
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     from safetensors.torch import load_file, save_file
 

@@ -3,8 +3,10 @@ count of real Llama-family models, for load benchmarks without downloads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +68,15 @@ LADDER = (
 MIN_LAYERS = 8
 
 
-def plan_llama(nbytes: int, itemsize: int) -> tuple[LlamaShape, int]:
+def plan_llama(nbytes: int, itemsize: int, vocab: int | None = None) -> tuple[LlamaShape, int]:
     """The largest ladder shape with room for MIN_LAYERS layers (real models are
     deep, not one giant layer), and the layer count that brings the checkpoint
-    closest to `nbytes`."""
+    closest to `nbytes`. `vocab` replaces the ladder's vocabulary size (to match
+    a tokenizer shipped with the checkpoint)."""
     params = nbytes // itemsize
-    shape = LADDER[0]
-    for s in LADDER:
+    ladder = LADDER if vocab is None else tuple(dataclasses.replace(s, vocab=vocab) for s in LADDER)
+    shape = ladder[0]
+    for s in ladder:
         if s.fixed_params() + MIN_LAYERS * s.layer_params() <= params:
             shape = s
     layers = max(1, round((params - shape.fixed_params()) / shape.layer_params()))
@@ -109,14 +113,24 @@ def random_llama_tensors(
     return tensors
 
 
-def make_random_llama(dest: Path, nbytes: int, *, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write a random-weight Llama checkpoint of about `nbytes` at `dest`."""
+def make_random_llama(
+    dest: Path,
+    nbytes: int,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    vocab: int | None = None,
+    files: Mapping[str, bytes | Path] | None = None,
+) -> Path:
+    """Write a random-weight Llama checkpoint of about `nbytes` at `dest`. `files`
+    adds checkpoint files (e.g. "model/tokenizer.json"); `vocab` sizes the
+    embeddings for that tokenizer."""
     if dtype not in ("bfloat16", "float32"):
         raise InvalidRequestError(
             f"random Llama dtype must be bfloat16 or float32, not {dtype!r}", param="dtype"
         )
     torch_dtype = getattr(torch, dtype)
-    shape, layers = plan_llama(nbytes, torch_dtype.itemsize)
+    shape, layers = plan_llama(nbytes, torch_dtype.itemsize, vocab)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -136,7 +150,9 @@ def make_random_llama(dest: Path, nbytes: int, *, dtype: str = "bfloat16", seed:
         "dtype": dtype,
         "source": "random-llama",
     }
-    save_tensors(
-        tensors, dest, metadata=metadata, files={"model/config.json": json.dumps(config, indent=2).encode()}
-    )
+    extra: dict[str, bytes | Path] = {
+        **(files or {}),
+        "model/config.json": json.dumps(config, indent=2).encode(),
+    }
+    save_tensors(tensors, dest, metadata=metadata, files=extra)
     return dest

@@ -16,11 +16,13 @@ bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 
 
 def _register() -> None:
+    from ember.cli.bench_cold import cold_command
     from ember.cli.bench_engine import engine_command
     from ember.cli.bench_sched import sched_command
 
     bench_app.command("sched")(sched_command)
     bench_app.command("engine")(engine_command)
+    bench_app.command("cold")(cold_command)
 
 
 @bench_app.command("load")
