@@ -164,17 +164,28 @@ def test_a_higher_job_takes_blocks_from_the_lowest_by_swapping_them_out() -> Non
     assert ran(iterate(s, clock)) == ["low"] and kv.num_swaps_in == 1 and s.num_recomputations == 0
 
 
-def test_without_host_room_the_lowest_job_is_recomputed() -> None:
+def test_without_host_room_a_growing_job_sends_the_lowest_to_recomputation() -> None:
+    for swap, host in (("off", 16), ("proactive", 0)):
+        s, kv, clock = make(num_blocks=6, host_blocks=host, seqs=2, swap=swap)
+        top, low = seq("top", 8), seq("low", 15)
+        s.add(top)
+        s.add(low)
+        iterate(s, clock)  # top: 9 tokens, 2 blocks; low: 16 tokens, 4 blocks; none free
+        out = iterate(s, clock)  # top's tenth token needs a third block
+        assert ran(out) == ["top"] and out.preempted == ["low"] and low.num_computed_tokens == 0
+        assert s.num_recomputations == 1 and kv.num_swaps_out == 0
+
+
+def test_without_host_room_a_newcomer_waits_rather_than_drop_a_cache() -> None:
     for swap, host in (("off", 16), ("proactive", 0)):
         s, kv, clock = make(num_blocks=6, host_blocks=host, seqs=1, swap=swap)
         low = seq("low", 16)
         s.add(low)
         iterate(s, clock)
         iterate(s, clock)  # 17 tokens in 5 blocks
-        s.add(seq("high", 8))
+        s.add(seq("high", 8))  # 2 blocks, 1 free: only recomputing low would make room
         out = iterate(s, clock)
-        assert out.preempted == ["low"] and low.num_computed_tokens == 0
-        assert s.num_recomputations == 1 and kv.num_swaps_out == 0
+        assert ran(out) == ["low"] and not out.preempted and s.num_recomputations == 0
 
 
 def test_a_job_that_cannot_fit_evicts_nobody_and_lower_jobs_still_run() -> None:

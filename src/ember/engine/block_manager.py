@@ -33,6 +33,11 @@ class SwapKVAllocator(KVAllocator, Protocol):
     @property
     def num_free_blocks(self) -> int: ...
 
+    @property
+    def host_free_blocks(self) -> int:
+        """Blocks of host swap space still free."""
+        ...
+
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Device blocks the sequence lacks to hold num_tokens (all of them if swapped out)."""
         ...

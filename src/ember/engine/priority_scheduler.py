@@ -5,13 +5,16 @@ down while it has sequence slots, token budget and KV room. A job that is not pi
 keeps its KV cache where it is, so it resumes without recomputation. When a picked
 job needs blocks that are not free, jobs ranked below it give theirs up, the lowest
 first (their next run is the furthest away): swapped out to host memory when the
-swap space has room, recomputed later otherwise.
+swap space has room. Only a job already running on the device that must grow may
+send a victim to recomputation (when host memory is full); a job without a device
+cache waits rather than make another job recompute.
 
 Swap modes: "proactive" also keeps a reserve of free blocks for new arrivals by
 swapping out the lowest-ranked jobs before an allocation fails, and swaps back in
 the swapped jobs ranked to run next while blocks beyond the reserve are free, so
 their copy overlaps the current iteration. "reactive" swaps only when an allocation
-fails; "off" always recomputes.
+fails; "off" never swaps (vLLM's behaviour: recompute a victim only so that a
+running job can grow).
 """
 
 from __future__ import annotations
@@ -147,21 +150,38 @@ class PriorityScheduler(Scheduler):
         out: SchedulerOutput,
     ) -> bool:
         """Free device blocks for `seq` to hold `target` tokens, taking them from the
-        lowest-ranked jobs below it; False (and nothing evicted) if that cannot suffice."""
-        need = self.kv.blocks_needed(seq.request_id, target) - self.kv.num_free_blocks
+        lowest-ranked jobs below it; False (and nothing evicted) if that cannot suffice.
+
+        A job with no KV cache on the device (new, waiting to be recomputed, or coming
+        back from host memory) may push others out only into host memory: dropping a
+        cache to admit a job costs a recomputation, more than the newcomer gains by not
+        waiting (vLLM never preempts for an admission either). A job running on the
+        device that must grow by a block may also send victims to recomputation when
+        host memory is full, or the batch could deadlock."""
+        seq_id = seq.request_id
+        need = self.kv.blocks_needed(seq_id, target) - self.kv.num_free_blocks
         if need <= 0:
             return True
-        victims = [
-            v
-            for v in reversed(order[rank[seq.request_id] + 1 :])
-            if v.request_id not in chosen and self.kv.num_device_blocks(v.request_id) > 0
-        ]
-        if sum(self.kv.num_device_blocks(v.request_id) for v in victims) < need:
+        admitting = self.kv.num_device_blocks(seq_id) == 0
+        host = self.kv.host_free_blocks if self.swap != "off" else 0
+        victims: list[Sequence] = []
+        freed = 0
+        for victim in reversed(order[rank[seq_id] + 1 :]):
+            if freed >= need:
+                break
+            held = self.kv.num_device_blocks(victim.request_id)
+            if victim.request_id in chosen or held == 0:
+                continue
+            if held <= host:
+                host -= held
+            elif admitting:
+                continue
+            victims.append(victim)
+            freed += held
+        if freed < need:
             return False
         for victim in victims:
-            if self.kv.blocks_needed(seq.request_id, target) <= self.kv.num_free_blocks:
-                break
-            self._evict(victim, out, allow_recompute=True)
+            self._evict(victim, out, allow_recompute=not admitting)
         return True
 
     def _evict(self, victim: Sequence, out: SchedulerOutput, *, allow_recompute: bool) -> bool:
