@@ -5,6 +5,7 @@ Each gives a `SourceModel`: tensors, config, tokenizer, generation config."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +115,12 @@ def read_gguf(src: Path, progress: ImportProgress = _no_progress) -> SourceModel
     """A GGUF file dequantised to float32 by transformers. The model it loads refuses
     save_pretrained, so its state dict is taken instead; tied embeddings stay one tensor."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as transformers_logging
 
     progress("read", 0, 0)
     where, fname = str(src.parent), src.name
+    if not sys.stderr.isatty():  # transformers' own bars would fill a log with carriage returns
+        transformers_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, gguf_file=fname, dtype=torch.float32, local_files_only=True
