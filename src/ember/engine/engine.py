@@ -34,7 +34,6 @@ from ember.engine.swapper import KVSwapper
 from ember.engine.validation import validate_request
 from ember.errors import InvalidRequestError
 
-
 PARK_TTL_S = 60.0  # a parked sequence nobody took over by then is freed
 
 
