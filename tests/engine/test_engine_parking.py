@@ -46,7 +46,8 @@ def test_a_request_moved_in_rounds_onto_parked_caches_continues_exactly(
         dest.add_request(EngineRequest.make(rid, prompt, params, output_token_ids=streamed[rid], park=True))
     drain_parking(dest)
     parked = dict(dest.take_parked())
-    assert parked == {rid: len(p) + len(streamed[rid]) for rid, p in zip(("r0", "r1", "r2"), PROMPTS, strict=True)}
+    ids = ("r0", "r1", "r2")
+    assert parked == {rid: len(p) + len(streamed[rid]) for rid, p in zip(ids, PROMPTS, strict=True)}
     for out in source.step() + source.step():  # the source went on meanwhile
         streamed[out.request_id] += out.outputs[0].token_ids
     for rid, prompt in zip(("r0", "r1", "r2"), PROMPTS, strict=True):  # round 2: only the new tokens
