@@ -234,9 +234,10 @@ class Controller:
     async def detach(self, relay: Relay, route: Route) -> None:
         await self.instances.detach(relay, route)
 
-    async def failover(self, relay: Relay, failed: Route, error: BaseException) -> Route:
-        if isinstance(error, NodeFailedError):
-            self.instances.mark_down(error.node or failed.node or "", error)
+    def node_failed(self, route: Route, error: NodeFailedError) -> None:
+        self.instances.mark_down(error.node or route.node or "", error)
+
+    async def failover(self, relay: Relay, failed: Route, error: NodeFailedError) -> Route:
         try:
             route = await self._route(failed.deployment)
         except Exception as e:

@@ -72,6 +72,7 @@ class Instances:
         self.tasks: set[asyncio.Task[None]] = set()
         self._sizes: dict[str, int] = {}
         self._migrating: set[str] = set()
+        self._sources: dict[str, Route] = {}  # a migration's destination instance id -> its source
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -112,6 +113,9 @@ class Instances:
         for route in self.router.on_node(node_id):
             self.state.set_instance_state(route.instance_id, "dead")
             self.router.remove(route.instance_id)
+            source = self._sources.pop(route.instance_id, None)
+            if source is not None:  # a migration's destination died: its source serves on
+                source.draining = False
             for relay in list(self.relays.get(route.instance_id, ())):
                 relay.interrupt(failure)
         self.spawn(self.notify())
@@ -259,25 +263,35 @@ class Instances:
         self.router.drain(instance_id)  # no new requests: they go to the destination
         dest = self.router.add(uuid.uuid4().hex[:12], dep.name)
         dest.node = to_node
+        self._sources[dest.instance_id] = src
+        try:
+            return await self._move_to(dep, src, dest)
+        finally:
+            self._sources.pop(dest.instance_id, None)
+            await self.notify()
+
+    async def _move_to(self, dep: Deployment, src: Route, dest: Route) -> MigrationReport | None:
+        to_node = dest.node
+        assert to_node is not None
         if await self.start(dep, dest) is None:
             src.draining = False
-            await self.notify()
             return None
-        relays = [r for r in self.relays.get(instance_id, ()) if r.active]
+        relays = [r for r in self.relays.get(src.instance_id, ()) if r.active]
         migration = LiveMigration(
             self.node(src.node), self.nodes[to_node], dest, self.cost, self.config.migration
         )
         report = await migration.move(relays)
+        if report.dest_error is not None:
+            self.mark_down(to_node, report.dest_error)
         self.events.migrated(dep.name, report.moved, report.stayed)
         log.info(
             "migrated instance %s of %s from %s to %s: %d moved, %d stayed, %d finished first",
-            instance_id, dep.name, src.node, to_node, report.moved, report.stayed, report.finished,
+            src.instance_id, dep.name, src.node, to_node, report.moved, report.stayed, report.finished,
         )  # fmt: skip
         if self.router.get(dest.instance_id) is dest:
             self.spawn(self.stop(src))  # once its last requests are done
         else:  # the destination died: the source stays
             src.draining = False
-        await self.notify()
         return report
 
     # -- stopping ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ember.cluster.migration_cost import MigrationCost
 from ember.cluster.relay import Relay
 from ember.cluster.router import Route
 from ember.cluster.runtime import NodeRuntime
+from ember.errors import NodeFailedError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class MigrationReport:
     moved: int  # requests now served by the destination
     stayed: int  # requests left on the source (the destination failed)
     finished: int  # requests that ended before their hand-over
+    dest_error: NodeFailedError | None = None  # the destination's node failed
 
     @property
     def complete(self) -> bool:
@@ -72,11 +74,15 @@ class LiveMigration:
         self.cost = cost
         self.config = config or MigrationConfig()
         self.clock = clock
+        self._dest_error: NodeFailedError | None = None
 
     async def move(self, relays: Sequence[Relay]) -> MigrationReport:
         """Move every relay; each one's outcome is independent of the others'."""
+        self._dest_error = None
         outcomes = await asyncio.gather(*(self._move(r) for r in relays))
-        return MigrationReport(outcomes.count("moved"), outcomes.count("stayed"), outcomes.count("finished"))
+        return MigrationReport(
+            outcomes.count("moved"), outcomes.count("stayed"), outcomes.count("finished"), self._dest_error
+        )
 
     async def _move(self, relay: Relay) -> Outcome:
         cfg = self.config
@@ -89,9 +95,7 @@ class LiveMigration:
                 if parked and tokens - parked <= cfg.gap_tokens:
                     break
                 start = self.clock()
-                await asyncio.wait_for(
-                    self.dest_node.prewarm(self.dest.instance_id, relay.park_request()), cfg.timeout_s
-                )
+                await self._prewarm(relay)
                 self.cost.observe(tokens - parked, self.clock() - start)
                 parked = tokens
             if not relay.active:
@@ -105,3 +109,15 @@ class LiveMigration:
         with contextlib.suppress(Exception):  # free its parked cache, if the destination still lives
             await asyncio.wait_for(self.dest_node.abort(self.dest.instance_id, relay.request_id), 5.0)
         return outcome
+
+    async def _prewarm(self, relay: Relay) -> None:
+        request = relay.park_request()
+        try:
+            await asyncio.wait_for(
+                self.dest_node.prewarm(self.dest.instance_id, request), self.config.timeout_s
+            )
+        except (NodeFailedError, TimeoutError) as e:  # the destination's node died or hangs
+            if self._dest_error is None:
+                message = f"node {self.dest.node} failed during a migration: {e or 'timed out'}"
+                self._dest_error = e if isinstance(e, NodeFailedError) else NodeFailedError(message)
+            raise

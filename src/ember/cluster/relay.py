@@ -50,9 +50,13 @@ class RelayHost(Protocol):
         """The relay left `route`."""
         ...
 
-    async def failover(self, relay: Relay, failed: Route, error: BaseException) -> Route:
-        """Another instance of the deployment for a request whose instance failed (its
-        node marked down if the error says so); NodeFailedError if none can take it."""
+    def node_failed(self, route: Route, error: NodeFailedError) -> None:
+        """The node of `route` failed while serving a relay: mark it down."""
+        ...
+
+    async def failover(self, relay: Relay, failed: Route, error: NodeFailedError) -> Route:
+        """Another instance of the deployment for a request whose instance failed;
+        NodeFailedError if none can take it."""
         ...
 
 
@@ -225,6 +229,8 @@ class Relay:
         """After the instance serving the relay failed: the request resumed on the source
         of a hand-over that has not streamed yet, else on another instance."""
         self._settle(False)
+        if isinstance(error, NodeFailedError | _StreamBroken):
+            self.host.node_failed(failed, _as_node_failure(error, failed))
         if fallback is not None:
             source, snapshot = fallback
             log.warning("destination of %s failed (%s); back to its source", self.request_id, error)
@@ -234,7 +240,7 @@ class Relay:
                 return self._resumed(snapshot)
         log.warning("request %s: its instance on %s failed (%s); resuming elsewhere", self.request_id,
                     failed.node, error)  # fmt: skip
-        await self._move(await self.host.failover(self, failed, error))
+        await self._move(await self.host.failover(self, failed, _as_node_failure(error, failed)))
         return self._resumed()
 
     async def _move(self, route: Route) -> None:
