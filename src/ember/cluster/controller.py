@@ -166,8 +166,10 @@ class Controller:
         return list(self._deps.values())
 
     async def _adopt(self, dep: Deployment) -> None:
-        node = next(n for n in self.nodes.values() if n.node_id not in self.instances.down)
-        files = await node.model_files(dep.model)
+        live = [n for n in self.nodes.values() if n.node_id not in self.instances.down]
+        if not live:
+            raise NodeFailedError("every node of the cluster is down")
+        files = await live[0].model_files(dep.model)
         model_dir = await asyncio.to_thread(write_model_dir, self.model_root, dep.model, files)
         old = self._info.get(dep.name)
         created = old.created if old is not None else int(time.time())

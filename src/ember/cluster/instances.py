@@ -278,7 +278,7 @@ class Instances:
             return None
         relays = [r for r in self.relays.get(src.instance_id, ()) if r.active]
         migration = LiveMigration(
-            self.node(src.node), self.nodes[to_node], dest, self.cost, self.config.migration
+            self.node(src.node), src, self.nodes[to_node], dest, self.cost, self.config.migration
         )
         report = await migration.move(relays)
         if report.dest_error is not None:

@@ -56,11 +56,13 @@ class MigrationReport:
 
 
 class LiveMigration:
-    """Moves relays from `source` to the instance `dest` (on `dest_node`)."""
+    """Moves relays from the instance `source_route` (on node `source`) to the instance
+    `dest` (on node `dest_node`)."""
 
     def __init__(
         self,
         source: NodeRuntime,
+        source_route: Route,
         dest_node: NodeRuntime,
         dest: Route,
         cost: MigrationCost,
@@ -69,6 +71,7 @@ class LiveMigration:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.source = source
+        self.source_route = source_route
         self.dest_node = dest_node
         self.dest = dest
         self.cost = cost
@@ -100,7 +103,7 @@ class LiveMigration:
                 parked = tokens
             if not relay.active:
                 return "finished"
-            if await relay.hand_over(self.source, self.dest, cfg.timeout_s):
+            if await relay.hand_over(self.source, self.source_route, self.dest, cfg.timeout_s):
                 return "moved"
             outcome: Outcome = "stayed" if relay.active else "finished"
         except Exception as e:

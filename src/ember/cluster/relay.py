@@ -120,16 +120,17 @@ class Relay:
                         yield delta
                         if delta.finished:
                             return
+                    # the source stopped the request for a hand-over: continue on the destination
+                    request, fallback = await self._take_handover()
                 except Exception as e:
                     failures += 1
                     node_failed = isinstance(e, NodeFailedError | _StreamBroken)
-                    if failures > MAX_FAILOVERS or not (node_failed or fallback is not None):
-                        raise (_as_node_failure(e, route) if node_failed else e) from e
+                    if not (node_failed or fallback is not None):
+                        raise
+                    if failures > MAX_FAILOVERS:
+                        raise _as_node_failure(e, route) from e
                     request = await self._recover(route, e, fallback)
                     fallback = None
-                    continue
-                # the source stopped the request for a hand-over: continue on the destination
-                request, fallback = await self._take_handover()
         finally:
             self.active = False
             self._settle(False)
@@ -189,20 +190,23 @@ class Relay:
 
     # -- moving ------------------------------------------------------------------------
 
-    async def hand_over(self, source: NodeRuntime, dest: Route, wait_s: float) -> bool:
-        """Stop the request on its instance (`source` runs it) and continue it on `dest`,
-        where its tokens were parked. True once `dest` streamed; False if the request
-        ended first or the relay went back to the source. Waits at most `wait_s` for
-        the destination's first token (then True: it is not known to have failed)."""
-        if not self.active or self._handover is not None:
+    async def hand_over(self, source: NodeRuntime, route: Route, dest: Route, wait_s: float) -> bool:
+        """Stop the request on `route` (on node `source`) and continue it on `dest`, where
+        its tokens were parked. True once `dest` streamed; False if the request ended
+        first, was no longer on `route`, or went back there because `dest` failed. Waits
+        at most `wait_s` for the destination's first token (then True: not known failed)."""
+        if not self.active or self._handover is not None or self.route is not route:
             return False
         loop = asyncio.get_running_loop()
         handover = _Handover(dest, loop.create_future(), loop.create_future())
         self._handover = handover
         try:
-            snapshot = await source.abort(self.route.instance_id, self.request_id)
-        except BaseException:
+            snapshot = await source.abort(route.instance_id, self.request_id)
+        except BaseException as e:
             self._handover = None
+            if not handover.snapshot.done():  # a relay waiting for it fails over instead
+                handover.snapshot.set_exception(_as_node_failure(e, route))
+                handover.snapshot.exception()
             raise
         if snapshot is None:  # it finished (or failed) before the stop
             self._handover = None
