@@ -16,9 +16,13 @@ import pytest
 from ember.cluster.controller import Controller
 from ember.cluster.estimator import Observation, StartupEstimate, StartupTimeEstimator
 from ember.cluster.messages import InstanceInfo, NodeStatus
+from ember.cluster.migration import LiveMigration, MigrationConfig
+from ember.cluster.migration_cost import MigrationCost
 from ember.cluster.node import EmbeddedNode
+from ember.cluster.router import Route
 from ember.cluster.state import Deployment
 from ember.engine.request import EngineRequest, SamplingParams
+from ember.errors import NodeFailedError
 from tests.cluster.conftest import make_controller, make_nodes, run
 from tests.cluster.fakes import FakeClock, FlakyNode
 
@@ -188,5 +192,75 @@ def test_a_destination_failing_mid_migration_leaves_the_requests_on_their_source
         assert (after["id"], after["state"]) == (source_id, "ready")  # serving, not draining
         assert [n["id"] for n in status["nodes"]] == [inst["node"]]  # the destination is down
         await c.close()
+
+    run(main)
+
+
+class RoundsRelay:
+    """A relay whose source generated `growth[i]` tokens during round i."""
+
+    def __init__(self, growth: list[int]) -> None:
+        self.request_id = "r"
+        self.active = True
+        self.remaining = 1000
+        self.num_tokens = 100
+        self.growth = growth
+        self.handed_over = False
+
+    def park_request(self) -> EngineRequest:
+        tokens = self.num_tokens
+        self.num_tokens += self.growth.pop(0) if self.growth else 0
+        return EngineRequest.make("r", list(range(tokens)), GREEDY)
+
+    async def hand_over(self, source: Any, route: Any, dest: Any, wait_s: float) -> bool:
+        self.handed_over = True
+        return True
+
+
+class ParkingNode:
+    node_id = "dest"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.parked: list[int] = []
+        self.aborted: list[str] = []
+        self.fail = fail
+
+    async def prewarm(self, instance_id: str, request: EngineRequest) -> int:
+        if self.fail:
+            raise NodeFailedError("gone", node="dest")
+        self.parked.append(len(request.prompt_token_ids))
+        return self.parked[-1]
+
+    async def abort(self, instance_id: str, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def _migration(dest: ParkingNode, cost: MigrationCost) -> LiveMigration:
+    src, to = Route("src", "tiny", "node0"), Route("dst", "tiny", "dest")
+    return LiveMigration(None, src, dest, to, cost, MigrationConfig(max_rounds=4, gap_tokens=2))  # type: ignore[arg-type]
+
+
+def test_rounds_go_on_until_the_gap_is_small_or_the_round_limit() -> None:
+    async def main() -> None:
+        cost = MigrationCost()
+        closing, dest = RoundsRelay([20, 5, 1]), ParkingNode()
+        report = await _migration(dest, cost).move([closing])  # type: ignore[list-item]
+        assert dest.parked == [100, 120, 125] and closing.handed_over  # then a gap of 1: hand over
+        assert (report.moved, report.stayed) == (1, 0)
+        assert len(cost._samples) == 3 and [t for t, _ in cost._samples] == [100, 20, 5]
+        steady, dest = RoundsRelay([30] * 10), ParkingNode()
+        await _migration(dest, MigrationCost()).move([steady])  # type: ignore[list-item]
+        assert len(dest.parked) == 4 and steady.handed_over  # never closes: 4 rounds, then over
+
+    run(main)
+
+
+def test_a_destination_failing_in_the_rounds_is_reported_and_nothing_is_handed_over() -> None:
+    async def main() -> None:
+        relay, dest = RoundsRelay([5]), ParkingNode(fail=True)
+        report = await _migration(dest, MigrationCost()).move([relay])  # type: ignore[list-item]
+        assert (report.moved, report.stayed) == (0, 1) and not report.complete
+        assert isinstance(report.dest_error, NodeFailedError) and not relay.handed_over
+        assert dest.aborted == ["r"]  # its parked cache is freed (if the node still lives)
 
     run(main)

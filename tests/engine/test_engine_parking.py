@@ -3,6 +3,8 @@ tokens computed in rounds without sampling, then taken over exactly; never leake
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ember.engine.config import EngineConfig
@@ -116,3 +118,26 @@ def test_parking_again_with_no_new_tokens_parks_at_once() -> None:
     e.take_parked()
     e.add_request(EngineRequest.make("a", PROMPTS[1], GREEDY, park=True))
     assert e.take_parked() == [("a", 3)] and not e.has_unfinished()
+
+
+def test_a_take_over_computes_only_the_tokens_after_the_parked_ones() -> None:
+    e = engine()
+    computed: list[tuple[str, int, int]] = []  # (id, first position, tokens) per iteration
+    execute = e.runner.execute
+
+    def recording(batch: Any) -> Any:
+        computed.extend((s.seq.request_id, s.start, s.num_new_tokens) for s in batch.scheduled)
+        return execute(batch)
+
+    e.runner.execute = recording  # type: ignore[method-assign]
+    prompt, outputs = PROMPTS[0], [3, 4, 5, 6, 7]
+    e.add_request(EngineRequest.make("m", prompt, GREEDY, output_token_ids=outputs[:2], park=True))
+    drain(e)
+    e.add_request(EngineRequest.make("m", prompt, GREEDY, output_token_ids=outputs[:4], park=True))
+    drain(e)
+    e.add_request(EngineRequest.make("m", prompt, GREEDY, output_token_ids=outputs))
+    first = len(computed)
+    drain(e)
+    n = len(prompt)
+    assert computed[:first] == [("m", 0, n + 2), ("m", n + 2, 2)]  # round 2: only the new tokens
+    assert computed[first] == ("m", n + 4, 1)  # the hand-over: the last token, then decodes
