@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from ember.cluster.controller import Controller, ControllerConfig
+from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.events import ClusterEvents
 from ember.cluster.node import EmbeddedNode
+from ember.cluster.placement import PlacementPolicy
+from ember.cluster.runtime import NodeRuntime
 from ember.cluster.state import ClusterState
 from ember.engine.request import EngineRequest, SamplingParams
 from ember.store.local import LocalStore
@@ -34,6 +38,14 @@ def models(tiny_llama: tuple[Path, Any], ember_home: Path) -> list[str]:
     return ["tiny", "tiny2"]
 
 
+def make_nodes(home: Path, nodes: int = 1, slots: int = 1) -> list[EmbeddedNode]:
+    registry = DirectoryRegistry(home / "store")
+    return [
+        EmbeddedNode(f"node{i}", registry, slots=slots, home=home, engine_options=ENGINE, probe_bytes=1 << 20)
+        for i in range(nodes)
+    ]
+
+
 def make_controller(
     home: Path,
     *,
@@ -41,18 +53,21 @@ def make_controller(
     slots: int = 1,
     clock: Callable[[], float] | None = None,
     start_timeout_s: float = 60.0,
-    policy: str = "startup-time-aware",
+    policy: str | PlacementPolicy = "startup-time-aware",
+    runtimes: Sequence[NodeRuntime] | None = None,
+    estimator: StartupTimeEstimator | None = None,
+    events: ClusterEvents | None = None,
+    **config: Any,
 ) -> Controller:
-    registry = DirectoryRegistry(home / "store")
-    runtimes = [
-        EmbeddedNode(f"node{i}", registry, slots=slots, home=home, engine_options=ENGINE, probe_bytes=1 << 20)
-        for i in range(nodes)
-    ]
+    """A controller over `nodes` embedded nodes (or the given runtimes), ticking only
+    when a test calls reconcile()."""
     return Controller(
-        runtimes,
+        runtimes if runtimes is not None else make_nodes(home, nodes, slots),
         state=ClusterState(home / "cluster.db"),
         policy=policy,
-        config=ControllerConfig(start_timeout_s=start_timeout_s, tick_s=None),
+        estimator=estimator,
+        events=events,
+        config=ControllerConfig(start_timeout_s=start_timeout_s, tick_s=None, **config),
         clock=clock or FakeClock(),
     )
 

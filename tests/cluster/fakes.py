@@ -1,8 +1,16 @@
-"""A fake clock and node statuses for the control plane's plain objects."""
+"""A fake clock and node statuses for the control plane's plain objects, and a node
+wrapper that fails on demand."""
 
 from __future__ import annotations
 
-from ember.cluster.messages import InstanceInfo, LoadTier, NodeStatus
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier, NodeStatus
+from ember.cluster.runtime import NodeRuntime
+from ember.engine.request import EngineRequest, RequestOutput, RequestSnapshot
+from ember.errors import NodeFailedError
 
 GB = 1_000_000_000
 
@@ -26,3 +34,72 @@ def status(
 
 def loaded(node: str, tier: LoadTier, nbytes: int, seconds: float, overhead_s: float = 0.0) -> InstanceInfo:
     return InstanceInfo("i", "dep", "m", node, tier, nbytes, seconds, seconds + overhead_s, 256)
+
+
+class FlakyNode:
+    """A NodeRuntime in front of a real one that can die, as a Ray actor does: once
+    dead, every call and every open stream raises NodeFailedError. `die_after_tokens`:
+    it dies once its streams delivered that many tokens. `broken`: the calls named
+    there raise NodeFailedError while the rest work. `hang_status`: status() never
+    answers (the health check's timeout)."""
+
+    def __init__(self, inner: NodeRuntime, *, die_after_tokens: int | None = None) -> None:
+        self.inner = inner
+        self.node_id = inner.node_id
+        self.dead = False
+        self.die_after_tokens = die_after_tokens
+        self.broken: set[str] = set()
+        self.hang_status = False
+        self.streamed = 0
+
+    def _check(self, call: str) -> None:
+        if self.dead or call in self.broken:
+            raise NodeFailedError(f"node {self.node_id} died", node=self.node_id)
+
+    async def start_instance(
+        self, instance_id: str, deployment: str, model: str, *, cold: bool = False
+    ) -> InstanceInfo:
+        self._check("start_instance")
+        return await self.inner.start_instance(instance_id, deployment, model, cold=cold)
+
+    async def stop_instance(self, instance_id: str) -> None:
+        self._check("stop_instance")
+        await self.inner.stop_instance(instance_id)
+
+    async def generate(self, instance_id: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        self._check("generate")
+        async with contextlib.aclosing(self.inner.generate(instance_id, request)) as stream:  # type: ignore[type-var]
+            async for delta in stream:
+                self._check("generate")
+                yield delta
+                self.streamed += len(delta.outputs[0].token_ids)
+                if self.die_after_tokens is not None and self.streamed >= self.die_after_tokens:
+                    self.dead = True
+
+    async def abort(self, instance_id: str, request_id: str) -> RequestSnapshot | None:
+        self._check("abort")
+        return await self.inner.abort(instance_id, request_id)
+
+    async def prewarm(self, instance_id: str, request: EngineRequest) -> int:
+        self._check("prewarm")
+        return await self.inner.prewarm(instance_id, request)
+
+    async def status(self) -> NodeStatus:
+        self._check("status")
+        if self.hang_status:
+            await asyncio.Event().wait()
+        return await self.inner.status()
+
+    async def probe_bandwidth(self) -> BandwidthProbe:
+        return await self.inner.probe_bandwidth()
+
+    async def checkpoint_size(self, model: str) -> int:
+        self._check("checkpoint_size")
+        return await self.inner.checkpoint_size(model)
+
+    async def model_files(self, model: str) -> dict[str, bytes]:
+        self._check("model_files")
+        return await self.inner.model_files(model)
+
+    async def close(self) -> None:
+        await self.inner.close()  # the test's engines stop even on a "dead" node

@@ -190,3 +190,23 @@ def test_abort_whose_caller_gave_up_still_aborts_and_engine_keeps_serving(engine
     tokens = asyncio.run(run())
     assert tokens == reference_greedy([4, 5, 6], 10)
     assert engine.engine.num_running == 0 and engine.engine.blocks.usage == 0.0
+
+
+def test_prewarm_parks_the_cache_and_a_resume_continues_from_it(engine: AsyncEngine) -> None:
+    prompt = list(range(3, 20))
+    full = reference_greedy(prompt, 10)
+
+    async def main() -> list[int]:
+        assert await engine.prewarm(EngineRequest.make("m", prompt, GREEDY, output_token_ids=full[:2])) == 19
+        cached = await engine.prewarm(EngineRequest.make("m", prompt, GREEDY, output_token_ids=full[:5]))
+        assert cached == 22 and engine.engine.num_parked == 1
+        with pytest.raises(InvalidRequestError, match="vocabulary"):
+            await engine.prewarm(EngineRequest.make("bad", [500], GREEDY))
+        rest = await collect(engine.resume(prompt, full[:6], GREEDY, request_id="m"))
+        assert await engine.prewarm(EngineRequest.make("gone", prompt, GREEDY)) == 17
+        assert await engine.abort("gone") is None  # an abort frees a parked cache
+        return rest
+
+    assert asyncio.run(main()) == full[6:]
+    assert engine.engine.num_parked == 0
+    assert engine.engine.blocks.num_free_blocks == engine.engine.blocks.num_blocks

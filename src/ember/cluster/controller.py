@@ -1,13 +1,16 @@
 """Controller: the serverless control plane, behind the server's ModelBackend seam.
 
-It keeps the deployments (in ClusterState), starts instances where the placement
-policy says (startup-time-aware by default), routes each request to an instance of
-its deployment, scales with requests in flight, and lets idle instances go after
+It keeps the deployments (in ClusterState), has instances started where the
+placement policy says (startup-time-aware by default, live migration included;
+ember.cluster.instances), routes each request to an instance of its deployment as a
+Relay (a stream the controller can move between instances: live migration, node
+failure), scales with requests in flight, and lets idle instances go after
 keep-alive. A request for a deployment with no ready instance waits while one
 starts (at most `start_timeout_s`, then OverloadedError: 503 with Retry-After).
 
 Nodes are NodeRuntimes: every call is a coroutine or an async stream of picklable
-messages, so nodes in this process and Ray actors look the same from here.
+messages, so nodes in this process and Ray actors look the same from here. Every
+tick also checks each node's health.
 """
 
 from __future__ import annotations
@@ -16,38 +19,32 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ember.cluster.autoscaler import Autoscaler
+from ember.cluster.config import ControllerConfig as ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.events import ClusterEvents, NoEvents
-from ember.cluster.messages import NodeStatus
+from ember.cluster.instances import Instances
+from ember.cluster.migration_cost import MigrationCost
 from ember.cluster.model_files import model_info, write_model_dir
-from ember.cluster.placement import NodeView, Placement, PlacementPolicy, RunningInstance, make_policy
+from ember.cluster.placement import PlacementPolicy, make_policy
+from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
-from ember.cluster.state import ClusterState, Deployment, InstanceRecord, LoadRecord
+from ember.cluster.state import ClusterState, Deployment
 from ember.cluster.status import cluster_status
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.env import ember_home
-from ember.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
+from ember.errors import InvalidRequestError, ModelNotFoundError, NodeFailedError, OverloadedError
 from ember.server.backend import ModelInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    start_timeout_s: float = 300.0  # how long a request waits for a cold start before a 503
-    tick_s: float | None = 1.0  # autoscaler period; None: only on requests (tests call reconcile())
-    max_model_len: int | None = None  # the engines' context cap, for ModelInfo before a load
 
 
 class Controller:
@@ -64,27 +61,33 @@ class Controller:
         events: ClusterEvents | None = None,
         clock: Callable[[], float] = time.monotonic,
         model_root: Path | None = None,
+        migration_cost: MigrationCost | None = None,
     ) -> None:
         if not nodes:
             raise InvalidRequestError("a cluster needs at least one node", param="nodes")
         self.nodes = {n.node_id: n for n in nodes}
         self.state = state if state is not None else ClusterState()
         self.clock = clock
-        self.estimator = estimator if estimator is not None else StartupTimeEstimator(clock=clock)
-        # No migrator yet: the policy never chooses to migrate.
-        self.policy = make_policy(policy, self.estimator) if isinstance(policy, str) else policy
         self.config = config or ControllerConfig()
+        self.estimator = estimator if estimator is not None else StartupTimeEstimator(clock=clock)
+        self.migration_cost = migration_cost or MigrationCost()  # calibrated by every migration
+        if isinstance(policy, str):
+            cost = self.migration_cost if self.config.migrate else None
+            policy = make_policy(policy, self.estimator, migration=cost)
+        self.policy = policy
         self.events: ClusterEvents = events or NoEvents()
         self.model_root = model_root or ember_home() / "cluster" / "models"
         self.autoscaler = Autoscaler(clock)
         self.router = Router(clock)
         self._deps: dict[str, Deployment] = {}
         self._info: dict[str, ModelInfo] = {}
-        self._sizes: dict[str, int] = {}
         self._waiting: Counter[str] = Counter()
-        self._failures: dict[str, BaseException] = {}
-        self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.instances = Instances(
+            self.nodes, router=self.router, state=self.state, estimator=self.estimator, policy=self.policy,
+            cost=self.migration_cost, autoscaler=self.autoscaler, events=self.events, config=self.config,
+            deployment=self._deps.get,
+        )  # fmt: skip
+        self._changed = self.instances.changed
         self._ticker: asyncio.Task[None] | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -105,31 +108,32 @@ class Controller:
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until every deployment has its minimum instances ready (or one failed to start)."""
+        failures = self.instances.failures
 
         def done() -> bool:
             return all(
-                name in self._failures or sum(r.ready for r in self.router.routes(name)) >= dep.min_instances
+                name in failures or sum(r.ready for r in self.router.routes(name)) >= dep.min_instances
                 for name, dep in self._deps.items()
             )
 
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(done), timeout_s)
-        for name, exc in self._failures.items():
+        for name, exc in failures.items():
             log.error("deployment %s failed to start: %s", name, exc)
 
     async def settle(self) -> None:
-        """Until no instance is starting or stopping (for tests and shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Until no instance is starting, moving or stopping (for tests and shutdown)."""
+        while self.instances.tasks:
+            await asyncio.gather(*list(self.instances.tasks), return_exceptions=True)
 
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        for task in list(self._tasks):
+        for task in list(self.instances.tasks):
             task.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await asyncio.gather(*list(self.instances.tasks), return_exceptions=True)
         await asyncio.gather(*(n.close() for n in self.nodes.values()), return_exceptions=True)
         for route in self.router.routes():
             self.state.set_instance_state(route.instance_id, "dead")
@@ -151,18 +155,21 @@ class Controller:
             raise ModelNotFoundError(f"no deployment named {name!r}", param="name")
         self.state.delete_deployment(name)
         del self._deps[name], self._info[name]
-        self._failures.pop(name, None)
+        self.instances.failures.pop(name, None)
         for route in self.router.routes(name):
             self.router.drain(route.instance_id)
             if route.ready:  # a loading one stops itself once loaded
-                self._spawn(self._stop_instance(route))
-        await self._notify()
+                self.instances.spawn(self.instances.stop(route))
+        await self.instances.notify()
 
     def deployments(self) -> list[Deployment]:
         return list(self._deps.values())
 
     async def _adopt(self, dep: Deployment) -> None:
-        files = await next(iter(self.nodes.values())).model_files(dep.model)
+        live = [n for n in self.nodes.values() if n.node_id not in self.instances.down]
+        if not live:
+            raise NodeFailedError("every node of the cluster is down")
+        files = await live[0].model_files(dep.model)
         model_dir = await asyncio.to_thread(write_model_dir, self.model_root, dep.model, files)
         old = self._info.get(dep.name)
         created = old.created if old is not None else int(time.time())
@@ -170,6 +177,11 @@ class Controller:
             model_info, dep.name, model_dir, created, self.config.max_model_len
         )
         self._deps[dep.name] = dep
+
+    def _set_context(self, name: str, max_model_len: int) -> None:
+        info = self._info.get(name)
+        if info is not None and info.max_model_len != max_model_len:
+            self._info[name] = dataclasses.replace(info, max_model_len=max_model_len)
 
     # -- the ModelBackend seam --------------------------------------------------------
 
@@ -183,23 +195,13 @@ class Controller:
         return info
 
     async def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """The request's deltas from an instance of `model`; the request may move to
+        another instance meanwhile (live migration, a failed node): one stream still."""
         self.model(model)
-        route = await self._route(model)
-        assert route.node is not None
-        tokens = len(request.prompt_token_ids) + request.sampling_params.max_tokens
-        try:
-            with self.router.track(route, tokens):
-                self.reconcile(model)  # more in flight: maybe another instance
-                stream = self.nodes[route.node].generate(route.instance_id, request)
-                try:
-                    async for delta in stream:
-                        yield delta
-                finally:
-                    aclose = getattr(stream, "aclose", None)
-                    if aclose is not None:
-                        await aclose()  # the node aborts a request left unfinished
-        finally:
-            await self._notify()  # a draining instance may be waiting for this one
+        relay = Relay(request, await self._route(model), self)
+        async with contextlib.aclosing(relay.stream()) as stream:
+            async for delta in stream:
+                yield delta
 
     def gauges(self) -> dict[str, EngineStats]:
         out = {}
@@ -218,9 +220,36 @@ class Controller:
         return EngineStats(route.in_flight, 0, 0.0, 0, 0, 0, 0, 0, 0)
 
     async def status(self) -> dict[str, Any]:
-        """What `ember status --json` prints: deployments with live instances, nodes."""
-        statuses = await asyncio.gather(*(n.status() for n in self.nodes.values()))
+        """What `ember status --json` prints: deployments with live instances, live nodes."""
+        statuses = await self.instances.statuses()
         return cluster_status(self.deployments(), self.router.routes(), statuses)
+
+    # -- relays (ember.cluster.relay.RelayHost) ---------------------------------------
+
+    def node(self, route: Route) -> NodeRuntime:
+        return self.instances.node(route.node)
+
+    def attach(self, relay: Relay, route: Route) -> None:
+        self.instances.attach(relay, route)
+        self.reconcile(route.deployment)  # more in flight: maybe another instance
+
+    async def detach(self, relay: Relay, route: Route) -> None:
+        await self.instances.detach(relay, route)
+
+    def node_failed(self, route: Route, error: NodeFailedError) -> None:
+        self.instances.mark_down(error.node or route.node or "", error)
+
+    async def failover(self, relay: Relay, failed: Route, error: NodeFailedError) -> Route:
+        try:
+            route = await self._route(failed.deployment)
+        except Exception as e:
+            raise NodeFailedError(
+                f"node {failed.node} failed while serving this request and no other instance of "
+                f"{failed.deployment!r} could take it over: {e}",
+                node=failed.node,
+            ) from e
+        self.events.failed_over(failed.deployment)
+        return route
 
     # -- routing ----------------------------------------------------------------------
 
@@ -228,13 +257,14 @@ class Controller:
         route = self.router.pick(name)
         if route is not None:
             return route
+        failures = self.instances.failures
         self._waiting[name] += 1
         try:
             self.reconcile(name)
 
             def settled() -> bool:
                 gone = name not in self._deps
-                failed = name in self._failures and not self.router.routes(name)
+                failed = name in failures and not self.router.routes(name)
                 return gone or failed or self.router.pick(name) is not None
 
             async with self._changed:
@@ -252,7 +282,7 @@ class Controller:
             return route
         if name not in self._deps:
             raise ModelNotFoundError(f"the model '{name}' was deleted", param="model")
-        raise self._failures[name]
+        raise failures[name]
 
     # -- scaling ----------------------------------------------------------------------
 
@@ -263,128 +293,23 @@ class Controller:
             for _ in range(plan.start):
                 # Registered before any await, so a second request sees it and waits.
                 route = self.router.add(uuid.uuid4().hex[:12], dep.name)
-                self._spawn(self._start_instance(dep, route))
+                self.instances.spawn(self._start(dep, route))
             for instance_id in plan.stop:
                 route_ = self.router.get(instance_id)
                 if route_ is not None:
                     self.router.drain(instance_id)
-                    self._spawn(self._stop_instance(route_))
+                    self.instances.spawn(self.instances.stop(route_))
+
+    async def _start(self, dep: Deployment, route: Route) -> None:
+        info = await self.instances.start(dep, route)
+        if info is not None:
+            self._set_context(dep.name, info.max_model_len)
 
     async def _tick(self, period_s: float) -> None:
         while True:
             await asyncio.sleep(period_s)
             try:
+                await self.instances.statuses()  # the health check: marks unresponsive nodes down
                 self.reconcile()
             except Exception:
                 log.exception("autoscaler tick failed")
-
-    async def _start_instance(self, dep: Deployment, route: Route) -> None:
-        self._failures.pop(dep.name, None)
-        self.events.scaled(dep.name, "up")
-        token = None
-        try:
-            nbytes = await self._size(dep.model)
-            placement = await self._place(dep, nbytes)
-            route.node = placement.node  # takes the slot in _views before any await
-            token = self.estimator.begin(placement.estimate)
-            self.state.add_instance(
-                InstanceRecord(route.instance_id, dep.name, placement.node, "loading", time.time())
-            )
-            node = self.nodes[placement.node]
-            info = await node.start_instance(route.instance_id, dep.name, dep.model, cold=placement.cold)
-            observed = self.estimator.finish(token, info)
-            token = None
-            self.state.add_load(
-                LoadRecord(route.instance_id, dep.model, info.node, info.tier, info.nbytes,
-                           observed.estimated_s, observed.actual_s, time.time())
-            )  # fmt: skip
-            self.state.set_instance_state(route.instance_id, "ready")
-            self.events.instance_started(dep.name, info, observed)
-            log.info(
-                "instance %s of %s ready on %s from %s in %.2f s (estimated %.2f s)",
-                route.instance_id, dep.name, info.node, info.tier, observed.actual_s, observed.estimated_s,
-            )  # fmt: skip
-            self._set_context(dep.name, info.max_model_len)
-            self.router.set_ready(route.instance_id)
-            if route.draining:  # deleted while it loaded
-                self._spawn(self._stop_instance(route))
-        except Exception as exc:
-            log.error("starting an instance of %s failed: %s", dep.name, exc)
-            if token is not None:
-                self.estimator.cancel(token)
-            if route.node is not None:
-                self.state.set_instance_state(route.instance_id, "dead")
-            self.router.remove(route.instance_id)
-            self._failures[dep.name] = exc
-        finally:
-            await self._notify()
-
-    def _set_context(self, name: str, max_model_len: int) -> None:
-        info = self._info.get(name)
-        if info is not None and info.max_model_len != max_model_len:
-            self._info[name] = dataclasses.replace(info, max_model_len=max_model_len)
-
-    async def _place(self, dep: Deployment, nbytes: int) -> Placement:
-        """A node to start on; waits (bounded) while every node is full."""
-        deadline = asyncio.get_running_loop().time() + self.config.start_timeout_s
-        while True:
-            statuses = await asyncio.gather(*(n.status() for n in self.nodes.values()))
-            placement = self.policy.place(dep.model, nbytes, [self._view(s) for s in statuses])
-            if placement is not None and placement.action == "start":
-                return placement
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise OverloadedError(f"no free instance slot for {dep.name!r} on any node", retry_after_s=10)
-            wait = remaining if placement is None else min(remaining, max(placement.wait_s, 0.05))
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), wait)
-
-    def _view(self, status: NodeStatus) -> NodeView:
-        """A node as placement sees it; slots count this controller's instances, so two
-        placements in a row never take one slot twice."""
-        mine = self.router.on_node(status.node_id)
-        free = max(0, min(status.free_slots, status.slots - len(mine)))
-        running, free_in = [], math.inf
-        for r in mine:
-            dep = self._deps.get(r.deployment)
-            if r.draining:
-                free_in = min(free_in, 0.0 if r.in_flight == 0 else math.inf)
-            elif dep is not None and r.ready:
-                load = next((i for i in self.router.loads(dep.name) if i.instance_id == r.instance_id), None)
-                live = len(self.router.loads(dep.name))
-                if load is not None and live > dep.min_instances:
-                    free_in = min(free_in, max(0.0, self.autoscaler.expires_in(dep, load)))
-                if r.in_flight > 0:
-                    size = self._sizes.get(dep.model, 0)
-                    running.append(RunningInstance(r.instance_id, dep.model, size, r.max_tokens_in_flight))
-        return NodeView(dataclasses.replace(status, free_slots=free), tuple(running), free_in)
-
-    async def _stop_instance(self, route: Route) -> None:
-        try:
-            async with self._changed:
-                await self._changed.wait_for(lambda: route.in_flight == 0)
-            if route.node is not None:
-                await self.nodes[route.node].stop_instance(route.instance_id)
-            self.state.set_instance_state(route.instance_id, "dead")
-            self.events.scaled(route.deployment, "down")
-            log.info("instance %s of %s stopped", route.instance_id, route.deployment)
-        except Exception:
-            log.exception("stopping instance %s failed", route.instance_id)
-        finally:
-            self.router.remove(route.instance_id)
-            await self._notify()
-
-    async def _size(self, model: str) -> int:
-        if model not in self._sizes:
-            self._sizes[model] = await next(iter(self.nodes.values())).checkpoint_size(model)
-        return self._sizes[model]
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()

@@ -1,4 +1,4 @@
-"""ClusterEvents: what the control plane reports as it scales (metrics listen)."""
+"""ClusterEvents: what the control plane reports as it scales and moves requests (metrics listen)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,25 @@ class ClusterEvents(Protocol):
         """An instance is being started (up) or stopped (down)."""
         ...
 
+    def migrated(self, deployment: str, moved: int, stayed: int) -> None:
+        """A live migration ended: `moved` requests now run on the destination, `stayed`
+        ones on the source (the destination failed)."""
+        ...
+
+    def failed_over(self, deployment: str) -> None:
+        """A request whose node failed resumed on another instance."""
+        ...
+
 
 class NoEvents:
     def instance_started(self, deployment: str, info: InstanceInfo, observed: Observation) -> None:
         pass
 
     def scaled(self, deployment: str, direction: Direction) -> None:
+        pass
+
+    def migrated(self, deployment: str, moved: int, stayed: int) -> None:
+        pass
+
+    def failed_over(self, deployment: str) -> None:
         pass

@@ -132,6 +132,9 @@ class EmbeddedNode:
     async def abort(self, instance_id: str, request_id: str) -> RequestSnapshot | None:
         return await self._engine(instance_id).abort(request_id)
 
+    async def prewarm(self, instance_id: str, request: EngineRequest) -> int:
+        return await self._engine(instance_id).prewarm(request)
+
     def _engine(self, instance_id: str) -> AsyncEngine:
         inst = self._instances.get(instance_id)
         if inst is None:

@@ -65,19 +65,27 @@ class Router:
         ready = [r for r in self.routes(deployment) if r.ready and not r.draining]
         return min(ready, key=lambda r: (r.in_flight, r.instance_id), default=None)
 
-    @contextmanager
-    def track(self, route: Route, tokens: int = 0) -> Iterator[None]:
-        """Count one request in flight on `route` while the block runs."""
+    def begin(self, route: Route, tokens: int = 0) -> None:
+        """One more request in flight on `route` (`tokens`: its prompt + max output)."""
         route.in_flight += 1
         route.idle_since = None
         route.max_tokens_in_flight = max(route.max_tokens_in_flight, tokens)
+
+    def end(self, route: Route) -> None:
+        """A request left `route` (finished, or moved to another instance)."""
+        route.in_flight -= 1
+        if route.in_flight == 0:
+            route.idle_since = self.clock()
+            route.max_tokens_in_flight = 0
+
+    @contextmanager
+    def track(self, route: Route, tokens: int = 0) -> Iterator[None]:
+        """Count one request in flight on `route` while the block runs."""
+        self.begin(route, tokens)
         try:
             yield
         finally:
-            route.in_flight -= 1
-            if route.in_flight == 0:
-                route.idle_since = self.clock()
-                route.max_tokens_in_flight = 0
+            self.end(route)
 
     def loads(self, deployment: str) -> list[InstanceLoad]:
         """The deployment's live instances that count towards its size (not draining)."""

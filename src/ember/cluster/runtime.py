@@ -3,7 +3,8 @@
 Every argument and result is a picklable message (ember.cluster.messages, the
 engine's EngineRequest / RequestOutput / RequestSnapshot) and every method is a
 coroutine or an async iterator, so the embedded node in this process and a Ray
-actor on another machine implement the same interface.
+actor on another machine implement the same interface. A runtime whose node died
+or stopped answering raises ember.errors.NodeFailedError from any call or stream.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ class NodeRuntime(Protocol):
         ...
 
     async def abort(self, instance_id: str, request_id: str) -> RequestSnapshot | None:
-        """Stop a request; its snapshot (tokens, sampler state) lets another node resume it."""
+        """Stop a request; its snapshot (tokens, sampler state) lets another node resume it.
+        A parked request (prewarm) has its cache freed and no snapshot."""
+        ...
+
+    async def prewarm(self, instance_id: str, request: EngineRequest) -> int:
+        """Live migration's destination side: compute the KV cache of the request's prompt +
+        output tokens and park it under its id without sampling; the tokens cached. Again
+        with more tokens, only the new ones are computed; generate() with the same id
+        continues from the parked cache; abort() frees it (so does the node after a while)."""
         ...
 
     async def status(self) -> NodeStatus: ...

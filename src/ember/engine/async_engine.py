@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _Item = RequestOutput | BaseException
 _STOP = object()
+PARKED_POLL_S = 1.0
 
 
 class RequestStream:
@@ -62,6 +64,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.Queue[Callable[[], None] | object] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
+        self._parking: dict[str, concurrent.futures.Future[int]] = {}  # prewarm() calls in flight
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
@@ -85,7 +88,7 @@ class AsyncEngine:
         validate_request(request, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         stream = RequestStream(request.request_id, asyncio.get_running_loop())
         with self._lock:
-            if request.request_id in self._streams:
+            if request.request_id in self._streams or request.request_id in self._parking:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already running")
             self._streams[request.request_id] = stream
         self._commands.put(lambda: self._add(request))
@@ -127,6 +130,24 @@ class AsyncEngine:
             )
         )
 
+    async def prewarm(self, request: EngineRequest) -> int:
+        """Compute the KV cache of the request's prompt + outputs and park it under its
+        id without sampling (live migration, while the source still generates); the
+        number of tokens cached. Called again with more tokens, only the new ones are
+        computed; submit()/resume() with the same id continues from the parked cache.
+        abort() frees it; so does the engine once it was parked unused for a minute."""
+        if self._closed:
+            raise EmberError("the engine is shut down")
+        request = dataclasses.replace(request, park=True)
+        validate_request(request, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        with self._lock:
+            if request.request_id in self._streams or request.request_id in self._parking:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+            self._parking[request.request_id] = future
+        self._commands.put(lambda: self._add(request))
+        return await asyncio.wrap_future(future)
+
     async def abort(self, request_id: str) -> RequestSnapshot | None:
         """Stop a request and free its KV blocks. Its stream ends with finish_reason
         "abort"; the snapshot (tokens and sampler state) lets resume() continue it."""
@@ -139,8 +160,10 @@ class AsyncEngine:
                 result = self.engine.abort(request_id)
                 if result is not None:
                     self._deliver(result[0])
+                self._fail_parking(request_id, EmberError(f"request {request_id!r} was aborted"))
                 return
             result = self.engine.abort(request_id)
+            self._fail_parking(request_id, EmberError(f"request {request_id!r} was aborted"))
             if result is None:
                 future.set_result(None)
                 return
@@ -182,18 +205,40 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._push(error)
+        self._fail_parking(request_id, error)
+
+    def _fail_parking(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            future = self._parking.pop(request_id, None)
+        if future is not None:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # its caller gave up
+                future.set_exception(error)
+
+    def _parked(self) -> None:
+        for request_id, tokens in self.engine.take_parked():
+            with self._lock:
+                future = self._parking.pop(request_id, None)
+            if future is None:  # its caller gave up waiting: nobody will take it over
+                self.engine.abort(request_id)
+                continue
+            try:
+                future.set_result(tokens)
+            except concurrent.futures.InvalidStateError:
+                self.engine.abort(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
-            ids = list(self._streams)
+            ids = list(self._streams) + list(self._parking)
         for request_id in ids:
             self.engine.abort(request_id)
             self._fail(request_id, error)
 
     def _run_commands(self, block: bool) -> bool:
-        """Run queued commands; False once asked to stop."""
+        """Run queued commands; False once asked to stop. While sequences are parked a
+        blocking wait wakes up every second, to free the ones parked too long."""
         try:
-            command = self._commands.get(block=block)
+            timeout = PARKED_POLL_S if block and self.engine.num_parked else None
+            command = self._commands.get(block=block, timeout=timeout)
             while True:
                 if command is _STOP:
                     return False
@@ -208,6 +253,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while self._run_commands(block=not self.engine.has_unfinished()):
+            self._parked()  # a prewarm that had nothing new to compute parks at once
+            for request_id in self.engine.expire_parked():
+                log.warning("parked request %s was never taken over; its cache is freed", request_id)
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -218,3 +266,4 @@ class AsyncEngine:
                 continue
             for output in outputs:
                 self._deliver(output)
+            self._parked()

@@ -1,4 +1,9 @@
-"""Engine: the iteration loop of one instance (schedule, run the model, post-process)."""
+"""Engine: the iteration loop of one instance (schedule, run the model, post-process).
+
+Parked sequences (EngineRequest.park, live migration's destination side) sit outside
+the scheduler with their KV blocks kept: a later request with the same id and more
+tokens takes them over, and one left longer than `park_ttl_s` is freed.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +34,16 @@ from ember.engine.swapper import KVSwapper
 from ember.engine.validation import validate_request
 from ember.errors import InvalidRequestError
 
+PARK_TTL_S = 60.0  # a parked sequence nobody took over by then is freed
+
 
 class Engine:
     """Runs requests to completion, one iteration per step(); not thread-safe.
 
     `tokenizer` may be None (token ids in, token ids out, no text, no stop strings).
     """
+
+    park_ttl_s = PARK_TTL_S
 
     def __init__(
         self,
@@ -70,6 +79,8 @@ class Engine:
         self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
+        self._parked: dict[str, tuple[Sequence, float]] = {}  # id -> (sequence, parked at)
+        self._newly_parked: list[tuple[str, int]] = []  # (id, tokens cached) since take_parked()
 
     @staticmethod
     def _host_blocks(config: EngineConfig, kv_cache: KVCacheLike) -> int:
@@ -118,8 +129,13 @@ class Engine:
             output_token_ids=list(request.output_token_ids),
             prompt=request.prompt,
             num_resumed_tokens=len(request.output_token_ids),
+            park=request.park,
             generator=generator,
         )
+        self._take_over_parked(seq)
+        if seq.park and seq.num_computed_tokens == seq.num_tokens:  # nothing new to compute
+            self._park(seq)
+            return
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
@@ -134,9 +150,55 @@ class Engine:
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 
+    # -- parking (live migration) -----------------------------------------------------
+
+    def _take_over_parked(self, seq: Sequence) -> None:
+        """Give `seq` the cache of the parked sequence of its id when the parked tokens
+        are a prefix of its own; free that cache otherwise."""
+        entry = self._parked.pop(seq.request_id, None)
+        if entry is None:
+            return
+        parked = entry[0]
+        n = parked.num_computed_tokens
+        if n <= seq.num_tokens and parked.tokens(0, n) == seq.tokens(0, n):
+            # a sequence that samples recomputes at least its last token: its logits
+            seq.num_computed_tokens = n if seq.park else min(n, seq.num_tokens - 1)
+        else:
+            self.swapper.free(seq.request_id)
+
+    def _park(self, seq: Sequence) -> None:
+        self._parked[seq.request_id] = (seq, self.clock())
+        self._newly_parked.append((seq.request_id, seq.num_computed_tokens))
+
+    def take_parked(self) -> list[tuple[str, int]]:
+        """(request id, tokens cached) of the sequences parked since the last call."""
+        out, self._newly_parked = self._newly_parked, []
+        return out
+
+    def expire_parked(self) -> list[str]:
+        """Free the parked sequences older than park_ttl_s; their ids."""
+        now = self.clock()
+        old = [rid for rid, (_, at) in self._parked.items() if now - at >= self.park_ttl_s]
+        for rid in old:
+            self._release_parked(rid)
+        return old
+
+    def _release_parked(self, request_id: str) -> bool:
+        if self._parked.pop(request_id, None) is None:
+            return False
+        self.swapper.free(request_id)
+        return True
+
+    @property
+    def num_parked(self) -> int:
+        return len(self._parked)
+
     def abort(self, request_id: str) -> tuple[RequestOutput, RequestSnapshot] | None:
         """Stop a request now and free its KV blocks: its last output (finish_reason
-        "abort") and a snapshot from which resume() continues it. None if unknown."""
+        "abort") and a snapshot from which resume() continues it. None if unknown or
+        parked (a parked sequence's cache is freed)."""
+        if self._release_parked(request_id):
+            return None
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
@@ -180,6 +242,8 @@ class Engine:
 
     def close(self) -> None:
         """Finish the swap transfers in flight and save the iteration-time profile."""
+        for rid in list(self._parked):
+            self._release_parked(rid)
         self.swapper.close()
         self.profile.save()
 
@@ -204,6 +268,12 @@ class Engine:
         sampling = [s.seq for s in batch.scheduled if s.samples]  # before any token is appended
         outputs = [self._append(seq, sample) for seq, sample in zip(sampling, samples, strict=True)]
         self.scheduler.update(batch, [seq.request_id for seq in sampling if seq.is_finished])
+        for s in batch.scheduled:
+            seq = s.seq
+            if seq.park and seq.num_computed_tokens == seq.num_tokens:
+                self.scheduler.detach(seq.request_id)
+                self._seqs.pop(seq.request_id, None)
+                self._park(seq)
         return outputs
 
     def _is_stop_token(self, token: int, seq: Sequence) -> bool:

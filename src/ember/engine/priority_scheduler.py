@@ -83,10 +83,15 @@ class PriorityScheduler(Scheduler):
         self.on_add(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
+        seq = self.detach(request_id)
+        if seq is not None:
+            self.kv.free(request_id)
+        return seq
+
+    def detach(self, request_id: str) -> Sequence | None:
         seq = self.jobs.pop(request_id, None)
         if seq is None:
             return None
-        self.kv.free(request_id)
         self._last_batch.discard(request_id)
         self.on_remove(seq)
         return seq

@@ -121,7 +121,12 @@ class TokenLogprobs:
 class EngineRequest:
     """A submission. `output_token_ids` and `sampler_state` are set when resuming a
     request from its tokens (live migration): the engine recomputes the KV cache of
-    prompt + outputs and continues; only tokens after them are returned."""
+    prompt + outputs and continues; only tokens after them are returned.
+
+    `park`: compute the KV cache of prompt + outputs, sample nothing, and keep the
+    sequence parked under its id (live migration's rounds, while the source still
+    generates). A later request with the same id whose tokens extend the parked ones
+    (parked again, or run) computes only the tokens after them."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -129,6 +134,7 @@ class EngineRequest:
     prompt: str | None = None
     output_token_ids: tuple[int, ...] = ()
     sampler_state: bytes | None = None
+    park: bool = False
 
     @classmethod
     def make(
@@ -140,6 +146,7 @@ class EngineRequest:
         prompt: str | None = None,
         output_token_ids: Sequence[int] = (),
         sampler_state: bytes | None = None,
+        park: bool = False,
     ) -> EngineRequest:
         return cls(
             request_id,
@@ -148,6 +155,7 @@ class EngineRequest:
             prompt,
             tuple(int(t) for t in output_token_ids),
             sampler_state,
+            park,
         )
 
 

@@ -26,6 +26,16 @@ def export_state(generator: torch.Generator) -> bytes:
     return bytes(generator.get_state().numpy().tobytes())
 
 
+def state_after(seed: int, draws: int) -> bytes:
+    """The state of a request's generator seeded with `seed` once it sampled `draws`
+    tokens at a temperature above 0 (each takes exactly one uniform number, see _draw):
+    a seeded request continues exactly from its tokens alone."""
+    generator = new_generator(seed)
+    for _ in range(draws):
+        torch.rand((), generator=generator, dtype=torch.float64)
+    return export_state(generator)
+
+
 def import_state(state: bytes) -> torch.Generator:
     generator = torch.Generator(device="cpu")
     generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))

@@ -31,7 +31,7 @@ class ScheduledSequence:
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        return cls(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+        return cls(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens and not seq.park)
 
 
 @dataclass
@@ -74,6 +74,11 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a sequence wherever it is, free its KV blocks; None if unknown."""
+
+    @abc.abstractmethod
+    def detach(self, request_id: str) -> Sequence | None:
+        """Drop a sequence like abort() but keep its KV blocks: the engine parked it and
+        owns them until a later request takes them over or frees them."""
 
     @abc.abstractmethod
     def schedule(self) -> SchedulerOutput:
@@ -132,11 +137,16 @@ class FCFSScheduler(Scheduler):
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
+        seq = self.detach(request_id)
+        if seq is not None:
+            self.kv.free(request_id)
+        return seq
+
+    def detach(self, request_id: str) -> Sequence | None:
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self.kv.free(request_id)
                     return seq
         return None
 

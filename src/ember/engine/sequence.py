@@ -26,7 +26,8 @@ class Sequence:
 
     `num_computed_tokens` counts the tokens whose K/V is in the cache; the scheduler
     advances it, and resets it to 0 when it preempts the sequence (recomputation).
-    A sequence samples in an iteration when that iteration computes its last token.
+    A sequence samples in an iteration when that iteration computes its last token,
+    unless it is `park`ed: then it only fills the cache, and the engine parks it.
     """
 
     request_id: str
@@ -38,6 +39,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_resumed_tokens: int = 0  # outputs handed over at submission, never re-emitted
+    park: bool = False  # compute the cache of its tokens, sample nothing (live migration)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None  # the sampler's random state (CPU)

@@ -97,7 +97,8 @@ class ServerMetrics:
 
 class ClusterMetrics:
     """The control plane's metrics, labelled by model (deployment): cold starts and load
-    bytes and seconds by tier, estimated and actual start-up times, scale events.
+    bytes and seconds by tier, estimated and actual start-up times, scale events, live
+    migrations and the requests they moved, requests failed over from a dead node.
     Implements ember.cluster.events.ClusterEvents."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -126,6 +127,19 @@ class ClusterMetrics:
             "ember:scale_events", "Instances started (up) and stopped (down).", [*labels, "direction"],
             registry=registry,
         )  # fmt: skip
+        self.migrations = Counter(
+            "ember:migrations", "Live migrations of an instance's requests to another node.", labels,
+            registry=registry,
+        )  # fmt: skip
+        self.migrated_requests = Counter(
+            "ember:migrated_requests",
+            "Requests in live migrations: moved to the destination, or stayed on the source.",
+            [*labels, "outcome"], registry=registry,
+        )  # fmt: skip
+        self.failovers = Counter(
+            "ember:request_failovers", "Requests resumed on another instance after their node failed.",
+            labels, registry=registry,
+        )  # fmt: skip
 
     def instance_started(self, deployment: str, info: InstanceInfo, observed: Observation) -> None:
         self.cold_starts.labels(deployment, info.tier).inc()
@@ -136,3 +150,11 @@ class ClusterMetrics:
 
     def scaled(self, deployment: str, direction: str) -> None:
         self.scale.labels(deployment, direction).inc()
+
+    def migrated(self, deployment: str, moved: int, stayed: int) -> None:
+        self.migrations.labels(deployment).inc()
+        self.migrated_requests.labels(deployment, "moved").inc(moved)
+        self.migrated_requests.labels(deployment, "stayed").inc(stayed)
+
+    def failed_over(self, deployment: str) -> None:
+        self.failovers.labels(deployment).inc()
