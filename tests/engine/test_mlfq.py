@@ -186,6 +186,7 @@ def test_without_host_room_a_newcomer_waits_rather_than_drop_a_cache() -> None:
         s.add(seq("high", 8))  # 2 blocks, 1 free: only recomputing low would make room
         out = iterate(s, clock)
         assert ran(out) == ["low"] and not out.preempted and s.num_recomputations == 0
+        assert kv.num_swaps_out == 0 and low.num_computed_tokens == 18
 
 
 def test_a_job_that_cannot_fit_evicts_nobody_and_lower_jobs_still_run() -> None:
