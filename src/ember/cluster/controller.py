@@ -135,6 +135,27 @@ class Controller:
             self.state.set_instance_state(route.instance_id, "dead")
             self.router.remove(route.instance_id)
 
+    # -- membership: nodes joining and leaving (the Ray runtime's watcher) -------------
+
+    async def add_node(self, node: NodeRuntime) -> None:
+        """A node that joined: probe its bandwidths, then place instances there too."""
+        self.estimator.calibrate(await node.probe_bandwidth())
+        self.nodes[node.node_id] = node
+        self.reconcile()
+        await self._notify()
+
+    async def remove_node(self, node_id: str) -> None:
+        """A node that is gone: place nothing there; its instances are dead (their
+        streams end with the node's NodeFailedError); the autoscaler replaces them."""
+        if self.nodes.pop(node_id, None) is None:
+            return
+        for route in self.router.on_node(node_id):
+            self.state.set_instance_state(route.instance_id, "dead")
+            self.router.remove(route.instance_id)
+        log.warning("node %s removed; its instances are dead", node_id)
+        self.reconcile()
+        await self._notify()
+
     # -- deployments ------------------------------------------------------------------
 
     async def deploy(self, dep: Deployment) -> Deployment:

@@ -1,0 +1,311 @@
+"""The control plane on Ray: a three-node `ray.cluster_utils.Cluster` on this machine
+(every process on 127.0.0.1, no dashboard, small object stores), node agents pinned
+to each node, checkpoints fetched from the test's store over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import ember
+from ember.cluster.controller import Controller, ControllerConfig
+from ember.cluster.ray_cluster import RayCluster, node_name, node_slots
+from ember.cluster.state import ClusterState, Deployment
+from ember.engine.request import EngineRequest, SamplingParams
+from ember.errors import NodeFailedError
+from ember.store.local import LocalStore
+from tests.cluster.conftest import ENGINE, make_controller
+from tests.cluster.fakes import FakeClock
+from tests.conftest import TINY_LLAMA
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray: pip install 'ember[ray]'"),
+]
+Cluster = Any  # ray.cluster_utils.Cluster, imported in the fixture
+T = TypeVar("T")
+NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 << 20}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Head and two workers. Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (every
+    address on the loopback) when it is first imported, so it is imported here, after
+    the variable is set; the Ray processes inherit it and this worktree's ember."""
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONPATH")}
+    src = str(Path(ember.__file__).resolve().parents[1])
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, saved["PYTHONPATH"]) if p)
+    c = None
+    try:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+        for _ in range(2):
+            c.add_node(**NODE)
+        ray.init(address=c.address, _node_ip_address="127.0.0.1", namespace="ember-test", log_to_driver=False)
+        yield c
+    finally:
+        if c is not None:
+            ray.shutdown()
+            c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def models(tiny_llama: tuple[Path, Any], ember_home: Path, tmp_path: Path) -> list[str]:
+    """`tiny` (the shared tiny Llama) and `wide` (another config: 3 layers, 8 heads) in
+    this test's store, the registry the nodes fetch from."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ember.store import save_tensors
+
+    store = LocalStore(ember_home)
+    shutil.copytree(tiny_llama[0], store.path_for("tiny"), copy_function=os.link)
+    store.register("tiny")
+    cfg = {**TINY_LLAMA, "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 8}
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    ).to(torch.float64)
+    files: dict[str, Any] = {"model/config.json": json.dumps(cfg).encode()}
+    for f in (tiny_llama[0] / "model").iterdir():
+        if f.name != "config.json":
+            files[f"model/{f.name}"] = f
+    save_tensors(model.state_dict(), store.path_for("wide"), files=files)
+    store.register("wide")
+    return ["tiny", "wide"]
+
+
+@asynccontextmanager
+async def ray_controller(home: Path, *, db: str = "ray.db") -> AsyncIterator[tuple[Controller, RayCluster]]:
+    """A controller over one agent per alive Ray node, its state in `home/db`."""
+    rc = await asyncio.to_thread(
+        RayCluster.connect, "auto", str(home / "store"), engine_options=ENGINE, home=str(home)
+    )
+    c = Controller(
+        rc.nodes(),
+        state=ClusterState(home / db),
+        config=ControllerConfig(start_timeout_s=60.0, tick_s=None),
+        clock=FakeClock(),
+    )
+    try:
+        await c.start()
+        yield c, rc
+    finally:
+        await c.close()
+        await rc.close()
+
+
+def request(rid: str, max_tokens: int = 8) -> EngineRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return EngineRequest.make(rid, [1, 17, 42, 99], params)
+
+
+async def collect(c: Controller, model: str, req: EngineRequest) -> list[int]:
+    tokens: list[int] = []
+    async for delta in c.generate(model, req):
+        tokens += delta.outputs[0].token_ids
+    return tokens
+
+
+def run(work: Callable[[], Coroutine[Any, Any, T]], timeout_s: float = 120) -> T:
+    return asyncio.run(asyncio.wait_for(work(), timeout_s))
+
+
+def embedded_tokens(home: Path, model: str, req: EngineRequest) -> list[int]:
+    """What one embedded node generates for `req` (the reference for exact tokens)."""
+
+    async def main() -> list[int]:
+        c = make_controller(home)
+        await c.start([Deployment(model, model, min_instances=0)])
+        try:
+            return await collect(c, model, req)
+        finally:
+            await c.close()
+
+    return run(main)
+
+
+def worker(cluster: Cluster) -> Any:
+    """A Ray node other than the head (removing the head would end the cluster)."""
+    return next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
+
+
+def instances(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    dep = next(d for d in status["deployments"] if d["name"] == name)
+    return list(dep["instances"])
+
+
+def test_slots_come_from_gpus_then_the_ember_slots_resource_then_the_default() -> None:
+    assert node_slots({"CPU": 8, "GPU": 4, "ember_slots": 2}) == 4
+    assert node_slots({"CPU": 8, "ember_slots": 2}) == 2
+    assert node_slots({"CPU": 8}, default=3) == 3
+
+
+def test_two_models_stream_from_agents_on_other_nodes_with_exact_tokens(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    expected = {m: embedded_tokens(ember_home, m, request(f"ref-{m}", 12)) for m in models}
+
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            assert len(rc.nodes()) == 3
+            for m in models:
+                await c.deploy(Deployment(m, m, min_instances=1))
+            await c.wait_ready(60)
+            got = await asyncio.gather(*(collect(c, m, request(f"r-{m}", 12)) for m in models))
+            assert dict(zip(models, got, strict=True)) == expected
+            status = await c.status()
+            on = {instances(status, m)[0]["node"] for m in models}
+            assert len(on) == 2 and on <= {n.node_id for n in rc.nodes()}
+            # The nodes fetched the models from the head's store over HTTP into their caches.
+            assert "registry" in {load.tier for load in c.state.loads()}
+            disks = {n["id"]: n["disk"] for n in status["nodes"]}
+            assert all(m in disks[instances(status, m)[0]["node"]] for m in models)
+
+    run(main)
+
+
+def test_scales_from_zero_on_the_node_whose_dram_holds_the_checkpoint(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            holder = rc.agents[worker(cluster).node_id]
+            await holder.preload("tiny")
+            await c.deploy(Deployment("tiny", "tiny", min_instances=0))
+            assert instances(await c.status(), "tiny") == []
+            assert len(await collect(c, "tiny", request("cold"))) == 8
+            [inst] = instances(await c.status(), "tiny")
+            assert inst["node"] == holder.node_id
+            assert [load.tier for load in c.state.loads()] == ["dram"]
+
+    run(main)
+
+
+def test_closing_a_stream_early_aborts_the_request_on_its_node(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            await c.deploy(Deployment("tiny", "tiny", min_instances=1))
+            await c.wait_ready(60)
+            [inst] = instances(await c.status(), "tiny")
+            node = next(n for n in rc.nodes() if n.node_id == inst["node"])
+            stream = c.generate("tiny", request("long", max_tokens=200))
+            await anext(stream)
+            await stream.aclose()
+            for _ in range(100):  # the abort reaches the engine within a few iterations
+                stats = await node.engine_stats(inst["id"])
+                if stats.num_running + stats.num_waiting == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.num_running + stats.num_waiting == 0
+
+    run(main)
+
+
+def test_a_node_that_dies_mid_stream_fails_it_promptly_and_leaves_the_cluster(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            victim = worker(cluster)
+            node = rc.agents[victim.node_id]
+            await node.preload("tiny")  # the instance starts there
+            await c.deploy(Deployment("tiny", "tiny", min_instances=1))
+            await c.wait_ready(60)
+            assert instances(await c.status(), "tiny")[0]["node"] == node.node_id
+            stream = c.generate("tiny", request("doomed", max_tokens=200))
+            await anext(stream)
+            await asyncio.to_thread(cluster.remove_node, victim)
+            with pytest.raises(NodeFailedError) as err:
+                async for _ in stream:
+                    pass
+            assert err.value.node == node.node_id
+            with pytest.raises(NodeFailedError):
+                await node.status()
+            # The watcher's poll: the node is gone from the controller, and the
+            # deployment's minimum instance starts again on a live node.
+            _, gone = await asyncio.to_thread(rc.sync)
+            assert gone == [node.node_id]
+            for node_id in gone:
+                await c.remove_node(node_id)
+            c.reconcile()
+            await c.wait_ready(60)
+            assert len(await collect(c, "tiny", request("after"))) == 8
+            status = await c.status()
+            assert node.node_id not in {n["id"] for n in status["nodes"]}
+            assert instances(status, "tiny")[0]["node"] != node.node_id
+            # A machine joining again is noticed by the next poll.
+            joined = cluster.add_node(**NODE)  # Ray sets signal handlers: main thread only
+            added, _ = await asyncio.to_thread(rc.sync)
+            assert [n.ray_node_id for n in added] == [joined.node_id]
+            assert added[0].node_id == node_name(added[0].ray_node_id)
+
+    run(main)
+
+
+def test_a_restarted_controller_adopts_the_deployments_and_not_the_dead_instances(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            await c.deploy(Deployment("tiny", "tiny", min_instances=1))
+            await c.deploy(Deployment("wide", "wide", min_instances=0))
+            await c.wait_ready(60)
+            first = instances(await c.status(), "tiny")[0]["id"]
+            for node in rc.nodes():  # the controller's process dies: its agents with it
+                node.kill()
+        async with ray_controller(ember_home) as (c, _):
+            assert [d.name for d in c.deployments()] == ["tiny", "wide"]
+            assert first not in {r.id for r in c.state.instances()}
+            c.reconcile()
+            await c.wait_ready(60)
+            assert len(await collect(c, "wide", request("w"))) == 8
+            [inst] = instances(await c.status(), "tiny")
+            assert inst["id"] != first and inst["state"] == "ready"
+
+    run(main)
+
+
+@pytest.mark.xfail(
+    reason="needs the controller's node-failure handling (resume a dead node's requests "
+    "elsewhere from their tokens), being added to controller.py separately",
+    strict=False,
+)
+def test_a_stream_on_a_node_that_dies_finishes_elsewhere_with_exact_tokens(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    expected = embedded_tokens(ember_home, "tiny", request("ref", 64))
+
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            victim = worker(cluster)
+            await rc.agents[victim.node_id].preload("tiny")
+            await c.deploy(Deployment("tiny", "tiny", min_instances=1))
+            await c.wait_ready(60)
+            stream = c.generate("tiny", request("moving", 64))
+            tokens = list((await anext(stream)).outputs[0].token_ids)
+            await asyncio.to_thread(cluster.remove_node, victim)
+            async for delta in stream:
+                tokens += delta.outputs[0].token_ids
+            assert tokens == expected
+
+    run(main)
