@@ -5,16 +5,21 @@ to each node, checkpoints fetched from the test's store over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
+import uvicorn
 
 import ember
 from ember.cluster.controller import Controller, ControllerConfig
@@ -22,10 +27,13 @@ from ember.cluster.ray_cluster import RayCluster, node_name, node_slots
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, SamplingParams
 from ember.errors import NodeFailedError
+from ember.server.runner import build_app
+from ember.server.settings import ServeSettings
 from ember.store.local import LocalStore
 from tests.cluster.conftest import ENGINE, make_controller
 from tests.cluster.fakes import FakeClock
 from tests.conftest import TINY_LLAMA
+from tests.server.conftest import _free_socket
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -37,13 +45,14 @@ NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Head and two workers. Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (every
     address on the loopback) when it is first imported, so it is imported here, after
     the variable is set; the Ray processes inherit it and this worktree's ember."""
-    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONPATH")}
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONPATH", "EMBER_HOME")}
     src = str(Path(ember.__file__).resolve().parents[1])
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["EMBER_HOME"] = str(tmp_path_factory.mktemp("ray-nodes-home"))  # the machines' own
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, saved["PYTHONPATH"]) if p)
     c = None
     try:
@@ -283,6 +292,58 @@ def test_a_restarted_controller_adopts_the_deployments_and_not_the_dead_instance
             assert inst["id"] != first and inst["state"] == "ready"
 
     run(main)
+
+
+def test_ember_serve_ray_streams_through_the_controller_actor_which_comes_back_when_killed(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    """`ember serve --ray`: the HTTP server on the head, the controller a named actor;
+    Ray restarts a killed controller, which adopts the deployments from cluster.db."""
+    import ray
+
+    settings = ServeSettings(
+        models=["tiny"], ray=cluster.address, start_timeout_s=60, log_level="warning", swap="off",
+        kv_cache_bytes=ENGINE["kv_cache_bytes"], max_model_len=ENGINE["max_model_len"],
+        max_num_seqs=ENGINE["max_num_seqs"],
+    )  # fmt: skip
+    sock = _free_socket()
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    host, port = sock.getsockname()
+    url = f"http://{host}:{port}"
+
+    def wait_until(ok: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 90
+        while not ok():
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.2)
+
+    def answers(path: str) -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(url + path).status_code == 200
+        return False
+
+    try:
+        wait_until(lambda: answers("/health"))
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+            events = [line for line in resp.iter_lines() if line.startswith("data: {")]
+        assert resp.status_code == 200 and len(events) >= 6
+        before = httpx.get(f"{url}/admin/status").json()
+        [first] = before["deployments"][0]["instances"]
+        assert first["node"] in {n["id"] for n in before["nodes"]} and len(before["nodes"]) >= 3
+
+        ray.kill(ray.get_actor("ember-controller", namespace="ember"), no_restart=False)
+        body["stream"] = False
+        wait_until(lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200)
+        after = httpx.get(f"{url}/admin/status").json()
+        assert [d["name"] for d in after["deployments"]] == ["tiny"]
+        [inst] = after["deployments"][0]["instances"]
+        assert inst["id"] != first["id"] and inst["state"] == "ready"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 @pytest.mark.xfail(
