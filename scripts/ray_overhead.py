@@ -26,6 +26,9 @@ from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
 
+import contextlib
+import itertools
+
 import psutil
 
 ENGINE = {"max_model_len": 512, "kv_cache_bytes": 64 << 20, "max_num_seqs": 8, "swap": "off"}
@@ -36,10 +39,8 @@ ROUNDS = 3  # starts from DRAM and warm streams, each; medians reported
 def rss_mb(procs: list[psutil.Process]) -> float:
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total / 1e6
 
 
@@ -71,7 +72,7 @@ async def timed_stream(backend: Any, model: str, rid: str, max_tokens: int) -> t
     async for delta in backend.generate(model, request(rid, max_tokens)):
         if delta.outputs[0].token_ids:
             stamps.append(time.perf_counter())
-    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 async def zero_instances(status: Any, name: str) -> None:
@@ -111,7 +112,8 @@ async def embedded(home: Path, model: str, tokens: int) -> dict[str, float]:
     registry = DirectoryRegistry(home / "store")
     node = EmbeddedNode(f"node-{os.getpid()}", registry, home=home, engine_options=ENGINE)
     await asyncio.to_thread(node.store.disk.fetch, model, registry)  # on disk, as in Ray mode
-    c = Controller([node], state=ClusterState(home / f"embedded-{os.getpid()}.db"), config=ControllerConfig(tick_s=0.2))
+    state = ClusterState(home / f"embedded-{os.getpid()}.db")
+    c = Controller([node], state=state, config=ControllerConfig(tick_s=0.2))
     await c.start()
     try:
         out = await measure(c, c.status, c.deploy, model, tokens)
@@ -129,7 +131,8 @@ async def on_ray(home: Path, model: str, tokens: int, up_s: float) -> dict[str, 
     for stale in (home / "cluster.db", home / "nodes"):  # a fresh control plane, a cold node
         if stale.is_dir():
             shutil.rmtree(stale)
-        stale.unlink(missing_ok=True) if stale.is_file() else None
+        elif stale.exists():
+            stale.unlink()
     config = RayControllerConfig(
         home=str(home), registry=str(home / "store"), engine_options=ENGINE, tick_s=0.2, agent_home=str(home)
     )
