@@ -154,6 +154,43 @@ async def on_ray(home: Path, model: str, tokens: int, up_s: float) -> dict[str, 
         await backend.close()
 
 
+class _Source:
+    """Yields its clock every `gap_s` (a decode step), like a node agent's stream."""
+
+    async def stream(self, n: int, gap_s: float) -> Any:
+        for _ in range(n):
+            await asyncio.sleep(gap_s)
+            yield time.time()
+
+
+class _Relay:
+    """Passes a source's stream on, as the controller actor does."""
+
+    async def stream(self, source: Any, n: int, gap_s: float) -> Any:
+        async for ref in source.stream.options(num_returns="streaming").remote(n, gap_s):
+            yield await ref
+
+
+async def hop_latency(n: int = 200, gap_s: float = 0.03) -> dict[str, float]:
+    """Median ms from an item's yield in an actor to its arrival here, one and two hops."""
+    import ray
+
+    source = ray.remote(_Source).remote()
+    relay = ray.remote(_Relay).remote()
+    out = {}
+    for hops, stream in (
+        (1, lambda: source.stream.options(num_returns="streaming").remote(n, gap_s)),
+        (2, lambda: relay.stream.options(num_returns="streaming").remote(source, n, gap_s)),
+    ):
+        delays = []
+        async for ref in stream():
+            sent = await ref
+            delays.append(time.time() - sent)
+        out[f"{hops}_hop_delay_ms_p50"] = statistics.median(delays) * 1e3
+        out[f"{hops}_hop_delay_ms_p99"] = sorted(delays)[int(0.99 * len(delays))] * 1e3
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -184,6 +221,7 @@ def main() -> None:
             ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
             up_s = time.perf_counter() - start
             try:
+                results["ray_hops"] = asyncio.run(hop_latency())
                 results["ray"] = asyncio.run(on_ray(home, DEFAULT_MODEL_NAME, args.tokens, up_s))
             finally:
                 ray.shutdown()
