@@ -348,6 +348,17 @@ def test_ember_serve_ray_streams_through_the_controller_actor_which_comes_back_w
         assert [d["name"] for d in after["deployments"]] == ["tiny"]
         [inst] = after["deployments"][0]["instances"]
         assert inst["id"] != first["id"] and inst["state"] == "ready"
+
+        # The controller's watcher notices a machine joining and one leaving.
+        def node_count() -> int:
+            # Until the watcher drops a dead node, asking it for its status is a 503.
+            resp = httpx.get(f"{url}/admin/status")
+            return len(resp.json()["nodes"]) if resp.status_code == 200 else -1
+
+        joined = cluster.add_node(**NODE)
+        wait_until(lambda: node_count() == len(after["nodes"]) + 1)
+        cluster.remove_node(joined)
+        wait_until(lambda: node_count() == len(after["nodes"]))
     finally:
         server.should_exit = True
         thread.join(60)

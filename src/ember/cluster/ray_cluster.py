@@ -128,10 +128,16 @@ class RayCluster:
                 added, gone = await asyncio.to_thread(self.sync)
                 for node_id in gone:
                     await controller.remove_node(node_id)
-                for node in added:
-                    await controller.add_node(node)
             except Exception:
                 log.exception("watching the Ray nodes failed")
+                continue
+            for node in added:
+                try:
+                    await controller.add_node(node)
+                except Exception as exc:  # its agent failed to start: the next poll tries again
+                    log.warning("node %s could not join: %s", node.node_id, exc)
+                    self.agents.pop(node.ray_node_id, None)
+                    node.kill()
 
     async def close(self) -> None:
         """Stop watching, end every agent (and its instances), stop serving the registry."""
