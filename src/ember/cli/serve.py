@@ -56,6 +56,13 @@ def serve_cmd(
     start_timeout_s: Annotated[
         float | None, typer.Option(help="Seconds a request waits for a cold start before 503. [default: 300]")
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the nodes on a Ray cluster: 'auto' (the one started here with `ray start "
+            "--head`) or its address; one node per Ray node, --slots per CPU-only node."
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="A TOML file of these settings; flags override it.")
     ] = None,
@@ -89,6 +96,7 @@ def serve_cmd(
             "slots": slots,
             "placement": placement,
             "start_timeout_s": start_timeout_s,
+            "ray": ray,
         },
     )
     if settings.home:

@@ -139,6 +139,29 @@ class Controller:
             self.state.set_instance_state(route.instance_id, "dead")
             self.router.remove(route.instance_id)
 
+    # -- membership: nodes joining and leaving (the Ray runtime's watcher) -------------
+
+    async def add_node(self, node: NodeRuntime) -> None:
+        """A node that joined: probe its bandwidths, then place instances there too."""
+        self.estimator.calibrate(await node.probe_bandwidth())
+        self.nodes[node.node_id] = node
+        self.instances.down.discard(node.node_id)
+        self.reconcile()
+        await self.instances.notify()
+
+    async def remove_node(self, node_id: str) -> None:
+        """A node that is gone: place nothing there; its instances are dead and the
+        requests they served resume elsewhere from their tokens (as after any node
+        failure); the autoscaler replaces the instances."""
+        if node_id not in self.nodes:
+            return
+        self.instances.mark_down(node_id, NodeFailedError(f"node {node_id} left the cluster", node=node_id))
+        del self.nodes[node_id]
+        self.instances.down.discard(node_id)
+        log.warning("node %s removed; its instances are dead", node_id)
+        self.reconcile()
+        await self.instances.notify()
+
     # -- deployments ------------------------------------------------------------------
 
     async def deploy(self, dep: Deployment) -> Deployment:

@@ -8,13 +8,12 @@ GET    /admin/status              deployments with live instances, nodes
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ember.cluster.controller import Controller
 from ember.cluster.state import (
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_INSTANCES,
@@ -24,6 +23,17 @@ from ember.cluster.state import (
 )
 from ember.errors import NotFoundError
 from ember.server.app import ServerState, read_body
+
+
+@runtime_checkable
+class ClusterAdmin(Protocol):
+    """What the admin routes call: the Controller, or RayBackend in front of its actor."""
+
+    async def deploy(self, dep: Deployment) -> Deployment: ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def status(self) -> dict[str, Any]: ...
 
 
 class DeploymentBody(BaseModel):
@@ -38,12 +48,12 @@ class DeploymentBody(BaseModel):
 
 
 def add_admin_routes(app: FastAPI) -> None:
-    """Mount the admin routes on an app made by create_app (its backend a Controller)."""
+    """Mount the admin routes on an app made by create_app (its backend a ClusterAdmin)."""
     state: ServerState = app.state.ember
 
-    def controller() -> Controller:
+    def controller() -> ClusterAdmin:
         backend = state.require_backend()
-        if not isinstance(backend, Controller):
+        if not isinstance(backend, ClusterAdmin):
             raise NotFoundError("this server runs no control plane")
         return backend
 

@@ -27,6 +27,7 @@ from ember.cluster.controller import Controller, ControllerConfig
 from ember.cluster.state import Deployment
 from ember.server.admin import add_admin_routes
 from ember.server.app import create_app
+from ember.server.backend import ModelBackend
 from ember.server.metrics import ClusterMetrics
 from ember.server.settings import DEFAULT_MODEL, ServeSettings
 
@@ -86,14 +87,17 @@ def start_cluster(
     loop: asyncio.AbstractEventLoop,
     metrics: ClusterMetrics | None = None,
     progress: ProgressFactory = logged_progress,
-) -> Controller:
+) -> ModelBackend:
     """Nodes, the controller and a deployment (min 1 instance) per model, started on
-    `loop` (the server's); returns once every minimum instance is ready."""
+    `loop` (the server's); returns once every minimum instance is ready. With
+    `settings.ray` the controller is an actor on Ray (start_ray_cluster)."""
     from ember.cluster.node import EmbeddedNode
     from ember.store.local import LocalStore
     from ember.store.registry import DirectoryRegistry, Registry, open_registry
 
     names = prepare_models(settings, progress)
+    if settings.ray:
+        return start_ray_cluster(settings, names, loop, metrics)
     registry: Registry = (
         open_registry(settings.registry) if settings.registry else DirectoryRegistry(LocalStore().root)
     )
@@ -116,6 +120,40 @@ def start_cluster(
     for name in names:
         log.info("model %s ready", name)
     return controller
+
+
+def start_ray_cluster(
+    settings: ServeSettings,
+    names: list[str],
+    loop: asyncio.AbstractEventLoop,
+    metrics: ClusterMetrics | None = None,
+) -> ModelBackend:
+    """The controller as a named actor on this (the head) node, over one node agent per
+    Ray node; the store (or --registry) is the registry the nodes fetch from."""
+    from ember.cluster.ray_cluster import NAMESPACE
+    from ember.cluster.ray_controller import RayBackend, RayControllerConfig
+    from ember.cluster.ray_node import import_ray
+    from ember.env import ember_home
+    from ember.store.local import LocalStore
+
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=settings.ray, namespace=NAMESPACE, logging_level=logging.WARNING)
+    config = RayControllerConfig(
+        home=str(ember_home()),
+        registry=settings.registry or str(LocalStore().root),
+        engine_options=settings.engine_options(),
+        policy=settings.placement,
+        start_timeout_s=settings.start_timeout_s,
+        max_model_len=settings.max_model_len,
+        default_slots=settings.slots,
+        deployments=tuple(Deployment(name, name, min_instances=1) for name in names),
+    )
+    backend = RayBackend.spawn(config, metrics)
+    asyncio.run_coroutine_threadsafe(backend.start(settings.start_timeout_s), loop).result()
+    for name in names:
+        log.info("model %s ready on Ray", name)
+    return backend
 
 
 def build_app(settings: ServeSettings, progress: ProgressFactory = logged_progress) -> FastAPI:
@@ -154,6 +192,12 @@ def build_app(settings: ServeSettings, progress: ProgressFactory = logged_progre
 
 def serve(settings: ServeSettings, progress: ProgressFactory = logged_progress) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
+    if settings.ray:
+        from ember.cluster.ray_cluster import NAMESPACE
+        from ember.cluster.ray_node import import_ray
+
+        # Here, in the main thread: joining a cluster installs signal handlers.
+        import_ray().init(address=settings.ray, namespace=NAMESPACE, logging_level=logging.WARNING)
     app = build_app(settings, progress)
     config = uvicorn.Config(
         app,

@@ -41,6 +41,7 @@ class ServeSettings:
     slots: int = 1  # instances per node
     placement: str = "startup-time-aware"  # or random, round-robin, remote-only
     start_timeout_s: float = 300.0  # a request waits this long for a cold start, then 503
+    ray: str | None = None  # "auto" or a Ray address: one node per Ray node instead of --nodes
 
     def validate(self) -> ServeSettings:
         if not self.models:

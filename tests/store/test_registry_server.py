@@ -1,0 +1,56 @@
+"""RegistryServer: a directory of checkpoints over HTTP that HttpRegistry fetches
+from with parallel ranged reads; nothing outside the directory or the secret prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ember.errors import CheckpointNotFoundError
+from ember.store import load_tensors
+from ember.store.registry import HttpRegistry
+from ember.store.registry_server import RegistryServer
+from tests.store.conftest import assert_same_tensors, write_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RegistryServer]:
+    (tmp_path / "secret.txt").write_text("not for the nodes")
+    with RegistryServer(tmp_path / "store") as srv:
+        yield srv
+
+
+def test_a_node_fetches_a_checkpoint_in_ranges_and_gets_the_same_tensors(
+    server: RegistryServer, tmp_path: Path
+) -> None:
+    want = write_checkpoint(server.root / "m", mib=3, seed=3, partition_mib=1)
+    with HttpRegistry(server.url, range_bytes=256 << 10) as registry:
+        assert registry.exists("m") and not registry.exists("other")
+        assert registry.size("m") > 3 << 20
+        dest = registry.fetch("m", tmp_path / "copy")
+        with pytest.raises(CheckpointNotFoundError):
+            registry.fetch("other", tmp_path / "none")
+    assert_same_tensors(load_tensors(dest), want)
+
+
+def test_a_range_is_answered_with_exactly_those_bytes(server: RegistryServer) -> None:
+    server.root.mkdir(parents=True)
+    (server.root / "f.bin").write_bytes(bytes(range(256)))
+    got = httpx.get(f"{server.url}/f.bin", headers={"Range": "bytes=10-19"})
+    assert got.status_code == 206 and got.content == bytes(range(10, 20))
+    assert got.headers["content-range"] == "bytes 10-19/256"
+    assert httpx.get(f"{server.url}/f.bin", headers={"Range": "bytes=300-"}).status_code == 416
+
+
+def test_nothing_outside_the_directory_or_without_the_secret_is_served(server: RegistryServer) -> None:
+    server.root.mkdir(parents=True)
+    (server.root / "f.bin").write_bytes(b"x")
+    base = server.url.rsplit("/", 1)[0]
+    assert httpx.get(f"{base}/wrong-secret/f.bin").status_code == 404
+    assert httpx.get(f"{server.url}/%2E%2E/secret.txt").status_code == 404
+    assert httpx.get(f"{server.url}/f.bin").content == b"x"
