@@ -189,7 +189,7 @@ class EmbeddedNode:
     def _probe(self) -> BandwidthProbe:
         n = self.probe_bytes
         src = torch.ones(n, dtype=torch.uint8)
-        dst = torch.empty_like(src)
+        dst = torch.zeros_like(src)  # touched first: a pool hit pays no page faults either
         start = time.perf_counter()
         dst.copy_(src)
         measured = {"dram": n / max(time.perf_counter() - start, 1e-9)}
