@@ -134,8 +134,9 @@ class NodeStore:
 
     def _into_dram(self, name: str, path: Path) -> PoolLease:
         # Store -> node is a copy between tiers: every chunk's checksum is checked.
-        nbytes = read_index(path).total_bytes
-        tensors = load_tensors(path, verify=True)
+        index = read_index(path)  # parsed once: load_tensors takes it
+        nbytes = index.total_bytes
+        tensors = load_tensors(path, verify=True, index=index)
         self._dirs[name] = path  # before the insert: a hit in another thread reads it
         lease = self.pool.insert(name, tensors, nbytes)
         self.catalog.set_location(name, self.node_id, "dram", nbytes)
