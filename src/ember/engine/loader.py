@@ -53,7 +53,9 @@ def read_hf_config(checkpoint: Path) -> dict[str, Any]:
 
 
 TOKENIZER_CACHE_SIZE = 8  # tokenizers kept per process (SmolLM2's: ~10 MB)
-_tokenizers: OrderedDict[tuple[str, tuple[tuple[str, int, int, int, int], ...]], Any] = OrderedDict()
+_Key = tuple[str, tuple[tuple[str, int, int, int, int], ...]]
+_tokenizers: OrderedDict[_Key, Any] = OrderedDict()
+_parsing: dict[_Key, threading.Lock] = {}  # keys being parsed now
 _tokenizers_lock = threading.Lock()
 
 
@@ -77,7 +79,8 @@ def load_tokenizer(model_dir: Path, *, cache: bool = True) -> Any | None:
     stat of every file in it: an instance restarting on the same files (a serverless
     scale-up) gets the same object. Sharing it is safe: Ember only reads a tokenizer
     (encode, decode, apply_chat_template), as concurrent requests of one engine
-    already do. `cache=False` always parses.
+    already do. Concurrent calls for the same files parse once (a node starts the
+    parse beside the weights' read: see EmbeddedNode). `cache=False` always parses.
 
     A tokenizer.json loads through PreTrainedTokenizerFast directly: AutoTokenizer
     would import transformers' auto-modelling modules, which the engine avoids.
@@ -92,12 +95,21 @@ def load_tokenizer(model_dir: Path, *, cache: bool = True) -> Any | None:
         if key in _tokenizers:
             _tokenizers.move_to_end(key)
             return _tokenizers[key]
-    tokenizer = _parse_tokenizer(model_dir)  # outside the lock: two misses may both parse
-    if tokenizer is not None:
+        parsing = _parsing.setdefault(key, threading.Lock())
+    with parsing:  # a second caller for the same files waits for this parse, then hits
         with _tokenizers_lock:
-            _tokenizers[key] = tokenizer
-            while len(_tokenizers) > TOKENIZER_CACHE_SIZE:
-                _tokenizers.popitem(last=False)
+            if key in _tokenizers:
+                return _tokenizers[key]
+        try:
+            tokenizer = _parse_tokenizer(model_dir)
+            if tokenizer is not None:
+                with _tokenizers_lock:
+                    _tokenizers[key] = tokenizer
+                    while len(_tokenizers) > TOKENIZER_CACHE_SIZE:
+                        _tokenizers.popitem(last=False)
+        finally:
+            with _tokenizers_lock:
+                _parsing.pop(key, None)
     return tokenizer
 
 

@@ -181,9 +181,10 @@ def load_tensors(
     """Load a checkpoint's tensors as views into one buffer that the result owns.
 
     Reads the files on every call. `index` is the checkpoint's index when the caller
-    has read it already (parsing one costs ~20-50 ms; pass it, not a stale one). A plain load checks file sizes and index bounds;
-    `verify=True` also checks every chunk's checksum as it arrives. On CUDA, chunk
-    i's host-to-device copy overlaps the read of the chunks after it.
+    has read it already (parsing one costs ~20-50 ms; pass it, not a stale one). A
+    plain load checks file sizes and index bounds; `verify=True` also checks every
+    chunk's checksum as it arrives. On CUDA, chunk i's host-to-device copy overlaps
+    the read of the chunks after it.
     """
     root = Path(path)
     if index is None:
