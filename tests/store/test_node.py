@@ -166,3 +166,23 @@ def test_a_restarted_node_forgets_its_old_dram_rows() -> None:
     NodeStore("n1").acquire("m")
     restarted = NodeStore("n1")
     assert restarted.holds("m") == {"store"} and _tiers(restarted, "m") == set()
+
+
+def test_a_load_into_dram_parses_the_index_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ember.store.format as format_module
+    import ember.store.loader as loader_module
+
+    want = _stored("m")
+    calls: list[Path] = []
+    real = format_module.read_index
+
+    def counting(path: str | Path) -> format_module.CheckpointIndex:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(node_module, "read_index", counting)
+    monkeypatch.setattr(loader_module, "read_index", counting)
+    node = NodeStore("n1")
+    with node.acquire("m")[0] as lease:
+        assert_same_tensors(lease.tensors, want)
+    assert calls == [LocalStore().path_for("m")]

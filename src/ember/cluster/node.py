@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class EmbeddedNode:
         if cold:
             self.store.evict(model)
             self.store.disk.evict(model)
+        _prefetch_tokenizer(self.store.nearest_dir(model))
         lease, path, report = self.store.acquire(model, device=str(self.config.torch_device))
         try:
             engine = load_engine(path, self.config, weights=lease.tensors)
@@ -212,6 +214,23 @@ class EmbeddedNode:
         for instance_id in list(self._instances):
             with contextlib.suppress(EmberError):
                 await self.stop_instance(instance_id)
+
+
+def _prefetch_tokenizer(checkpoint: Path | None) -> None:
+    """Parse the checkpoint's tokenizer on another thread while its weights load:
+    load_engine then finds it in the tokenizer cache (or waits for this parse), so a
+    start whose tokenizer is not cached yet pays max(weights, tokenizer), not the sum.
+    Errors are left to load_engine's own call, which raises them."""
+    if checkpoint is None:
+        return
+
+    def parse() -> None:
+        from ember.engine.loader import MODEL_DIR, load_tokenizer
+
+        with contextlib.suppress(Exception):
+            load_tokenizer(checkpoint / MODEL_DIR)
+
+    threading.Thread(target=parse, name="ember-tokenizer", daemon=True).start()
 
 
 def _timed_read(path: Path, limit: int) -> float:

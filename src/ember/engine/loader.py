@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,74 @@ def read_hf_config(checkpoint: Path) -> dict[str, Any]:
     return config
 
 
-def load_tokenizer(model_dir: Path) -> Any | None:
+TOKENIZER_CACHE_SIZE = 8  # tokenizers kept per process (SmolLM2's: ~10 MB)
+_Key = tuple[str, tuple[tuple[str, int, int, int, int], ...]]
+_tokenizers: OrderedDict[_Key, Any] = OrderedDict()
+_parsing: dict[_Key, threading.Lock] = {}  # keys being parsed now
+_tokenizers_lock = threading.Lock()
+
+
+def _dir_signature(model_dir: Path) -> tuple[tuple[str, int, int, int, int], ...]:
+    """Name, size, inode, mtime and ctime (ns) of every file in `model_dir`: any rewrite
+    of a tokenizer file (ctime cannot be set back) changes it."""
+    out = []
+    with os.scandir(model_dir) as entries:
+        for e in entries:
+            if e.is_file():
+                st = e.stat()
+                out.append((e.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(sorted(out))
+
+
+def load_tokenizer(model_dir: Path, *, cache: bool = True) -> Any | None:
     """The checkpoint's tokenizer, or None when it has none (token ids only).
+
+    Parsing a tokenizer takes 0.1-0.2 s, most of a start from a DRAM hit, so the
+    last TOKENIZER_CACHE_SIZE are kept per process, keyed by the directory and the
+    stat of every file in it: an instance restarting on the same files (a serverless
+    scale-up) gets the same object. Sharing it is safe: Ember only reads a tokenizer
+    (encode, decode, apply_chat_template), as concurrent requests of one engine
+    already do. Concurrent calls for the same files parse once (a node starts the
+    parse beside the weights' read: see EmbeddedNode). `cache=False` always parses.
 
     A tokenizer.json loads through PreTrainedTokenizerFast directly: AutoTokenizer
     would import transformers' auto-modelling modules, which the engine avoids.
     """
+    if not cache:
+        return _parse_tokenizer(model_dir)
+    try:
+        key = (str(model_dir.resolve()), _dir_signature(model_dir))
+    except FileNotFoundError:
+        return None  # no model directory: no tokenizer
+    with _tokenizers_lock:
+        if key in _tokenizers:
+            _tokenizers.move_to_end(key)
+            return _tokenizers[key]
+        parsing = _parsing.setdefault(key, threading.Lock())
+    with parsing:  # a second caller for the same files waits for this parse, then hits
+        with _tokenizers_lock:
+            if key in _tokenizers:
+                return _tokenizers[key]
+        try:
+            tokenizer = _parse_tokenizer(model_dir)
+            if tokenizer is not None:
+                with _tokenizers_lock:
+                    _tokenizers[key] = tokenizer
+                    while len(_tokenizers) > TOKENIZER_CACHE_SIZE:
+                        _tokenizers.popitem(last=False)
+        finally:
+            with _tokenizers_lock:
+                _parsing.pop(key, None)
+    return tokenizer
+
+
+def clear_tokenizer_cache() -> None:
+    """Forget every cached tokenizer."""
+    with _tokenizers_lock:
+        _tokenizers.clear()
+
+
+def _parse_tokenizer(model_dir: Path) -> Any | None:
     if (model_dir / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 

@@ -110,6 +110,18 @@ class NodeStore:
             tiers.add("store")
         return tiers
 
+    def nearest_dir(self, name: str) -> Path | None:
+        """The checkpoint directory the next acquire of `name` will return, if a tier on
+        this node holds it already (None when it must come from the registry). Costs a
+        catalogue read and a stat, no load."""
+        with self._guard:
+            if name in self.pool and name in self._dirs:
+                return self._dirs[name]
+        rec = self.local.catalog.find(name)
+        if rec is not None and Path(rec.path).is_dir():
+            return Path(rec.path)
+        return self.disk.path(name)
+
     def evict(self, name: str) -> bool:
         """Drop `name` from this node's DRAM pool (False if absent or leased)."""
         return self.pool.evict(name)
@@ -134,8 +146,9 @@ class NodeStore:
 
     def _into_dram(self, name: str, path: Path) -> PoolLease:
         # Store -> node is a copy between tiers: every chunk's checksum is checked.
-        nbytes = read_index(path).total_bytes
-        tensors = load_tensors(path, verify=True)
+        index = read_index(path)  # parsed once: load_tensors takes it
+        nbytes = index.total_bytes
+        tensors = load_tensors(path, verify=True, index=index)
         self._dirs[name] = path  # before the insert: a hit in another thread reads it
         lease = self.pool.insert(name, tensors, nbytes)
         self.catalog.set_location(name, self.node_id, "dram", nbytes)
