@@ -165,7 +165,8 @@ def instances(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
 async def hold(node: RayNode, instance_id: str, requests: int, steps: int) -> None:
     """Make the instance's engine (in the node agent's process) wait for `requests`
     requests, run `steps` iterations, then stall: its requests stay running (and can be
-    aborted) however long a test takes, so a migration always finds them mid-stream.
+    aborted) however long a test takes, so a migration or a node's death finds them
+    mid-stream whatever the machine's load.
     Installed through Ray's own `__ray_call__` (a closure run on the actor), so the
     product code has no test hook."""
 
@@ -315,7 +316,9 @@ def test_a_node_that_dies_mid_stream_leaves_the_cluster_and_its_stream_goes_on(
             await node.preload("tiny")  # the instance starts there
             await c.deploy(Deployment("tiny", "tiny", min_instances=1))
             await c.wait_ready(60)
-            assert instances(await c.status(), "tiny")[0]["node"] == node.node_id
+            [inst] = instances(await c.status(), "tiny")
+            assert inst["node"] == node.node_id
+            await hold(node, inst["id"], requests=1, steps=4)  # the stream is mid-way when the node dies
             stream = c.generate("tiny", request("doomed", max_tokens=200))
             tokens = list((await anext(stream)).outputs[0].token_ids)
             await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)  # SIGKILL
@@ -446,10 +449,11 @@ def test_a_stream_on_a_node_that_dies_finishes_elsewhere_with_exact_tokens(
             await node.preload("tiny")  # the instance starts there
             await c.deploy(Deployment("tiny", "tiny", min_instances=1))
             await c.wait_ready(60)
-            assert instances(await c.status(), "tiny")[0]["node"] == node.node_id
+            [inst] = instances(await c.status(), "tiny")
+            assert inst["node"] == node.node_id
+            await hold(node, inst["id"], requests=1, steps=4)
             stream = c.generate("tiny", request("moving", 200))
             tokens = list((await anext(stream)).outputs[0].token_ids)
-            [inst] = instances(await c.status(), "tiny")
             assert (await node.engine_stats(inst["id"])).num_running == 1  # not finished yet
             await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)
             async for delta in stream:
