@@ -24,6 +24,7 @@ import uvicorn
 import ember
 from ember.cluster.controller import Controller, ControllerConfig
 from ember.cluster.ray_cluster import RayCluster, node_name, node_slots
+from ember.cluster.ray_node import RayNode
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, SamplingParams
 from ember.errors import NodeFailedError, OverloadedError
@@ -161,6 +162,33 @@ def instances(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return list(dep["instances"])
 
 
+async def hold(node: RayNode, instance_id: str, requests: int, steps: int) -> None:
+    """Make the instance's engine (in the node agent's process) wait for `requests`
+    requests, run `steps` iterations, then stall: its requests stay running (and can be
+    aborted) however long a test takes, so a migration or a node's death finds them
+    mid-stream whatever the machine's load.
+    Installed through Ray's own `__ray_call__` (a closure run on the actor), so the
+    product code has no test hook."""
+
+    def install(agent: Any, instance_id: str, requests: int, steps: int) -> None:
+        import time
+
+        engine = agent.node.engine(instance_id).engine
+        step, left = engine.step, [steps]
+
+        def held() -> Any:
+            if engine.num_running + engine.num_waiting < requests or left[0] == 0:
+                time.sleep(0.01)  # no iteration: the engine thread goes on taking commands
+                return []
+            left[0] -= 1
+            return step()
+
+        engine.step = held
+
+    # A closure is pickled by value: the agent's process need not import this module.
+    await node.handle.__ray_call__.remote(install, instance_id, requests, steps)
+
+
 def test_slots_come_from_gpus_then_the_ember_slots_resource_then_the_default() -> None:
     assert node_slots({"CPU": 8, "GPU": 4, "ember_slots": 2}) == 4
     assert node_slots({"CPU": 8, "ember_slots": 2}) == 2
@@ -234,6 +262,50 @@ def test_closing_a_stream_early_aborts_the_request_on_its_node(
     run(main)
 
 
+def test_an_instance_live_migrated_to_another_node_mid_stream_gives_the_tokens_of_an_unmigrated_run(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 17, 42, 99], [5, 6, 7, 8, 9]]
+    reqs = [EngineRequest.make(f"run{i}", p, params) for i, p in enumerate(prompts)]
+    expected = [embedded_tokens(ember_home, "tiny", r) for r in reqs]
+
+    async def stream(c: Controller, req: EngineRequest, started: asyncio.Event) -> list[int]:
+        tokens: list[int] = []
+        async for delta in c.generate("tiny", req):
+            tokens += delta.outputs[0].token_ids
+            started.set()
+        return tokens
+
+    async def main() -> None:
+        async with ray_controller(ember_home) as (c, rc):
+            await c.deploy(Deployment("tiny", "tiny", min_instances=1, target_concurrency=8))
+            await c.wait_ready(60)
+            [inst] = instances(await c.status(), "tiny")
+            source = next(n for n in rc.nodes() if n.node_id == inst["node"])
+            await hold(source, inst["id"], requests=len(reqs), steps=6)
+            started = [asyncio.Event() for _ in reqs]
+            streams = [asyncio.create_task(stream(c, r, e)) for r, e in zip(reqs, started, strict=True)]
+            await asyncio.gather(*(e.wait() for e in started))  # every client has tokens
+            stats = await source.engine_stats(inst["id"])
+            assert stats.num_running + stats.num_waiting == len(reqs)  # unfinished: mid-stream
+            dest = next(n for n in rc.nodes() if n.node_id != source.node_id)
+            report = await c.instances.migrate(inst["id"], dest.node_id)
+            assert report is not None and (report.moved, report.stayed) == (len(reqs), 0)
+            assert list(await asyncio.gather(*streams)) == expected
+            await c.settle()
+            [after] = instances(await c.status(), "tiny")
+            assert after["node"] == dest.node_id and after["id"] != inst["id"] and after["state"] == "ready"
+            assert (await source.status()).instances == ()  # the source instance is gone
+            assert (await dest.status()).instances == (after["id"],)
+            parked = dest.handle.__ray_call__.remote(
+                lambda agent, i: agent.node.engine(i).engine.num_parked, after["id"]
+            )
+            assert await parked == 0  # every parked cache was taken over
+
+    run(main)
+
+
 def test_a_node_that_dies_mid_stream_leaves_the_cluster_and_its_stream_goes_on(
     cluster: Cluster, ember_home: Path, models: list[str]
 ) -> None:
@@ -244,7 +316,9 @@ def test_a_node_that_dies_mid_stream_leaves_the_cluster_and_its_stream_goes_on(
             await node.preload("tiny")  # the instance starts there
             await c.deploy(Deployment("tiny", "tiny", min_instances=1))
             await c.wait_ready(60)
-            assert instances(await c.status(), "tiny")[0]["node"] == node.node_id
+            [inst] = instances(await c.status(), "tiny")
+            assert inst["node"] == node.node_id
+            await hold(node, inst["id"], requests=1, steps=4)  # the stream is mid-way when the node dies
             stream = c.generate("tiny", request("doomed", max_tokens=200))
             tokens = list((await anext(stream)).outputs[0].token_ids)
             await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)  # SIGKILL
@@ -375,10 +449,11 @@ def test_a_stream_on_a_node_that_dies_finishes_elsewhere_with_exact_tokens(
             await node.preload("tiny")  # the instance starts there
             await c.deploy(Deployment("tiny", "tiny", min_instances=1))
             await c.wait_ready(60)
-            assert instances(await c.status(), "tiny")[0]["node"] == node.node_id
+            [inst] = instances(await c.status(), "tiny")
+            assert inst["node"] == node.node_id
+            await hold(node, inst["id"], requests=1, steps=4)
             stream = c.generate("tiny", request("moving", 200))
             tokens = list((await anext(stream)).outputs[0].token_ids)
-            [inst] = instances(await c.status(), "tiny")
             assert (await node.engine_stats(inst["id"])).num_running == 1  # not finished yet
             await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)
             async for delta in stream:

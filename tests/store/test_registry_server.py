@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ember.errors import CheckpointNotFoundError
+from ember.errors import CheckpointNotFoundError, RegistryError
 from ember.store import load_tensors
-from ember.store.registry import HttpRegistry
+from ember.store.registry import DirectoryRegistry, HttpRegistry
 from ember.store.registry_server import RegistryServer
 from tests.store.conftest import assert_same_tensors, write_checkpoint
 
@@ -54,3 +54,20 @@ def test_nothing_outside_the_directory_or_without_the_secret_is_served(server: R
     assert httpx.get(f"{base}/wrong-secret/f.bin").status_code == 404
     assert httpx.get(f"{server.url}/%2E%2E/secret.txt").status_code == 404
     assert httpx.get(f"{server.url}/f.bin").content == b"x"
+
+
+def test_model_files_are_read_alone_and_checked_without_fetching_the_weights(
+    server: RegistryServer, tmp_path: Path
+) -> None:
+    write_checkpoint(server.root / "m", seed=3)
+    with HttpRegistry(server.url) as http:
+        registries = [http, DirectoryRegistry(server.root)]
+        for registry in registries:
+            assert registry.read_files("m", prefix="model/") == {"model/config.json": b'{"seed": 3}'}
+            assert registry.read_files("m", prefix="tokenizer/") == {}
+        (server.root / "m" / "model" / "config.json").write_bytes(b'{"seed": 4}')  # same size
+        for registry in registries:
+            with pytest.raises(RegistryError, match="checksum mismatch"):
+                registry.read_files("m", prefix="model/")
+            with pytest.raises(CheckpointNotFoundError):
+                registry.read_files("other")

@@ -176,10 +176,9 @@ class EmbeddedNode:
 
     def _model_files(self, model: str) -> dict[str, bytes]:
         path = self.store.disk.path(model)
-        if path is None and isinstance(self.registry, DirectoryRegistry) and self.registry.exists(model):
-            path = self.registry.root / model  # read in place: no need to copy the weights
-        if path is None:
-            path = self.store.disk.fetch(model, self.registry)
+        if path is None:  # only these files from the registry: fetching the weights is a load's job
+            files = self.registry.read_files(model, prefix="model/")
+            return {rel.removeprefix("model/"): data for rel, data in sorted(files.items())}
         model_dir = path / "model"
         return {
             str(f.relative_to(model_dir)): f.read_bytes() for f in sorted(model_dir.rglob("*")) if f.is_file()

@@ -22,6 +22,7 @@ from ember.errors import (
     RegistryError,
 )
 from ember.store.catalog import check_name
+from ember.store.checksum import digest
 from ember.store.format import INDEX_FILE, CheckpointIndex
 from ember.store.http_source import HttpSource, make_client
 from ember.store.transfer import (
@@ -51,6 +52,11 @@ class Registry(Protocol):
 
     def size(self, name: str) -> int:
         """Total bytes of the checkpoint (partitions and files), from its index."""
+        ...
+
+    def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
+        """The checkpoint's stored files (config, tokenizer; never its tensors) whose
+        paths start with `prefix`, by path, each checked against the index."""
         ...
 
 
@@ -128,6 +134,10 @@ class DirectoryRegistry:
         with _in_registry(self.location, name):
             return _index(self._source(name)).stored_bytes
 
+    def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
+        with _in_registry(self.location, name):
+            return _read_files(self._source(name), prefix)
+
     def names(self) -> list[str]:
         """Checkpoints in the registry, sorted."""
         if not self.root.is_dir():
@@ -181,6 +191,10 @@ class HttpRegistry:
         with _in_registry(self.location, name):
             return _index(self._source(name)).stored_bytes
 
+    def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
+        with _in_registry(self.location, name):
+            return _read_files(self._source(name), prefix)
+
     def close(self) -> None:
         self._client.close()
 
@@ -204,6 +218,17 @@ def _in_registry(location: str, name: str) -> Iterator[None]:
 
 def _index(source: CheckpointSource) -> CheckpointIndex:
     return CheckpointIndex.from_json(source.index_text(), source=f"{source.location}/{INDEX_FILE}")
+
+
+def _read_files(source: CheckpointSource, prefix: str) -> dict[str, bytes]:
+    out = {}
+    for rel, entry in _index(source).files.items():
+        if rel.startswith(prefix):
+            data = source.read_file(rel, entry.size)
+            if len(data) != entry.size or digest(data) != entry.checksum:
+                raise source.bad_bytes(f"checksum mismatch in {source.location}/{rel}")
+            out[rel] = data
+    return out
 
 
 def open_registry(location: str) -> Registry:
