@@ -157,6 +157,29 @@ def worker(cluster: Cluster) -> Any:
     return next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
 
 
+async def stream_through_a_node_death(
+    c: Controller, rc: RayCluster, cluster: Cluster, req: EngineRequest
+) -> tuple[RayNode, list[int]]:
+    """Start "tiny" on a worker node (its DRAM holds the checkpoint), stream `req` from
+    it, SIGKILL that node after the first delta, and read the stream to its end (it
+    resumes on a live node from its tokens). The dead node's client and the tokens."""
+    victim = worker(cluster)
+    node = rc.agents[victim.node_id]
+    await node.preload("tiny")  # the instance starts there
+    await c.deploy(Deployment("tiny", "tiny", min_instances=1))
+    await c.wait_ready(60)
+    [inst] = instances(await c.status(), "tiny")
+    assert inst["node"] == node.node_id
+    await hold(node, inst["id"], requests=1, steps=4)  # the stream is mid-way when the node dies
+    stream = c.generate("tiny", req)
+    tokens = list((await anext(stream)).outputs[0].token_ids)
+    assert (await node.engine_stats(inst["id"])).num_running == 1  # not finished yet
+    await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)  # SIGKILL
+    async for delta in stream:
+        tokens += delta.outputs[0].token_ids
+    return node, tokens
+
+
 def instances(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
     dep = next(d for d in status["deployments"] if d["name"] == name)
     return list(dep["instances"])
@@ -311,19 +334,7 @@ def test_a_node_that_dies_mid_stream_leaves_the_cluster_and_its_stream_goes_on(
 ) -> None:
     async def main() -> None:
         async with ray_controller(ember_home) as (c, rc):
-            victim = worker(cluster)
-            node = rc.agents[victim.node_id]
-            await node.preload("tiny")  # the instance starts there
-            await c.deploy(Deployment("tiny", "tiny", min_instances=1))
-            await c.wait_ready(60)
-            [inst] = instances(await c.status(), "tiny")
-            assert inst["node"] == node.node_id
-            await hold(node, inst["id"], requests=1, steps=4)  # the stream is mid-way when the node dies
-            stream = c.generate("tiny", request("doomed", max_tokens=200))
-            tokens = list((await anext(stream)).outputs[0].token_ids)
-            await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)  # SIGKILL
-            async for delta in stream:  # resumed on a live node from its tokens
-                tokens += delta.outputs[0].token_ids
+            node, tokens = await stream_through_a_node_death(c, rc, cluster, request("doomed", 200))
             assert len(tokens) == 200
             with pytest.raises(NodeFailedError):
                 await node.status()
@@ -444,20 +455,7 @@ def test_a_stream_on_a_node_that_dies_finishes_elsewhere_with_exact_tokens(
 
     async def main() -> None:
         async with ray_controller(ember_home) as (c, rc):
-            victim = worker(cluster)
-            node = rc.agents[victim.node_id]
-            await node.preload("tiny")  # the instance starts there
-            await c.deploy(Deployment("tiny", "tiny", min_instances=1))
-            await c.wait_ready(60)
-            [inst] = instances(await c.status(), "tiny")
-            assert inst["node"] == node.node_id
-            await hold(node, inst["id"], requests=1, steps=4)
-            stream = c.generate("tiny", request("moving", 200))
-            tokens = list((await anext(stream)).outputs[0].token_ids)
-            assert (await node.engine_stats(inst["id"])).num_running == 1  # not finished yet
-            await asyncio.to_thread(cluster.remove_node, victim, allow_graceful=False)
-            async for delta in stream:
-                tokens += delta.outputs[0].token_ids
+            _, tokens = await stream_through_a_node_death(c, rc, cluster, request("moving", 200))
             assert tokens == expected
 
     run(main)
