@@ -30,7 +30,7 @@ from ember.cluster.events import ClusterEvents, Direction
 from ember.cluster.messages import InstanceInfo
 from ember.cluster.model_files import model_info
 from ember.cluster.ray_cluster import NAMESPACE, RayCluster
-from ember.cluster.ray_node import import_ray
+from ember.cluster.ray_node import import_ray, ray_deltas
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.errors import ModelNotFoundError, OverloadedError
@@ -247,21 +247,14 @@ class RayBackend:
 
     async def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         ray = import_ray()
-        stream = self.handle.generate.options(num_returns="streaming").remote(model, request)
-        finished = False
         try:
-            async for ref in stream:
-                delta: RequestOutput = await ref
-                finished = delta.finished
-                yield delta
+            async with contextlib.aclosing(ray_deltas(self.handle.generate, model, request)) as deltas:
+                async for delta in deltas:  # closed with this stream: an early close cancels it
+                    yield delta
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
         except ray.exceptions.RayActorError as exc:
             raise OverloadedError(f"the controller failed mid-stream: {exc}", retry_after_s=2.0) from exc
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    ray.cancel(stream)
 
     def gauges(self) -> dict[str, EngineStats]:
         return dict(self._gauges)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,19 +170,12 @@ class RayNode:
         await self._call("stop_instance", instance_id)
 
     async def generate(self, instance_id: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.generate.options(num_returns="streaming").remote(instance_id, request)
-        finished = False
         try:
-            async for ref in stream:
-                delta: RequestOutput = await ref
-                finished = delta.finished
-                yield delta
+            async with contextlib.aclosing(ray_deltas(self.handle.generate, instance_id, request)) as deltas:
+                async for delta in deltas:  # closed with this stream: an early close cancels it
+                    yield delta
         except Exception as exc:
             raise self._translate(exc) from exc
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    import_ray().cancel(stream)  # the agent's generator aborts the request
 
     async def abort(self, instance_id: str, request_id: str) -> RequestSnapshot | None:
         snapshot: RequestSnapshot | None = await self._call("abort", instance_id, request_id)
@@ -230,6 +223,23 @@ class RayNode:
         """End the agent's process (its instances die with it)."""
         with contextlib.suppress(Exception):
             import_ray().kill(self.handle, no_restart=True)
+
+
+async def ray_deltas(method: Any, *args: Any) -> AsyncGenerator[RequestOutput]:
+    """The RequestOutputs an actor's streaming generator `method(*args)` yields. Left
+    before the last one, the Ray stream is cancelled: the actor's generator ends, which
+    aborts the request it was serving."""
+    stream = method.options(num_returns="streaming").remote(*args)
+    finished = False
+    try:
+        async for ref in stream:
+            delta: RequestOutput = await ref
+            finished = delta.finished
+            yield delta
+    finally:
+        if not finished:
+            with contextlib.suppress(Exception):
+                import_ray().cancel(stream)
 
 
 def _is_node_failure(ray: Any, exc: BaseException) -> bool:
