@@ -62,6 +62,10 @@ class FlakyNode:
         self._check("start_instance")
         return await self.inner.start_instance(instance_id, deployment, model, cold=cold)
 
+    async def instance_loaded(self, instance_id: str) -> InstanceInfo:
+        self._check("instance_loaded")
+        return await self.inner.instance_loaded(instance_id)
+
     async def stop_instance(self, instance_id: str) -> None:
         self._check("stop_instance")
         await self.inner.stop_instance(instance_id)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ember.cluster.state import ClusterState, Deployment
-from ember.errors import ModelNotFoundError, OverloadedError
+from ember.errors import EmberError, ModelNotFoundError, OverloadedError
 from tests.cluster.conftest import collect, make_controller, request, run
 from tests.cluster.fakes import FakeClock
 
@@ -156,6 +156,36 @@ def test_a_request_that_finds_every_slot_taken_gets_overloaded(ember_home: Path,
         with pytest.raises(OverloadedError) as exc:
             await collect(c, "other", request("x"))
         assert exc.value.status == 503 and exc.value.retry_after_s > 0
+        await c.close()
+
+    run(main)
+
+
+def test_a_start_whose_weights_fail_their_checksums_is_dropped_and_the_next_refetches(
+    ember_home: Path, models: list[str]
+) -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        c = make_controller(ember_home, clock=clock)
+        await c.start()
+        await c.deploy(Deployment("tiny", "tiny", min_instances=0, keep_alive_s=1))
+        want = await collect(c, "tiny", request("warm"))
+        clock.advance(2)
+        c.reconcile()
+        await c.settle()
+        [node] = c.instances.nodes.values()
+        store = node.store  # type: ignore[attr-defined]
+        assert store.evict("tiny")
+        part = store.disk.path("tiny") / "part-00000.bin"
+        part.write_bytes(part.read_bytes()[:-64] + bytes(64))  # the disk copy's tail goes bad
+        with pytest.raises(EmberError):
+            await collect(c, "tiny", request("bad"))
+        await c.settle()
+        assert (await c.status())["deployments"][0]["instances"] == []
+        assert (await c.status())["nodes"][0]["free_slots"] == 1
+        assert await collect(c, "tiny", request("again")) == want  # fetched afresh from the registry
+        assert [load.tier for load in c.state.loads()] == ["registry", "registry"]
         await c.close()
 
     run(main)

@@ -15,7 +15,7 @@ from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.loader import load_engine
 from ember.engine.request import EngineRequest, SamplingParams
-from ember.errors import ContextLengthError, InvalidRequestError
+from ember.errors import ContextLengthError, EmberError, InvalidRequestError
 from tests.engine.fakes import FakeKVCache, FakeModel, reference_greedy
 
 pytestmark = pytest.mark.timeout(60)
@@ -210,3 +210,31 @@ def test_prewarm_parks_the_cache_and_a_resume_continues_from_it(engine: AsyncEng
     assert asyncio.run(main()) == full[6:]
     assert engine.engine.num_parked == 0
     assert engine.engine.blocks.num_free_blocks == engine.engine.blocks.num_blocks
+
+
+def test_a_stream_ended_by_shutdown_closes_without_hanging() -> None:
+    # A node stops an instance while a client still reads from it: the stream ends with
+    # an error, and its clean-up (an abort, which needs the engine thread) still returns.
+    config = EngineConfig(device="cpu", block_size=4, max_model_len=128)
+    model = GatedModel(allowed=1)
+    engine = AsyncEngine(Engine(model, FakeKVCache(64, 4), config))
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def run() -> None:
+        stream = engine.generate(EngineRequest.make("r", [1, 2, 3], long))
+        await anext(stream)
+        assert model.waiting.wait(30)  # the engine thread is inside its next forward
+        stopping = asyncio.create_task(asyncio.to_thread(engine.shutdown))
+        while not engine._closed:
+            await asyncio.sleep(0.001)
+        model.gate.release()  # the forward returns; the thread sees the stop
+        with pytest.raises(EmberError, match="shut down"):
+            while True:  # the token of the forward that was running, then the error
+                await anext(stream)
+        await stopping
+        await stream.aclose()
+        assert await engine.abort("r") is None  # after shutdown: an answer, not a hang
+        with pytest.raises(EmberError, match="shut down"):
+            engine.submit(EngineRequest.make("late", [1], GREEDY))
+
+    asyncio.run(asyncio.wait_for(run(), 30))

@@ -186,3 +186,38 @@ def test_a_load_into_dram_parses_the_index_once(monkeypatch: pytest.MonkeyPatch)
     with node.acquire("m")[0] as lease:
         assert_same_tensors(lease.tensors, want)
     assert calls == [LocalStore().path_for("m")]
+
+
+def test_a_streaming_acquire_returns_before_its_bytes_and_records_dram_after(tmp_path: Path) -> None:
+    want = write_checkpoint(tmp_path / "reg" / "r", mib=20)
+    node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
+    node.acquire("r")[0].release()  # registry -> disk (and DRAM)
+    assert node.evict("r")
+    lease, _, report = node.acquire("r", stream=True)
+    assert report.tier == "disk" and report.loading is lease.loading is not None
+    lease.loading.wait()
+    assert_same_tensors(lease.tensors, want)
+    assert _tiers(node, "r") == {"dram", "disk"}  # recorded once every byte was in
+    with node.acquire("r")[0] as hit:  # a later acquire: a plain DRAM hit
+        assert hit.loading is None and hit.tensors["big"].data_ptr() == lease.tensors["big"].data_ptr()
+    lease.release()
+
+
+def test_a_corrupt_streamed_copy_leaves_the_pool_and_the_disk_cache(tmp_path: Path) -> None:
+    want = write_checkpoint(tmp_path / "reg" / "r", mib=20)
+    node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
+    node.acquire("r")[0].release()
+    assert node.evict("r")
+    part = node.root / "disk" / "r" / "part-00000.bin"
+    data = bytearray(part.read_bytes())
+    data[-100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    lease, _, _ = node.acquire("r", stream=True)
+    assert lease.loading is not None
+    with pytest.raises(CorruptCheckpointError, match="part-00000.bin"):
+        lease.loading.wait()
+    assert "r" not in node.pool
+    assert _tiers(node, "r") == set() and node.holds("r") == set()  # the bad copy left the disk cache
+    lease.release()
+    with node.acquire("r")[0] as again:  # so the next acquire fetches a good one
+        assert_same_tensors(again.tensors, want)

@@ -211,8 +211,8 @@ def _ember_sample(server: ColdServer, model: str, tier: Tier, cfg: ColdBenchConf
     server.prepare(model, tier)
     before = server.last_load()
     cold, _ = stream_ttft(server.http, server.url, model, cfg.max_tokens)
-    load = server.last_load()
-    if load is None or (before is not None and load.instance == before.instance) or load.model != model:
+    load = server.next_load(before)
+    if load is None or load.model != model:
         raise EmberError(f"{model}: the request did not start an instance (was one still up?)")
     warm = [stream_ttft(server.http, server.url, model, cfg.max_tokens)[0] for _ in range(cfg.warm_requests)]
     return Sample(load.tier, cold, statistics.median(warm), load.actual_s)

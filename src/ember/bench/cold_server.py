@@ -165,3 +165,13 @@ class ColdServer:
         """The most recent instance start: its tier, bytes, start-up seconds."""
         loads = self.controller.state.loads(limit=1)
         return loads[-1] if loads else None
+
+    def next_load(self, before: LoadRecord | None, timeout_s: float = 60.0) -> LoadRecord | None:
+        """The first load recorded after `before`: an instance that streams its weights
+        serves before its load is recorded (polls; None past the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while (load := self.last_load()) is None or (before is not None and load.instance == before.instance):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+        return load

@@ -145,6 +145,7 @@ class Instances:
         self.failures.pop(dep.name, None)
         self.events.scaled(dep.name, "up")
         token = None
+        started = False
         try:
             nbytes = await self.size(dep.model)
             if route.node is None:
@@ -160,10 +161,16 @@ class Instances:
             )
             node = self.node(placement.node)
             info = await node.start_instance(route.instance_id, dep.name, dep.model, cold=placement.cold)
+            started = True
+            self._check_live(route, placement.node)
+            if info.loading:  # serving while its weights arrive: requests go to it now
+                self.state.set_instance_state(route.instance_id, "ready")
+                self.router.set_ready(route.instance_id)
+                await self.notify()
+                info = await node.instance_loaded(route.instance_id)
+                self._check_live(route, placement.node)
             observed = self.estimator.finish(token, info)
             token = None
-            if self.router.get(route.instance_id) is not route:  # its node went down meanwhile
-                raise NodeFailedError(f"node {placement.node} went down while loading", node=placement.node)
             self.state.add_load(
                 LoadRecord(route.instance_id, dep.model, info.node, info.tier, info.nbytes,
                            observed.estimated_s, observed.actual_s, time.time())
@@ -186,6 +193,8 @@ class Instances:
                 self.mark_down(exc.node or route.node, exc)
             if route.node is not None:
                 self.state.set_instance_state(route.instance_id, "dead")
+            if started and not isinstance(exc, NodeFailedError):  # e.g. its weights failed their checksums
+                self.spawn(self._discard(route.node, route.instance_id))
             self.router.remove(route.instance_id)
             self.failures[dep.name] = exc
             return None
@@ -323,6 +332,19 @@ class Instances:
                 raise NodeFailedError("every node of the cluster is down")
             self._sizes[model] = await live[0].checkpoint_size(model)
         return self._sizes[model]
+
+    def _check_live(self, route: Route, node: str) -> None:
+        if self.router.get(route.instance_id) is not route:  # its node went down meanwhile
+            raise NodeFailedError(f"node {node} went down while loading", node=node)
+
+    async def _discard(self, node_id: str | None, instance_id: str) -> None:
+        """Stop an instance that started but cannot serve (its load failed)."""
+        if node_id is None or node_id in self.down:
+            return
+        try:
+            await self.nodes[node_id].stop_instance(instance_id)
+        except Exception as exc:
+            log.warning("stopping failed instance %s on %s: %s", instance_id, node_id, exc)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -31,6 +31,9 @@ class InstanceInfo:
     load_s: float  # acquiring the weights (I/O from `tier`, verification)
     startup_s: float  # load_s plus building the model, KV cache and engine
     max_model_len: int
+    # Serving while its weights still arrive from disk: load_s and startup_s are the
+    # times to serving, and NodeRuntime.instance_loaded gives the final ones.
+    loading: bool = False
 
 
 @dataclass(frozen=True)

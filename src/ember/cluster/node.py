@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -41,6 +42,8 @@ class _Instance:
     info: InstanceInfo
     engine: AsyncEngine
     lease: PoolLease
+    began: float  # perf_counter when its load began
+    loaded: asyncio.Future[InstanceInfo] | None = None
 
 
 class EmbeddedNode:
@@ -87,12 +90,19 @@ class EmbeddedNode:
             raise OverloadedError(f"node {self.node_id} has no free slot", retry_after_s=5.0)
         self._taken += 1
         try:
-            async with self._loading:
-                inst = await asyncio.to_thread(self._load, instance_id, deployment, model, cold)
+            await self._loading.acquire()
         except BaseException:
             self._taken -= 1
             raise
+        try:
+            inst = await asyncio.to_thread(self._load, instance_id, deployment, model, cold)
+        except BaseException:
+            self._loading.release()
+            self._taken -= 1
+            raise
         self._instances[instance_id] = inst
+        inst.loaded = asyncio.ensure_future(self._arrived(inst))
+        inst.loaded.add_done_callback(_retrieve)
         return inst.info
 
     def _load(self, instance_id: str, deployment: str, model: str, cold: bool) -> _Instance:
@@ -103,18 +113,40 @@ class EmbeddedNode:
             self.store.evict(model)
             self.store.disk.evict(model)
         _prefetch_tokenizer(self.store.nearest_dir(model))
-        lease, path, report = self.store.acquire(model, device=str(self.config.torch_device))
+        lease, path, report = self.store.acquire(model, device=str(self.config.torch_device), stream=True)
         try:
-            engine = load_engine(path, self.config, weights=lease.tensors)
+            engine = load_engine(path, self.config, weights=lease.tensors, loading=lease.loading)
         except BaseException:
             lease.release()
             raise
         tier: LoadTier = "disk" if report.tier == "store" else report.tier
         info = InstanceInfo(
             instance_id, deployment, model, self.node_id, tier, report.nbytes, report.seconds,
-            time.perf_counter() - start, engine.max_model_len,
+            time.perf_counter() - start, engine.max_model_len, loading=lease.loading is not None,
         )  # fmt: skip
-        return _Instance(info, AsyncEngine(engine), lease)
+        return _Instance(info, AsyncEngine(engine), lease, start)
+
+    async def _arrived(self, inst: _Instance) -> InstanceInfo:
+        """Once the instance's weights are all in: its final info; frees the loading queue."""
+        try:
+            loading = inst.lease.loading
+            if loading is not None:
+                await asyncio.to_thread(loading.wait)
+                assert loading.finished is not None
+                load_s = loading.finished - inst.began
+                inst.info = dataclasses.replace(
+                    inst.info, load_s=load_s, startup_s=max(inst.info.startup_s, load_s), loading=False
+                )
+            return inst.info
+        finally:
+            self._loading.release()
+
+    async def instance_loaded(self, instance_id: str) -> InstanceInfo:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            raise ModelNotFoundError(f"no instance {instance_id!r} on node {self.node_id}")
+        assert inst.loaded is not None
+        return await asyncio.shield(inst.loaded)
 
     async def stop_instance(self, instance_id: str) -> None:
         inst = self._instances.pop(instance_id, None)
@@ -213,6 +245,12 @@ class EmbeddedNode:
         for instance_id in list(self._instances):
             with contextlib.suppress(EmberError):
                 await self.stop_instance(instance_id)
+
+
+def _retrieve(future: asyncio.Future[InstanceInfo]) -> None:
+    """Mark a load's failure as seen: instance_loaded re-raises it to whoever asks."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _prefetch_tokenizer(checkpoint: Path | None) -> None:

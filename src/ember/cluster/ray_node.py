@@ -77,6 +77,9 @@ class NodeAgent:
     async def start_instance(self, instance_id: str, deployment: str, model: str, cold: bool) -> InstanceInfo:
         return await self.node.start_instance(instance_id, deployment, model, cold=cold)
 
+    async def instance_loaded(self, instance_id: str) -> InstanceInfo:
+        return await self.node.instance_loaded(instance_id)
+
     async def stop_instance(self, instance_id: str) -> None:
         await self.node.stop_instance(instance_id)
 
@@ -164,6 +167,10 @@ class RayNode:
         self, instance_id: str, deployment: str, model: str, *, cold: bool = False
     ) -> InstanceInfo:
         info: InstanceInfo = await self._call("start_instance", instance_id, deployment, model, cold)
+        return info
+
+    async def instance_loaded(self, instance_id: str) -> InstanceInfo:
+        info: InstanceInfo = await self._call("instance_loaded", instance_id)
         return info
 
     async def stop_instance(self, instance_id: str) -> None:

@@ -25,7 +25,16 @@ class NodeRuntime(Protocol):
         """Take a slot, wait for the node's loading queue (one load at a time), lease the
         checkpoint's weights from the node's tiers (fetching from the registry if no
         nearer tier holds it) and start an engine. `cold`: drop the node's cached copies
-        first, so the load comes from the registry. OverloadedError if no slot is free."""
+        first, so the load comes from the registry. OverloadedError if no slot is free.
+
+        A load from disk streams: the instance is returned serving while its weights
+        still arrive (`info.loading`), and holds the loading queue until they are in."""
+        ...
+
+    async def instance_loaded(self, instance_id: str) -> InstanceInfo:
+        """Wait until the instance's weights are all in; its final InstanceInfo (load_s
+        and startup_s to the last byte). Raises the load's error (a corrupt chunk: the
+        instance cannot serve and should be stopped)."""
         ...
 
     async def stop_instance(self, instance_id: str) -> None:

@@ -66,7 +66,8 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._parking: dict[str, concurrent.futures.Future[int]] = {}  # prewarm() calls in flight
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # shutdown() began: no new requests
+        self._stopped = False  # the engine thread is gone: nothing queued would ever run
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -88,10 +89,12 @@ class AsyncEngine:
         validate_request(request, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         stream = RequestStream(request.request_id, asyncio.get_running_loop())
         with self._lock:
+            if self._stopped:
+                raise EmberError("the engine is shut down")
             if request.request_id in self._streams or request.request_id in self._parking:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already running")
             self._streams[request.request_id] = stream
-        self._commands.put(lambda: self._add(request))
+            self._commands.put(lambda: self._add(request))
         return stream
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -142,10 +145,12 @@ class AsyncEngine:
         validate_request(request, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._lock:
+            if self._stopped:
+                raise EmberError("the engine is shut down")
             if request.request_id in self._streams or request.request_id in self._parking:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already running")
             self._parking[request.request_id] = future
-        self._commands.put(lambda: self._add(request))
+            self._commands.put(lambda: self._add(request))
         return await asyncio.wrap_future(future)
 
     async def abort(self, request_id: str) -> RequestSnapshot | None:
@@ -171,16 +176,33 @@ class AsyncEngine:
             self._deliver(output)
             future.set_result(snapshot)
 
-        self._commands.put(command)
+        with self._lock:
+            if self._stopped:  # shut down: its requests already ended
+                return None
+            self._commands.put(command)
         return await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
-        """Stop the engine thread (pending requests end with an error)."""
+        """Stop the engine thread (pending requests end with an error). Commands queued
+        before the thread stopped still run here (an abort's caller gets its answer);
+        later ones are refused."""
         if self._closed:
             return
         self._closed = True
         self._commands.put(_STOP)
         self._thread.join()
+        with self._lock:
+            self._stopped = True
+            left = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    left.append(self._commands.get_nowait())
+        for command in left:
+            if callable(command):
+                try:
+                    command()
+                except Exception:
+                    log.exception("engine command failed")
         self._fail_all(EmberError("the engine was shut down"))
         self.engine.close()
 

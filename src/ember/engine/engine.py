@@ -255,13 +255,15 @@ class Engine:
         samples: list[SampleResult] = []
         if not batch.is_empty:
             self.swapper.prepare(s.seq.request_id for s in batch.scheduled)
+            loading = getattr(self.runner.model, "loading", None) is not None
             start = time.perf_counter()
             samples = self.runner.execute(batch)
-            self.profile.observe(
-                [s.num_new_tokens for s in batch.scheduled],
-                [s.start for s in batch.scheduled],
-                time.perf_counter() - start,
-            )
+            if not loading:  # an iteration that waited for weights to arrive is no sample of its cost
+                self.profile.observe(
+                    [s.num_new_tokens for s in batch.scheduled],
+                    [s.start for s in batch.scheduled],
+                    time.perf_counter() - start,
+                )
         return self._postprocess(batch, samples)
 
     def _postprocess(self, batch: SchedulerOutput, samples: list[SampleResult]) -> list[RequestOutput]:

@@ -28,6 +28,7 @@ from ember.engine.scheduler import Clock
 from ember.errors import CheckpointError, InvalidRequestError
 from ember.store import load_tensors
 from ember.store.format import INDEX_FILE
+from ember.store.loader import LoadProgress
 from ember.store.local import LocalStore
 
 MODEL_DIR = "model"
@@ -155,9 +156,13 @@ def load_engine(
     config: EngineConfig,
     *,
     weights: Mapping[str, torch.Tensor] | None = None,
+    loading: LoadProgress | None = None,
     clock: Clock = time.monotonic,
 ) -> Engine:
     """Build the model, KV cache and tokenizer of a checkpoint and an Engine over them.
+
+    `loading`: `weights` are still arriving (a streaming acquire); the engine serves
+    at once and each forward waits for every layer's weights just before using them.
 
     Raises CheckpointNotFoundError, UnsupportedModelError (an unknown architecture),
     CheckpointError, or InvalidRequestError for a config that cannot work.
@@ -171,9 +176,13 @@ def load_engine(
     if weights is None:
         weights = load_tensors(checkpoint, device=device)
     dtype = config.torch_dtype(_weights_dtype(weights))
+    if loading is not None and (dtype != _weights_dtype(weights) or device.type != "cpu"):
+        loading.wait()  # a copy reads every byte: nothing to overlap
+        loading = None
     if dtype != _weights_dtype(weights):  # asked for another dtype: a converted copy
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     lm = build_model(spec, weights, device)
+    lm.loading = loading
     budget = config.default_kv_bytes(device)
     num_blocks = num_blocks_for_budget(spec, budget, config.block_size, dtype)
     if num_blocks < 1:

@@ -5,6 +5,10 @@ no I/O, no copy. An entry that is leased is never evicted. The pool stays within
 its byte budget except while leases pin more than fits; as those leases end, the
 least recently used unleased entries go until it fits again (so an entry bigger
 than the whole budget lives exactly as long as it is leased).
+
+An entry may be inserted while its bytes are still arriving (a streaming load): its
+leases carry the load's LoadProgress until the load completes, and a load that
+fails is discarded from the pool.
 """
 
 from __future__ import annotations
@@ -16,24 +20,36 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.store.loader import LoadProgress
+
 
 @dataclass
 class _Entry:
     tensors: dict[str, torch.Tensor]
     nbytes: int
     refs: int = 0
+    loading: LoadProgress | None = None
 
 
 class PoolLease:
     """The right to use one pool entry's tensors until `release()` (idempotent).
-    Use as a context manager, or release explicitly."""
+    Use as a context manager, or release explicitly. `loading` is the LoadProgress of
+    tensors still arriving (wait on it before reading them), None once they are in."""
 
     def __init__(
-        self, key: str, tensors: dict[str, torch.Tensor], nbytes: int, pool: DramPool | None
+        self,
+        key: str,
+        tensors: dict[str, torch.Tensor],
+        nbytes: int,
+        pool: DramPool | None,
+        loading: LoadProgress | None = None,
+        entry: object = None,
     ) -> None:
         self.key = key
+        self._entry = entry  # which entry of `key` this leases (a discarded one may be replaced)
         self.tensors = tensors
         self.nbytes = nbytes
+        self.loading = loading
         self._pool = pool
         self._released = False
         self._lock = threading.Lock()
@@ -48,7 +64,7 @@ class PoolLease:
                 return
             self._released = True
         if self._pool is not None:
-            self._pool._release(self.key)
+            self._pool._release(self.key, self._entry)
 
     def __enter__(self) -> PoolLease:
         return self
@@ -82,14 +98,17 @@ class DramPool:
                 return None
             return self._lease(key, entry)
 
-    def insert(self, key: str, tensors: dict[str, torch.Tensor], nbytes: int) -> PoolLease:
+    def insert(
+        self, key: str, tensors: dict[str, torch.Tensor], nbytes: int, *, loading: LoadProgress | None = None
+    ) -> PoolLease:
         """Add an entry and lease it. Unleased entries are evicted, least recently used
         first, to make room. If `key` is already present (another thread loaded it
-        first), the existing entry is leased and `tensors` are dropped."""
+        first), the existing entry is leased and `tensors` are dropped. `loading`: the
+        tensors are still arriving (see LoadProgress)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = _Entry(dict(tensors), nbytes)
+                entry = _Entry(dict(tensors), nbytes, loading=loading)
                 self._entries[key] = entry
                 self._used += nbytes
             lease = self._lease(key, entry)
@@ -102,6 +121,18 @@ class DramPool:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.refs > 0:
+                return False
+            self._drop(key)
+        self._notify([key])
+        return True
+
+    def discard(self, key: str, loading: LoadProgress | None = None) -> bool:
+        """Drop an entry even while leased (its load failed: nobody may lease it again;
+        held leases keep their memory until released). With `loading`, only the entry
+        of that load. False if absent."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or (loading is not None and entry.loading is not loading):
                 return False
             self._drop(key)
         self._notify([key])
@@ -130,13 +161,15 @@ class DramPool:
     def _lease(self, key: str, entry: _Entry) -> PoolLease:
         entry.refs += 1
         self._entries.move_to_end(key)
+        if entry.loading is not None and entry.loading.complete:
+            entry.loading = None
         # A fresh dict of the same tensor objects: callers may edit the mapping, never the pool's.
-        return PoolLease(key, dict(entry.tensors), entry.nbytes, self)
+        return PoolLease(key, dict(entry.tensors), entry.nbytes, self, entry.loading, entry)
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, token: object) -> None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None or entry is not token:
                 return
             entry.refs -= 1
             evicted = self._shrink()

@@ -1,6 +1,11 @@
 """load_tensors: bulk, chunked, multi-threaded reads of whole partitions into one
 page-aligned buffer, then every tensor as a zero-copy view. No per-tensor reads and
-no parsing beyond the small index on the load path."""
+no parsing beyond the small index on the load path.
+
+stream_tensors returns the views at once and reads behind them, in the order a
+forward pass needs them; its LoadProgress says which bytes have arrived (read and
+checksum-checked), so an engine can start computing with the first layers while
+the last ones are still on their way."""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Callable, Sequence
+import re
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +56,140 @@ def plan_reads(index: CheckpointIndex, chunk_bytes: int) -> tuple[list[int], lis
             jobs.append(ReadJob(p, off, base + off, min(chunk_bytes, part.size - off)))
         base += part.size
     return bases, jobs
+
+
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def need_rank(name: str) -> int:
+    """When a forward pass needs tensor `name`: embeddings first (0), then layer i
+    (i + 1), then everything else (final norm, output head) last."""
+    m = _LAYER.search(name)
+    if m is not None:
+        return int(m.group(1)) + 1
+    return 0 if "embed" in name else 1 << 30
+
+
+def in_need_order(index: CheckpointIndex, bases: Sequence[int], jobs: list[ReadJob]) -> list[ReadJob]:
+    """`jobs` sorted by the earliest need of any tensor they hold (stable: file order
+    within a rank). A checkpoint written layer by layer keeps its order."""
+    spans = sorted(
+        (bases[e.partition] + e.offset, bases[e.partition] + e.offset + e.nbytes, need_rank(name))
+        for name, e in index.tensors.items()
+    )
+    starts = [s for s, _, _ in spans]
+
+    def rank(job: ReadJob) -> int:
+        end = job.buf_offset + job.length
+        i = max(0, bisect_right(starts, job.buf_offset) - 1)
+        best = 1 << 31
+        while i < len(spans) and spans[i][0] < end:
+            if spans[i][1] > job.buf_offset:
+                best = min(best, spans[i][2])
+            i += 1
+        return best
+
+    return sorted(jobs, key=rank)
+
+
+class LoadProgress:
+    """Which bytes of a streaming load's buffer have arrived (read and, when the load
+    verifies, checksum-checked). `wait_for(tensors)` blocks until theirs have, or
+    raises the load's error; `wait()` waits for the whole load. Thread-safe."""
+
+    def __init__(self, buf: torch.Tensor, jobs: Sequence[ReadJob], clock: Callable[[], float]) -> None:
+        self._base = buf.data_ptr()
+        self._nbytes = buf.numel()
+        ordered = sorted(jobs, key=lambda j: j.buf_offset)
+        self._starts = [j.buf_offset for j in ordered]
+        self._slot = {j.buf_offset: i for i, j in enumerate(ordered)}
+        self._arrived = [False] * len(ordered)
+        self._missing = len(ordered)
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[LoadProgress], None]] = []
+        self._cond = threading.Condition()
+        self._clock = clock
+        self.started = clock()
+        self.finished: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every byte arrived (False while loading and after a failure)."""
+        return self.finished is not None and self._error is None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def seconds(self) -> float | None:
+        """Start to last byte, once finished."""
+        return None if self.finished is None else self.finished - self.started
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the whole load has arrived; raises its error (TimeoutError on timeout)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finished is not None, timeout):
+                raise TimeoutError("the checkpoint is still loading")
+            self._raise()
+
+    def wait_for(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Until the bytes under `tensors` have arrived; tensors outside this load's
+        buffer are ready by definition. Raises the load's error."""
+        if self.complete:
+            return
+        ranges = [r for t in tensors if (r := self._span(t)) is not None]
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or all(self._has(a, b) for a, b in ranges))
+            self._raise()
+
+    def add_done_callback(self, fn: Callable[[LoadProgress], None]) -> None:
+        """Run `fn(self)` once the load finishes or fails (at once if it has)."""
+        with self._cond:
+            if self.finished is None:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _span(self, t: torch.Tensor) -> tuple[int, int] | None:
+        if t.device.type != "cpu" or t.numel() == 0:
+            return None
+        start = t.data_ptr() - self._base
+        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
+        if not 0 <= start < self._nbytes:
+            return None
+        return start, start + extent * t.element_size()
+
+    def _has(self, start: int, end: int) -> bool:
+        i = max(0, bisect_right(self._starts, start) - 1)
+        while i < len(self._starts) and self._starts[i] < end:
+            if not self._arrived[i]:
+                return False
+            i += 1
+        return True
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _arrive(self, job: ReadJob) -> None:
+        with self._cond:
+            i = self._slot[job.buf_offset]
+            if not self._arrived[i]:
+                self._arrived[i] = True
+                self._missing -= 1
+            self._cond.notify_all()
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._cond:
+            if error is None and self._missing:
+                error = CorruptCheckpointError(f"{self._missing} chunks of the load never arrived")
+            self._error = error
+            self.finished = self._clock()
+            callbacks, self._callbacks = self._callbacks, []
+            self._cond.notify_all()
+        for fn in callbacks:
+            fn(self)
 
 
 def supports_direct_io(path: Path) -> bool:
@@ -128,10 +271,13 @@ def read_partitions(
     chunk_bytes: int,
     verify: bool,
     on_chunk: Callable[[ReadJob], None] | None = None,
+    jobs: Sequence[ReadJob] | None = None,
 ) -> list[int]:
     """Fill `buf` (uint8, page-aligned, CPU) with every partition. Returns the
-    partition base offsets. `on_chunk` runs in the reading thread after each chunk."""
-    bases, jobs = plan_reads(index, chunk_bytes)
+    partition base offsets. `on_chunk` runs in the reading thread after each chunk;
+    `jobs` (plan_reads' chunks, reordered) sets the order chunks are read in."""
+    bases, planned = plan_reads(index, chunk_bytes)
+    jobs = planned if jobs is None else jobs
     paths = [root / p.file for p in index.partitions]
     fds = [_open(p, io) for p in paths]
     whole = byte_view(buf)
@@ -203,3 +349,44 @@ def load_tensors(
         root, index, buf, io=mode, threads=threads, chunk_bytes=chunk_bytes, verify=verify
     )
     return tensor_views(buf, index, bases)
+
+
+def stream_tensors(
+    path: str | Path,
+    *,
+    verify: bool = True,
+    io: IoMode = "auto",
+    threads: int = DEFAULT_THREADS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    index: CheckpointIndex | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[str, torch.Tensor], LoadProgress]:
+    """Every tensor as a view into one buffer, returned before the bytes are in it,
+    and the LoadProgress of the reads that fill it behind them (CPU only).
+
+    Chunks are read in need order (embeddings, layer 0, layer 1, ..., head), on
+    `threads` threads, each verified before it counts as arrived. Read a tensor only
+    after `progress.wait_for([tensor])`; the buffer stays alive while the views do."""
+    root = Path(path)
+    if index is None:
+        index = read_index(root)
+    check_sizes(root, index)
+    mode = choose_io(root, index, io) if index.partitions else "buffered"
+    buf = host_buffer(index.total_bytes)
+    bases, jobs = plan_reads(index, chunk_bytes)
+    progress = LoadProgress(buf, jobs, clock)
+    ordered = in_need_order(index, bases, jobs)
+
+    def read() -> None:
+        error: BaseException | None = None
+        try:
+            read_partitions(
+                root, index, buf, io=mode, threads=threads, chunk_bytes=chunk_bytes, verify=verify,
+                on_chunk=progress._arrive, jobs=ordered,
+            )  # fmt: skip
+        except BaseException as exc:  # handed to every waiter
+            error = exc
+        progress._finish(error)
+
+    threading.Thread(target=read, name="ember-load", daemon=True).start()
+    return tensor_views(buf, index, bases), progress

@@ -7,6 +7,7 @@ The catalogue records which node holds what in DRAM and on disk, for placement.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -17,12 +18,12 @@ from typing import Literal
 import torch
 
 from ember.env import registry_location
-from ember.errors import CheckpointNotFoundError
+from ember.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ember.store.catalog import check_name
 from ember.store.disk_cache import DiskCache
 from ember.store.dram_pool import DramPool, PoolLease
 from ember.store.format import read_index
-from ember.store.loader import load_tensors
+from ember.store.loader import LoadProgress, load_tensors, stream_tensors
 from ember.store.local import LocalStore
 from ember.store.registry import Registry, open_registry
 from ember.store.transfer import Progress
@@ -34,12 +35,15 @@ Tier = Literal["dram", "disk", "store", "registry"]
 
 @dataclass(frozen=True)
 class LoadReport:
-    """How one acquire was served: from which tier, how many bytes, how long (s)."""
+    """How one acquire was served: from which tier, how many bytes, how long (s).
+    For a streaming acquire `seconds` is the time to the lease; `loading` (None once
+    the bytes are in) times the rest."""
 
     name: str
     tier: Tier
     nbytes: int
     seconds: float
+    loading: LoadProgress | None = None
 
 
 class NodeStore:
@@ -77,26 +81,34 @@ class NodeStore:
         self._guard = threading.Lock()
 
     def acquire(
-        self, name: str, *, device: str = "cpu", progress: Progress | None = None
+        self, name: str, *, device: str = "cpu", progress: Progress | None = None, stream: bool = False
     ) -> tuple[PoolLease, Path, LoadReport]:
         """Lease checkpoint `name`'s tensors, loading them into DRAM if needed.
 
         Returns the lease, the checkpoint directory (for model/ files: config,
         tokenizer) and how it was loaded. A DRAM hit does no I/O and no copy. For a
         non-CPU `device` the DRAM copy is copied there once (shared storage stays
-        shared) and the returned lease owns that copy, outside the pool."""
+        shared) and the returned lease owns that copy, outside the pool.
+
+        `stream` (CPU only): a load from disk returns as soon as it has started, its
+        tensors still arriving; `lease.loading` tracks them (see LoadProgress). A
+        registry download still completes to disk first."""
         start = self.clock()
+        stream = stream and torch.device(device).type == "cpu"
         lease = self.pool.acquire(name)
         tier: Tier = "dram"
         if lease is None:
             with self._name_lock(name):  # one load per name at a time; the rest hit DRAM after it
                 lease = self.pool.acquire(name)
                 if lease is None:
-                    lease, tier = self._load(name, progress)
+                    lease, tier = self._load(name, progress, stream)
         path = self._dirs[name]
         if torch.device(device).type != "cpu":
             lease = _copy_to_device(lease, torch.device(device))
-        return lease, path, LoadReport(name, tier, lease.nbytes, self.clock() - start)
+        elif lease.loading is not None and not stream:
+            lease.loading.wait()  # a streaming load by another caller: this one waits for its end
+            lease.loading = None
+        return lease, path, LoadReport(name, tier, lease.nbytes, self.clock() - start, lease.loading)
 
     def holds(self, name: str) -> set[str]:
         """The tiers on this node that hold `name`: "dram", "disk", "store"."""
@@ -126,15 +138,22 @@ class NodeStore:
         """Drop `name` from this node's DRAM pool (False if absent or leased)."""
         return self.pool.evict(name)
 
-    def _load(self, name: str, progress: Progress | None) -> tuple[PoolLease, Tier]:
+    def _load(self, name: str, progress: Progress | None, stream: bool) -> tuple[PoolLease, Tier]:
         rec = self.local.catalog.find(name)
         if rec is not None and Path(rec.path).is_dir():
-            return self._into_dram(name, Path(rec.path)), "store"
+            nothing_to_hold = contextlib.ExitStack()
+            return self._into_dram(name, Path(rec.path), stream, nothing_to_hold, cached=False), "store"
         tier: Tier = "disk"
         for _ in range(3):  # an entry evicted between fetch and read is fetched again
-            with self.disk.reading(name) as path:
-                if path is not None:
-                    return self._into_dram(name, path), tier
+            hold = contextlib.ExitStack()  # the disk entry stays ours until its bytes are in
+            path = hold.enter_context(self.disk.reading(name))
+            if path is not None:
+                try:
+                    return self._into_dram(name, path, stream, hold, cached=True), tier
+                except BaseException:
+                    hold.close()
+                    raise
+            hold.close()
             if self.registry is None:
                 raise CheckpointNotFoundError(
                     f"checkpoint {name!r} is not in the local store or node {self.node_id!r}'s disk "
@@ -144,14 +163,41 @@ class NodeStore:
             tier = "registry"
         raise CheckpointNotFoundError(f"checkpoint {name!r} kept leaving the disk cache while loading")
 
-    def _into_dram(self, name: str, path: Path) -> PoolLease:
-        # Store -> node is a copy between tiers: every chunk's checksum is checked.
-        index = read_index(path)  # parsed once: load_tensors takes it
+    def _into_dram(
+        self, name: str, path: Path, stream: bool, hold: contextlib.ExitStack, *, cached: bool
+    ) -> PoolLease:
+        """Read `path` into the pool; `hold` (the disk entry's read lock) is closed once
+        the bytes are in. Store -> node is a copy between tiers: every chunk's checksum
+        is checked, and a `cached` (disk cache) copy that fails is evicted, so the next
+        load fetches a good one."""
+        index = read_index(path)  # parsed once: the loader takes it
         nbytes = index.total_bytes
-        tensors = load_tensors(path, verify=True, index=index)
-        self._dirs[name] = path  # before the insert: a hit in another thread reads it
-        lease = self.pool.insert(name, tensors, nbytes)
-        self.catalog.set_location(name, self.node_id, "dram", nbytes)
+        if not stream:
+            try:
+                with hold:
+                    tensors = load_tensors(path, verify=True, index=index)
+            except CorruptCheckpointError:
+                if cached:
+                    self.disk.evict(name)
+                raise
+            self._dirs[name] = path  # before the insert: a hit in another thread reads it
+            lease = self.pool.insert(name, tensors, nbytes)
+            self.catalog.set_location(name, self.node_id, "dram", nbytes)
+            return lease
+        tensors, loading = stream_tensors(path, verify=True, index=index, clock=self.clock)
+        self._dirs[name] = path
+        lease = self.pool.insert(name, tensors, nbytes, loading=loading)
+
+        def arrived(done: LoadProgress) -> None:
+            hold.close()
+            if done.error is None:
+                self.catalog.set_location(name, self.node_id, "dram", nbytes)
+            else:  # nobody may lease a half-read or corrupt copy again
+                self.pool.discard(name, loading)
+                if cached and isinstance(done.error, CorruptCheckpointError):
+                    self.disk.evict(name)
+
+        loading.add_done_callback(arrived)
         return lease
 
     def _dropped_from_dram(self, name: str) -> None:

@@ -124,7 +124,11 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
         plan = self.plan(meta, kv)
         cos, sin = self.rotary.lookup(positions)
+        self.arrive(self.embed_tokens)
         x = torch.nn.functional.embedding(input_ids, self.embed_tokens)
         for layer, cache in zip(self.layers, kv.layers, strict=True):
+            if self.loading is not None:
+                self.arrive(layer)
             x = layer.forward(x, cos, sin, plan, cache)
+        self.arrive(self.norm)
         return rms_norm(x, self.norm, self.spec.norm_eps)

@@ -76,12 +76,16 @@ class OPTForCausalLM(CausalLM):
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
         plan = self.plan(meta, kv)
+        self.arrive(self.embed_tokens, self.project_in, self.embed_positions)
         x = torch.nn.functional.embedding(input_ids, self.embed_tokens)
         if self.project_in is not None:
             x = linear(x, self.project_in)
         x = x + torch.nn.functional.embedding(positions + POSITION_OFFSET, self.embed_positions)
         for layer, cache in zip(self.layers, kv.layers, strict=True):
+            if self.loading is not None:
+                self.arrive(layer)
             x = layer.forward(x, plan, cache)
+        self.arrive(self.final_ln_w, self.final_ln_b)
         if self.spec.final_layer_norm:
             x = layer_norm(x, self.final_ln_w, self.final_ln_b, self.eps)
         return x
