@@ -140,7 +140,7 @@ class LoadProgress:
             return
         ranges = [r for t in tensors if (r := self._span(t)) is not None]
         with self._cond:
-            self._cond.wait_for(lambda: self._error is not None or all(self._has(a, b) for a, b in ranges))
+            self._cond.wait_for(lambda: self.finished is not None or all(self._has(a, b) for a, b in ranges))
             self._raise()
 
     def add_done_callback(self, fn: Callable[[LoadProgress], None]) -> None:
@@ -181,15 +181,22 @@ class LoadProgress:
             self._cond.notify_all()
 
     def _finish(self, error: BaseException | None) -> None:
+        """Record the outcome, run the done callbacks, then release the waiters: a
+        waiter sees what the callbacks did (a failed copy already discarded)."""
         with self._cond:
             if error is None and self._missing:
                 error = CorruptCheckpointError(f"{self._missing} chunks of the load never arrived")
             self._error = error
-            self.finished = self._clock()
-            callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
-        for fn in callbacks:
-            fn(self)
+            end = self._clock()
+        while True:
+            with self._cond:
+                callbacks, self._callbacks = self._callbacks, []
+                if not callbacks:
+                    self.finished = end
+                    self._cond.notify_all()
+                    return
+            for fn in callbacks:
+                fn(self)
 
 
 def supports_direct_io(path: Path) -> bool:

@@ -103,11 +103,15 @@ class NodeStore:
                 if lease is None:
                     lease, tier = self._load(name, progress, stream)
         path = self._dirs[name]
+        if lease.loading is not None and not stream:
+            try:  # a streaming load by another caller: wait for its end before any use or copy
+                lease.loading.wait()
+            except BaseException:
+                lease.release()
+                raise
+            lease.loading = None
         if torch.device(device).type != "cpu":
             lease = _copy_to_device(lease, torch.device(device))
-        elif lease.loading is not None and not stream:
-            lease.loading.wait()  # a streaming load by another caller: this one waits for its end
-            lease.loading = None
         return lease, path, LoadReport(name, tier, lease.nbytes, self.clock() - start, lease.loading)
 
     def holds(self, name: str) -> set[str]:
