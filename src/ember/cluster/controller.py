@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ember.backend import ModelInfo
 from ember.cluster.autoscaler import Autoscaler
 from ember.cluster.config import ControllerConfig as ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
@@ -42,7 +43,6 @@ from ember.cluster.status import cluster_status
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.env import ember_home
 from ember.errors import InvalidRequestError, ModelNotFoundError, NodeFailedError, OverloadedError
-from ember.server.backend import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from ember.backend import ModelBackend
 from ember.errors import (
     AuthenticationError,
     EmberError,
@@ -27,7 +28,6 @@ from ember.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from ember.server.backend import ModelBackend
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 from ember.server.responses import chat_completion, chat_stream, completion, completion_stream
