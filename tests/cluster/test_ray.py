@@ -312,6 +312,8 @@ def test_an_instance_live_migrated_to_another_node_mid_stream_gives_the_tokens_o
             await asyncio.gather(*(e.wait() for e in started))  # every client has tokens
             stats = await source.engine_stats(inst["id"])
             assert stats.num_running + stats.num_waiting == len(reqs)  # unfinished: mid-stream
+            gauges = (await c.collect_gauges())["tiny"]  # the agent's engine, through its RayNode
+            assert gauges.num_running + gauges.num_waiting == len(reqs) and gauges.kv_cache_usage > 0
             dest = next(n for n in rc.nodes() if n.node_id != source.node_id)
             report = await c.instances.migrate(inst["id"], dest.node_id)
             assert report is not None and (report.moved, report.stayed) == (len(reqs), 0)

@@ -143,7 +143,7 @@ class ControllerActor:
             yield delta
 
     async def gauges(self) -> dict[str, EngineStats]:
-        return (await self._ready()).gauges()
+        return await (await self._ready()).collect_gauges()
 
     async def take_events(self) -> list[tuple[str, tuple[Any, ...]]]:
         events, self._events.pending = self._events.pending, []
