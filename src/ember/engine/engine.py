@@ -115,7 +115,6 @@ class Engine:
             RequestMetrics(arrival_time=self.clock()),
             output_token_ids=list(request.output_token_ids),
             prompt=request.prompt,
-            num_resumed_tokens=len(request.output_token_ids),
             park=request.park,
             generator=generator,
         )

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -209,7 +208,3 @@ def create_app(
 
 def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "ember"}
-
-
-def now_s() -> int:
-    return int(time.time())
