@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -36,10 +35,7 @@ from tests.cluster.fakes import FakeClock
 from tests.conftest import TINY_LLAMA
 from tests.server.conftest import _free_socket
 
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray: pip install 'ember[ray]'"),
-]
+pytestmark = pytest.mark.timeout(180)
 Cluster = Any  # ray.cluster_utils.Cluster, imported in the fixture
 T = TypeVar("T")
 NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 << 20}
