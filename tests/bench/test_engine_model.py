@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from ember.bench.engine_model import compare, measure_bandwidth_floor, time_decode, weight_bytes
 from ember.engine.model import ModelSpec, build_model
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny() -> tuple[object, object]:

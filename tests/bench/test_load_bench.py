@@ -129,7 +129,6 @@ def test_random_llama_has_realistic_shapes_and_the_asked_size(tmp_path: Path) ->
 
 
 def test_dram_pool_hit_uses_the_pool_when_it_exists(tmp_path: Path) -> None:
-    pytest.importorskip("ember.store.dram_pool", reason="the DRAM pool is another helper's (not merged yet)")
     ckpt = make_random_llama(tmp_path / "ck", 2 * MiB, dtype="float32")
     report = run_load_bench(ckpt, repeats=1, grid=[RawRead("buffered", 1, 4 * MiB)])
     assert report.dram_pool == "DramPool"

@@ -108,9 +108,6 @@ def test_import_without_source_says_how_to_install_the_default(monkeypatch: pyte
 
 
 def test_push_then_pull_through_a_directory_registry(hf_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip(
-        "ember.store.registry", reason="the registry module is another helper's (not merged yet)"
-    )
     registry = str(tmp_path / "registry")
     assert runner.invoke(app, ["store", "import", str(hf_dir), "--name", "tiny"]).exit_code == 0
     pushed = runner.invoke(app, ["store", "push", "tiny", "--registry", registry])

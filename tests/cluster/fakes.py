@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier, NodeStatus
 from ember.cluster.runtime import NodeRuntime
-from ember.engine.request import EngineRequest, RequestOutput, RequestSnapshot
+from ember.engine.request import EngineRequest, EngineStats, RequestOutput, RequestSnapshot
 from ember.errors import NodeFailedError
 
 GB = 1_000_000_000
@@ -87,6 +87,10 @@ class FlakyNode:
     async def prewarm(self, instance_id: str, request: EngineRequest) -> int:
         self._check("prewarm")
         return await self.inner.prewarm(instance_id, request)
+
+    async def engine_stats(self, instance_id: str) -> EngineStats:
+        self._check("engine_stats")
+        return await self.inner.engine_stats(instance_id)
 
     async def status(self) -> NodeStatus:
         self._check("status")

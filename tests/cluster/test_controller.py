@@ -4,14 +4,18 @@ to zero, cold starts shared by concurrent requests, deletion while serving, rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ember.cluster.node import EmbeddedNode
 from ember.cluster.state import ClusterState, Deployment
 from ember.errors import EmberError, ModelNotFoundError, OverloadedError
-from tests.cluster.conftest import collect, make_controller, request, run
-from tests.cluster.fakes import FakeClock
+from tests.cluster.conftest import collect, make_controller, make_nodes, request, run
+from tests.cluster.fakes import FakeClock, FlakyNode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,6 +190,56 @@ def test_a_start_whose_weights_fail_their_checksums_is_dropped_and_the_next_refe
         assert (await c.status())["nodes"][0]["free_slots"] == 1
         assert await collect(c, "tiny", request("again")) == want  # fetched afresh from the registry
         assert [load.tier for load in c.state.loads()] == ["registry", "registry"]
+        await c.close()
+
+    run(main)
+
+
+def stall(node: EmbeddedNode, instance_id: str, after_steps: int) -> threading.Event:
+    """Hold the instance's engine before its iteration `after_steps` + 1 until the
+    returned gate opens: its requests stay running however slow the machine."""
+    engine = node.engine(instance_id).engine
+    step, left, gate = engine.step, [after_steps], threading.Event()
+
+    def held() -> Any:
+        if left[0] == 0:
+            gate.wait(60)
+        left[0] -= 1
+        return step()
+
+    engine.step = held  # type: ignore[method-assign]
+    return gate
+
+
+def test_gauges_are_the_engine_stats_of_any_node_runtime(ember_home: Path, models: list[str]) -> None:
+    """The node is a NodeRuntime wrapper (as a Ray node's client is), not an
+    EmbeddedNode: its engine's figures still reach the gauges, and a node that does
+    not answer leaves the router's count instead of an error."""
+    [inner] = make_nodes(ember_home)
+    node = FlakyNode(inner)
+
+    async def main() -> None:
+        c = make_controller(ember_home, runtimes=[node])
+        await c.start([Deployment("tiny", "tiny", min_instances=1)])
+        await c.wait_ready(30)
+        [inst] = (await c.status())["deployments"][0]["instances"]
+        gate = stall(inner, inst["id"], after_steps=2)
+        try:
+            async with contextlib.aclosing(c.generate("tiny", request("long", max_tokens=48))) as stream:
+                await anext(stream)  # prefilled, then held mid-stream
+                gauges = (await c.collect_gauges())["tiny"]
+                assert (gauges.num_running, gauges.num_waiting) == (1, 0) and gauges.kv_cache_usage > 0
+                assert c.gauges() == {"tiny": gauges}  # kept for /metrics, which cannot wait
+                node.broken.add("engine_stats")
+                silent = (await c.collect_gauges())["tiny"]
+                assert (silent.num_running, silent.kv_cache_usage) == (1, 0.0)  # in flight per the router
+                node.broken.clear()
+                gate.set()
+                assert len([d async for d in stream]) > 0
+        finally:
+            gate.set()
+        idle = (await c.collect_gauges())["tiny"]
+        assert (idle.num_running, idle.num_waiting, idle.kv_cache_usage) == (0, 0, 0.0)
         await c.close()
 
     run(main)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -36,10 +35,7 @@ from tests.cluster.fakes import FakeClock
 from tests.conftest import TINY_LLAMA
 from tests.server.conftest import _free_socket
 
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray: pip install 'ember[ray]'"),
-]
+pytestmark = pytest.mark.timeout(180)
 Cluster = Any  # ray.cluster_utils.Cluster, imported in the fixture
 T = TypeVar("T")
 NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 << 20}
@@ -312,6 +308,8 @@ def test_an_instance_live_migrated_to_another_node_mid_stream_gives_the_tokens_o
             await asyncio.gather(*(e.wait() for e in started))  # every client has tokens
             stats = await source.engine_stats(inst["id"])
             assert stats.num_running + stats.num_waiting == len(reqs)  # unfinished: mid-stream
+            gauges = (await c.collect_gauges())["tiny"]  # the agent's engine, through its RayNode
+            assert gauges.num_running + gauges.num_waiting == len(reqs) and gauges.kv_cache_usage > 0
             dest = next(n for n in rc.nodes() if n.node_id != source.node_id)
             report = await c.instances.migrate(inst["id"], dest.node_id)
             assert report is not None and (report.moved, report.stayed) == (len(reqs), 0)

@@ -9,6 +9,7 @@ import pytest
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
+from ember.engine.policies import POLICY_NAMES
 from ember.engine.request import EngineRequest, SamplingParams
 from tests.cluster.fakes import FakeClock
 from tests.engine.fakes import FakeKVCache, FakeModel
@@ -16,7 +17,6 @@ from tests.engine.fakes import FakeKVCache, FakeModel
 GREEDY = SamplingParams(temperature=0, max_tokens=20)
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=20)
 PROMPTS = [list(range(1, 30)), [5, 6, 7], list(range(40, 57))]
-SCHEDULERS = ["fcfs", "mlfq", "srpt"]
 
 
 def engine(scheduler: str = "mlfq", clock: FakeClock | None = None) -> Engine:
@@ -32,7 +32,7 @@ def drain(e: Engine) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", POLICY_NAMES)
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_a_request_moved_in_rounds_onto_parked_caches_continues_exactly(
     scheduler: str, params: SamplingParams

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
+from ember.engine.policies import POLICY_NAMES
 from ember.engine.request import EngineRequest, EngineStats, SamplingParams
 from ember.errors import InvalidRequestError
 from tests.engine.fakes import FakeKVCache, FakeModel, reference_greedy
@@ -130,7 +131,7 @@ request_shapes = st.tuples(
     shapes=st.lists(request_shapes, min_size=1, max_size=7),
     num_blocks=st.integers(11, 40),
     host_blocks=st.sampled_from([0, 4, 16, None]),
-    scheduler=st.sampled_from(["mlfq", "srpt", "fcfs"]),
+    scheduler=st.sampled_from(POLICY_NAMES),  # every registered policy
     swap=st.sampled_from(["proactive", "reactive", "off"]),
     max_num_seqs=st.integers(1, 4),
     max_num_batched_tokens=st.integers(4, 48),

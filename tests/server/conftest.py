@@ -16,7 +16,7 @@ import uvicorn
 
 from ember.engine.async_engine import AsyncEngine
 from ember.server.app import create_app
-from ember.server.backend import EmbeddedBackend
+from tests.server.embedded_backend import EmbeddedBackend
 
 API_KEY = "test-key"
 

@@ -126,8 +126,7 @@ def test_stop_string_ends_the_text(client: openai.OpenAI) -> None:
         model="tiny", prompt="abc", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
     )
     text = free.choices[0].text
-    if len(text) < 4:
-        pytest.skip("the tiny model produced too little text to cut")
+    assert len(text) >= 4  # the tiny model is seeded: the same text every run
     stop = text[2:4]
     cut = client.completions.create(
         model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True}

@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from ember.backend import ModelInfo
 from ember.engine.request import CompletionOutput, EngineRequest, EngineStats, RequestOutput
 from ember.errors import InvalidRequestError
 from ember.server.app import create_app
-from ember.server.backend import ModelInfo
 from ember.server.settings import load_settings
 
 pytestmark = pytest.mark.timeout(60)

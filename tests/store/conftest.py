@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,6 @@ from ember.store import save_tensors
 from tests.store.nginx_server import NginxServer
 
 MIB = 1 << 20
-MakeCheckpoint = Callable[..., dict[str, torch.Tensor]]
 
 
 def write_checkpoint(

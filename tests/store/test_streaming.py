@@ -13,7 +13,8 @@ import ember.store.loader as loader
 from ember.errors import CorruptCheckpointError
 from ember.store import load_tensors, save_tensors
 from ember.store.format import read_index
-from ember.store.loader import in_need_order, need_rank, plan_reads, stream_tensors
+from ember.store.loader import in_need_order, need_rank, stream_tensors
+from ember.store.read_plan import plan_reads
 from tests.store.conftest import MIB, assert_same_tensors, write_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,7 +72,7 @@ def test_streamed_tensors_equal_a_plain_load(tmp_path: Path) -> None:
 def test_a_waiter_is_released_when_its_chunk_arrives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     want = _layered(tmp_path / "ck")
     gate = threading.Event()
-    read_chunk = loader._read_chunk
+    read_chunk = loader.read_chunk
     reads = 0
 
     def held_after_two(fd: int, view: memoryview, offset: int, source: Path) -> None:
@@ -81,7 +82,7 @@ def test_a_waiter_is_released_when_its_chunk_arrives(tmp_path: Path, monkeypatch
             gate.wait(30)
         read_chunk(fd, view, offset, source)
 
-    monkeypatch.setattr(loader, "_read_chunk", held_after_two)
+    monkeypatch.setattr(loader, "read_chunk", held_after_two)
     tensors, progress = stream_tensors(tmp_path / "ck", threads=1, chunk_bytes=CHUNK)
     progress.wait_for([tensors["model.embed_tokens.weight"], tensors["model.layers.0.mlp.weight"]])
     assert torch.equal(tensors["model.layers.0.mlp.weight"], want["model.layers.0.mlp.weight"])

@@ -168,14 +168,15 @@ class SchedBenchConfig:
 
 def run_sched_bench(cfg: SchedBenchConfig, *, progress: Progress | None = None) -> dict[str, Any]:
     """Run every policy on the trace; the JSON report (workload, then per-policy results)."""
-    from ember.engine.config import SCHEDULERS, EngineConfig
+    from ember.engine.config import EngineConfig
     from ember.engine.loader import load_engine, resolve_checkpoint
+    from ember.engine.policies import POLICY_NAMES, is_policy_name
     from ember.store import load_tensors
 
     for p in cfg.policies:
-        if p not in SCHEDULERS:
+        if not is_policy_name(p):
             raise InvalidRequestError(
-                f"unknown policy {p!r}; known: {', '.join(SCHEDULERS)}", param="policies"
+                f"unknown policy {p!r}; known: {', '.join(POLICY_NAMES)}", param="policies"
             )
     if not 0 < cfg.load <= 1.5:
         raise InvalidRequestError(f"load must be in (0, 1.5], got {cfg.load}", param="load")

@@ -10,7 +10,7 @@ starts (at most `start_timeout_s`, then OverloadedError: 503 with Retry-After).
 
 Nodes are NodeRuntimes: every call is a coroutine or an async stream of picklable
 messages, so nodes in this process and Ray actors look the same from here. Every
-tick also checks each node's health.
+tick also checks each node's health and collects the engines' figures (gauges).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ember.backend import ModelInfo
 from ember.cluster.autoscaler import Autoscaler
 from ember.cluster.config import ControllerConfig as ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
@@ -41,8 +42,13 @@ from ember.cluster.state import ClusterState, Deployment
 from ember.cluster.status import cluster_status
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.env import ember_home
-from ember.errors import InvalidRequestError, ModelNotFoundError, NodeFailedError, OverloadedError
-from ember.server.backend import ModelInfo
+from ember.errors import (
+    EmberError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NodeFailedError,
+    OverloadedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class Controller:
         self._deps: dict[str, Deployment] = {}
         self._info: dict[str, ModelInfo] = {}
         self._waiting: Counter[str] = Counter()
+        self._stats: dict[str, EngineStats] = {}  # instance id -> its engine's, at the last collection
         self.instances = Instances(
             self.nodes, router=self.router, state=self.state, estimator=self.estimator, policy=self.policy,
             cost=self.migration_cost, autoscaler=self.autoscaler, events=self.events, config=self.config,
@@ -227,20 +234,36 @@ class Controller:
                 yield delta
 
     def gauges(self) -> dict[str, EngineStats]:
+        """Per deployment, its ready instances' engine figures as last collected
+        (collect_gauges, every tick), and the requests waiting for an instance."""
         out = {}
         for name in self._deps:
-            stats = [self._stats(r) for r in self.router.routes(name) if r.ready]
+            stats = [self._stats_of(r) for r in self.router.routes(name) if r.ready]
             out[name] = EngineStats.total(stats, extra_waiting=self._waiting[name])
         return out
 
-    def _stats(self, route: Route) -> EngineStats:
-        from ember.cluster.node import EmbeddedNode
+    async def collect_gauges(self) -> dict[str, EngineStats]:
+        """Ask the node of every ready instance for its engine figures (all at once),
+        keep them for gauges(), and return gauges()."""
+        routes = [r for r in self.router.routes() if r.ready]
+        stats = await asyncio.gather(*(self._engine_stats(r) for r in routes))
+        self._stats = {r.instance_id: s for r, s in zip(routes, stats, strict=True) if s is not None}
+        return self.gauges()
 
-        node = self.nodes.get(route.node or "")
-        if isinstance(node, EmbeddedNode):
-            with contextlib.suppress(ModelNotFoundError):
-                return node.engine(route.instance_id).engine.stats()
-        return EngineStats(route.in_flight, 0, 0.0, 0, 0, 0, 0, 0, 0)
+    async def _engine_stats(self, route: Route) -> EngineStats | None:
+        """None when the instance stopped meanwhile or its node does not answer: whether
+        the node is down is the health check's to decide."""
+        try:
+            stats = self.node(route).engine_stats(route.instance_id)
+            return await asyncio.wait_for(stats, self.config.health_timeout_s)
+        except (EmberError, TimeoutError):
+            return None
+
+    def _stats_of(self, route: Route) -> EngineStats:
+        stats = self._stats.get(route.instance_id)
+        if stats is None:  # not collected yet: what the router knows
+            return EngineStats(route.in_flight, 0, 0.0, 0, 0, 0, 0, 0, 0)
+        return stats
 
     async def status(self) -> dict[str, Any]:
         """What `ember status --json` prints: deployments with live instances, live nodes."""
@@ -334,5 +357,6 @@ class Controller:
             try:
                 await self.instances.statuses()  # the health check: marks unresponsive nodes down
                 self.reconcile()
+                await self.collect_gauges()
             except Exception:
                 log.exception("autoscaler tick failed")

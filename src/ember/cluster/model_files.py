@@ -10,9 +10,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from ember.backend import ModelInfo
 from ember.engine.loader import load_tokenizer
 from ember.errors import CheckpointError
-from ember.server.backend import ModelInfo
 
 
 def write_model_dir(root: Path, model: str, files: dict[str, bytes]) -> Path:

@@ -25,7 +25,7 @@ import torch
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier, NodeStatus
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.config import EngineConfig
-from ember.engine.request import EngineRequest, RequestOutput, RequestSnapshot
+from ember.engine.request import EngineRequest, EngineStats, RequestOutput, RequestSnapshot
 from ember.env import ember_home
 from ember.errors import EmberError, ModelNotFoundError, OverloadedError
 from ember.store.dram_pool import PoolLease
@@ -175,8 +175,11 @@ class EmbeddedNode:
             raise ModelNotFoundError(f"no instance {instance_id!r} on node {self.node_id}")
         return inst.engine
 
+    async def engine_stats(self, instance_id: str) -> EngineStats:
+        return self._engine(instance_id).engine.stats()
+
     def engine(self, instance_id: str) -> AsyncEngine:
-        """The instance's engine (embedded only: gauges and tests read its stats)."""
+        """The instance's engine (for tests, which pace or inspect it)."""
         return self._engine(instance_id)
 
     # -- what the node holds ----------------------------------------------------------

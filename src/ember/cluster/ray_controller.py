@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.backend import ModelInfo
 from ember.cluster.controller import Controller, ControllerConfig
 from ember.cluster.estimator import Observation
 from ember.cluster.events import ClusterEvents, Direction
@@ -34,7 +35,6 @@ from ember.cluster.ray_node import import_ray, ray_deltas
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.errors import ModelNotFoundError, OverloadedError
-from ember.server.backend import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class ControllerActor:
             yield delta
 
     async def gauges(self) -> dict[str, EngineStats]:
-        return (await self._ready()).gauges()
+        return await (await self._ready()).collect_gauges()
 
     async def take_events(self) -> list[tuple[str, tuple[Any, ...]]]:
         events, self._events.pending = self._events.pending, []

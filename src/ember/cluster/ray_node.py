@@ -114,7 +114,7 @@ class NodeAgent:
         lease.release()
 
     async def engine_stats(self, instance_id: str) -> EngineStats:
-        return self.node.engine(instance_id).engine.stats()
+        return await self.node.engine_stats(instance_id)
 
     async def close(self) -> None:
         await self.node.close()

@@ -8,8 +8,7 @@ requests per instance and when each went idle, for the autoscaler.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ember.cluster.autoscaler import InstanceLoad
@@ -77,15 +76,6 @@ class Router:
         if route.in_flight == 0:
             route.idle_since = self.clock()
             route.max_tokens_in_flight = 0
-
-    @contextmanager
-    def track(self, route: Route, tokens: int = 0) -> Iterator[None]:
-        """Count one request in flight on `route` while the block runs."""
-        self.begin(route, tokens)
-        try:
-            yield
-        finally:
-            self.end(route)
 
     def loads(self, deployment: str) -> list[InstanceLoad]:
         """The deployment's live instances that count towards its size (not draining)."""

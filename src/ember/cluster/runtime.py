@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, NodeStatus
-from ember.engine.request import EngineRequest, RequestOutput, RequestSnapshot
+from ember.engine.request import EngineRequest, EngineStats, RequestOutput, RequestSnapshot
 
 
 class NodeRuntime(Protocol):
@@ -56,6 +56,12 @@ class NodeRuntime(Protocol):
         output tokens and park it under its id without sampling; the tokens cached. Again
         with more tokens, only the new ones are computed; generate() with the same id
         continues from the parked cache; abort() frees it (so does the node after a while)."""
+        ...
+
+    async def engine_stats(self, instance_id: str) -> EngineStats:
+        """The instance's engine figures now: requests running and waiting, KV cache
+        usage, preemption and swap counters (the controller's gauges).
+        ModelNotFoundError for an instance the node does not run."""
         ...
 
     async def status(self) -> NodeStatus: ...

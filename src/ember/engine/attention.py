@@ -15,10 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class PagedKV(Protocol):
+    """What a model reads of the paged KV cache (ember.engine.kv_cache.KVCache)."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def null_block(self) -> int:
+        """A block kept zero: padded block-table entries read it."""
+        ...
+
+    @property
+    def layers(self) -> Sequence[Tensor]:
+        """Per layer [num_blocks + 1, block_size, 2, kv_heads, head_dim]: K and V side by side."""
+        ...
 
 
 @dataclass

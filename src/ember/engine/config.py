@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.engine.policies import policy
 from ember.errors import InvalidRequestError
 
-SCHEDULERS = ("mlfq", "fcfs", "srpt")
 SWAP_MODES = ("proactive", "reactive", "off")
 DTYPES = {
     "float32": torch.float32,
@@ -93,8 +93,7 @@ class EngineConfig:
             _fail("kv_cache_bytes", f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             _fail("dtype", f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.scheduler not in SCHEDULERS:
-            _fail("scheduler", f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        policy(self.scheduler)  # InvalidRequestError naming the known policies
         if self.swap not in SWAP_MODES:
             _fail("swap", f"unknown swap mode {self.swap!r}; known: {', '.join(SWAP_MODES)}")
         if self.swap_bytes is not None and self.swap_bytes < 0:

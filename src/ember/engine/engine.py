@@ -16,6 +16,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
 from ember.engine.detokenizer import IncrementalDetokenizer, Tokenizer
 from ember.engine.model_runner import CausalLMLike, KVCacheLike, ModelRunner
+from ember.engine.policies import PolicyOptions, policy
 from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.request import (
     CompletionOutput,
@@ -28,7 +29,7 @@ from ember.engine.request import (
     TokenLogprobs,
 )
 from ember.engine.sampler import SampleResult, export_state, import_state, new_generator
-from ember.engine.scheduler import Clock, SchedulerOutput, make_scheduler
+from ember.engine.scheduler import Clock, SchedulerOutput
 from ember.engine.sequence import Sequence, SequenceStatus
 from ember.engine.swapper import KVSwapper
 from ember.engine.validation import validate_request
@@ -66,16 +67,18 @@ class Engine:
             model.spec.max_position_embeddings, self.blocks.capacity_tokens
         )
         self.profile = profile or PrefillProfile()
-        host_blocks = self._host_blocks(config, kv_cache)
+        scheduling = policy(config.scheduler)
+        host_blocks = self._host_blocks(config, kv_cache) if scheduling.swaps else 0
         self.swapper = KVSwapper(self.blocks, kv_cache if host_blocks else None, host_blocks)
-        self.scheduler = make_scheduler(
-            config.scheduler,
+        self.scheduler = scheduling.build(
             self.swapper,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            clock=clock,
-            **self._policy_options(config),
-        )
+            PolicyOptions(
+                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                clock=clock, profile=self.profile, swap=config.swap,
+                reserve_fraction=config.swap_reserve_fraction, base_quantum_s=config.mlfq_base_quantum_s,
+                num_queues=config.mlfq_num_queues, starvation_s=config.mlfq_starvation_s,
+            ),
+        )  # fmt: skip
         self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
         self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -84,27 +87,11 @@ class Engine:
 
     @staticmethod
     def _host_blocks(config: EngineConfig, kv_cache: KVCacheLike) -> int:
-        if config.swap == "off" or config.scheduler == "fcfs":
+        if config.swap == "off":
             return 0
         if config.swap_bytes is None:
             return kv_cache.num_blocks
         return config.swap_bytes // kv_cache.block_bytes
-
-    def _policy_options(self, config: EngineConfig) -> dict[str, object]:
-        if config.scheduler == "fcfs":
-            return {}
-        options: dict[str, object] = {
-            "profile": self.profile,
-            "swap": config.swap,
-            "reserve_fraction": config.swap_reserve_fraction,
-        }
-        if config.scheduler == "mlfq":
-            options |= {
-                "base_quantum_s": config.mlfq_base_quantum_s,
-                "num_queues": config.mlfq_num_queues,
-                "starvation_s": config.mlfq_starvation_s,
-            }
-        return options
 
     # -- requests -------------------------------------------------------------------
 
@@ -128,7 +115,6 @@ class Engine:
             RequestMetrics(arrival_time=self.clock()),
             output_token_ids=list(request.output_token_ids),
             prompt=request.prompt,
-            num_resumed_tokens=len(request.output_token_ids),
             park=request.park,
             generator=generator,
         )

@@ -1,4 +1,5 @@
 """Scheduling policies: which sequences run in the next iteration, and how many tokens each.
+The `Scheduler` interface and FCFS; the policies by name: ember.engine.policies.
 
 A policy is a plain object over Sequences and a KVAllocator; it never sees the model
 or block internals, so it is tested with fake requests and a fake cache. Every
@@ -12,11 +13,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ember.engine.block_manager import KVAllocator
 from ember.engine.sequence import Sequence, SequenceStatus
-from ember.errors import InvalidRequestError
 
 Clock = Callable[[], float]
 
@@ -209,35 +208,3 @@ class FCFSScheduler(Scheduler):
             self.running = [s for s in self.running if s.request_id not in done]
             for seq_id in done:
                 self.kv.free(seq_id)
-
-
-def make_scheduler(
-    name: str,
-    kv: KVAllocator,
-    *,
-    max_num_seqs: int,
-    max_num_batched_tokens: int,
-    clock: Clock = time.monotonic,
-    **policy_options: Any,
-) -> Scheduler:
-    """The scheduling policy called `name` ("mlfq", "fcfs" or "srpt").
-
-    mlfq and srpt need a SwapKVAllocator (ember.engine.swapper.KVSwapper) and take
-    their own options (swap, reserve_fraction, profile, and mlfq's quanta).
-    """
-    limits: dict[str, Any] = {
-        "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": max_num_batched_tokens,
-        "clock": clock,
-    }
-    if name == "fcfs":
-        return FCFSScheduler(kv, **limits)
-    if name == "mlfq":
-        from ember.engine.mlfq import SkipJoinMLFQ
-
-        return SkipJoinMLFQ(kv, **limits, **policy_options)  # type: ignore[arg-type]
-    if name == "srpt":
-        from ember.engine.srpt import SRPTScheduler
-
-        return SRPTScheduler(kv, **limits, **policy_options)  # type: ignore[arg-type]
-    raise InvalidRequestError(f"unknown scheduler {name!r}; known: mlfq, fcfs, srpt", param="scheduler")

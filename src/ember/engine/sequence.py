@@ -38,16 +38,11 @@ class Sequence:
     prompt: str | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    num_resumed_tokens: int = 0  # outputs handed over at submission, never re-emitted
     park: bool = False  # compute the cache of its tokens, sample nothing (live migration)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None  # the sampler's random state (CPU)
     detokenizer: IncrementalDetokenizer | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -57,10 +52,6 @@ class Sequence:
     def num_generated(self) -> int:
         """Outputs counted against max_tokens, including ones handed over by a resume."""
         return len(self.output_token_ids)
-
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + outputs."""

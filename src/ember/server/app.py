@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from ember.backend import ModelBackend
 from ember.errors import (
     AuthenticationError,
     EmberError,
@@ -27,7 +27,6 @@ from ember.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from ember.server.backend import ModelBackend
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 from ember.server.responses import chat_completion, chat_stream, completion, completion_stream
@@ -209,7 +208,3 @@ def create_app(
 
 def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "ember"}
-
-
-def now_s() -> int:
-    return int(time.time())

@@ -23,11 +23,11 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from ember.backend import ModelBackend
 from ember.cluster.controller import Controller, ControllerConfig
 from ember.cluster.state import Deployment
 from ember.server.admin import add_admin_routes
 from ember.server.app import create_app
-from ember.server.backend import ModelBackend
 from ember.server.metrics import ClusterMetrics
 from ember.server.settings import DEFAULT_MODEL, ServeSettings
 

@@ -14,9 +14,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ember.backend import ModelBackend, ModelInfo
 from ember.engine.request import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
 from ember.errors import EmberError, InvalidRequestError
-from ember.server.backend import ModelBackend, ModelInfo
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 

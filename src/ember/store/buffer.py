@@ -38,7 +38,6 @@ class HostBufferPool:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _clock: int = 0
     reused: int = 0
-    allocated: int = 0
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of `nbytes` whose data pointer is page-aligned. Its memory
@@ -61,7 +60,6 @@ class HostBufferPool:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             mm.madvise(mmap.MADV_HUGEPAGE)
-        self.allocated += 1
         return _Region(mm, size)
 
     def _give_back(self, region: _Region) -> None:
@@ -95,10 +93,6 @@ def host_buffer(nbytes: int, *, pinned: bool = False) -> torch.Tensor:
         skip = (-buf.data_ptr()) % PAGE
         return buf[skip : skip + nbytes]
     return _default_pool.acquire(nbytes)
-
-
-def default_pool() -> HostBufferPool:
-    return _default_pool
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

@@ -18,7 +18,7 @@ import torch
 from ember.store.buffer import byte_view
 from ember.store.checksum import check_chunks
 from ember.store.format import CheckpointIndex
-from ember.store.loader import ReadJob, _open, _read_chunk, plan_reads, tensor_views
+from ember.store.read_plan import ReadJob, open_partition, plan_reads, read_chunk, tensor_views
 
 PAGE = 4096
 
@@ -37,7 +37,7 @@ def load_to_cuda(
     dev_buf = torch.empty(max(index.total_bytes, 1), dtype=torch.uint8, device=device)
     if jobs:
         paths = [root / p.file for p in index.partitions]
-        fds = [_open(p, io) for p in paths]
+        fds = [open_partition(p, io) for p in paths]
         try:
             _pipeline(jobs, paths, fds, index, root, dev_buf, threads, verify)
         finally:
@@ -70,7 +70,7 @@ def _pipeline(
     def read(k: int) -> None:
         job = jobs[k]
         view = byte_view(staging[k % slots])[: job.length]
-        _read_chunk(fds[job.part], view, job.file_offset, paths[job.part])
+        read_chunk(fds[job.part], view, job.file_offset, paths[job.part])
         if verify:
             part = index.partitions[job.part]
             check_chunks(view, part, index.chunk_size, job.file_offset // index.chunk_size, root)

@@ -17,7 +17,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -211,7 +210,3 @@ def read_index(path: str | Path) -> CheckpointIndex:
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{root} has no {INDEX_FILE}: not an Ember checkpoint") from exc
     return CheckpointIndex.from_json(text, source=str(index_path))
-
-
-def metadata_of(path: str | Path) -> dict[str, Any]:
-    return dict(read_index(path).metadata)

@@ -19,7 +19,6 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,34 +27,12 @@ import torch
 from ember.errors import CorruptCheckpointError
 from ember.store.buffer import byte_view, host_buffer
 from ember.store.checksum import check_chunks, check_sizes
-from ember.store.format import CheckpointIndex, dtype_from_name, read_index
+from ember.store.format import CheckpointIndex, read_index
+from ember.store.read_plan import ReadJob, open_partition, plan_reads, read_chunk, tensor_views
 
 IoMode = Literal["auto", "direct", "buffered"]
 DEFAULT_THREADS = 4
 DEFAULT_CHUNK_BYTES = 16 << 20
-
-
-@dataclass(frozen=True)
-class ReadJob:
-    """One chunk: `length` bytes of partition `part` at `file_offset`, into the
-    buffer at `buf_offset`."""
-
-    part: int
-    file_offset: int
-    buf_offset: int
-    length: int
-
-
-def plan_reads(index: CheckpointIndex, chunk_bytes: int) -> tuple[list[int], list[ReadJob]]:
-    """Partition base offsets in the buffer, and the chunks that fill it."""
-    chunk_bytes = max(1, chunk_bytes // index.chunk_size) * index.chunk_size
-    bases, jobs, base = [], [], 0
-    for p, part in enumerate(index.partitions):
-        bases.append(base)
-        for off in range(0, part.size, chunk_bytes):
-            jobs.append(ReadJob(p, off, base + off, min(chunk_bytes, part.size - off)))
-        base += part.size
-    return bases, jobs
 
 
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
@@ -254,20 +231,6 @@ def choose_io(root: Path, index: CheckpointIndex, io: IoMode) -> Literal["direct
     return preferred_cold_mode(root)
 
 
-def _open(path: Path, mode: str) -> int:
-    flags = os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0)
-    return os.open(path, flags)
-
-
-def _read_chunk(fd: int, view: memoryview, offset: int, source: Path) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise CorruptCheckpointError(f"{source} ended early at byte {offset + done}")
-        done += n
-
-
 def read_partitions(
     root: Path,
     index: CheckpointIndex,
@@ -286,12 +249,12 @@ def read_partitions(
     bases, planned = plan_reads(index, chunk_bytes)
     jobs = planned if jobs is None else jobs
     paths = [root / p.file for p in index.partitions]
-    fds = [_open(p, io) for p in paths]
+    fds = [open_partition(p, io) for p in paths]
     whole = byte_view(buf)
 
     def run(job: ReadJob) -> None:
         view = whole[job.buf_offset : job.buf_offset + job.length]
-        _read_chunk(fds[job.part], view, job.file_offset, paths[job.part])
+        read_chunk(fds[job.part], view, job.file_offset, paths[job.part])
         if verify:
             part = index.partitions[job.part]
             check_chunks(view, part, index.chunk_size, job.file_offset // index.chunk_size, root)
@@ -307,18 +270,6 @@ def read_partitions(
             os.close(fd)
         whole.release()
     return bases
-
-
-def tensor_views(buf: torch.Tensor, index: CheckpointIndex, bases: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Every tensor of the index as a view into `buf` (no copies)."""
-    out = {}
-    for name, e in index.tensors.items():
-        dtype = dtype_from_name(e.dtype)
-        start = bases[e.partition] + e.offset
-        usable = e.nbytes // dtype.itemsize * dtype.itemsize
-        flat = buf[start : start + usable].view(dtype)
-        out[name] = flat.as_strided(e.shape, e.stride, flat.storage_offset() + e.elem_offset)
-    return out
 
 
 def load_tensors(

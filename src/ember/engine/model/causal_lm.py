@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ember.engine.attention import AttentionMetadata, AttentionPlan
+from ember.engine.attention import AttentionMetadata, AttentionPlan, PagedKV
 from ember.engine.model.layers import linear
 from ember.engine.model.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from ember.engine.kv_cache import KVCache
     from ember.store.loader import LoadProgress
 
 
@@ -59,13 +58,13 @@ class CausalLM(nn.Module):
                 tensors.append(part)
         loading.wait_for(tensors)
 
-    def plan(self, meta: AttentionMetadata, kv: KVCache) -> AttentionPlan:
+    def plan(self, meta: AttentionMetadata, kv: PagedKV) -> AttentionPlan:
         """What all layers share about this iteration's attention."""
         return AttentionPlan.build(
             meta, kv.block_size, self.spec.gqa_group, self.spec.sliding_windows, self.device, kv.null_block
         )
 
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: PagedKV) -> Tensor:
         raise NotImplementedError
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

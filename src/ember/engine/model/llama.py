@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from ember.engine.attention import AttentionMetadata, AttentionPlan, paged_attention
+from ember.engine.attention import AttentionMetadata, AttentionPlan, PagedKV, paged_attention
 from ember.engine.model.causal_lm import CausalLM
 from ember.engine.model.layers import (
     SMALL_BATCH_ROWS,
@@ -21,9 +19,6 @@ from ember.engine.model.layers import (
 )
 from ember.engine.model.spec import ModelSpec
 from ember.engine.model.weights import Weights
-
-if TYPE_CHECKING:
-    from ember.engine.kv_cache import KVCache
 
 
 class LlamaLayer(nn.Module):
@@ -121,7 +116,7 @@ class LlamaForCausalLM(CausalLM):
             spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.dtype
         )
 
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: PagedKV) -> Tensor:
         plan = self.plan(meta, kv)
         cos, sin = self.rotary.lookup(positions)
         self.arrive(self.embed_tokens)

@@ -3,19 +3,14 @@ ReLU, and project_in/out when word_embed_proj_dim differs from hidden_size."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from ember.engine.attention import AttentionMetadata, AttentionPlan, paged_attention
+from ember.engine.attention import AttentionMetadata, AttentionPlan, PagedKV, paged_attention
 from ember.engine.model.causal_lm import CausalLM
 from ember.engine.model.layers import activation, layer_norm, linear
 from ember.engine.model.spec import ModelSpec
 from ember.engine.model.weights import Weights
-
-if TYPE_CHECKING:
-    from ember.engine.kv_cache import KVCache
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
@@ -74,7 +69,7 @@ class OPTForCausalLM(CausalLM):
         head = Weights(w.tensors, w.device, ("",)).optional("lm_head.weight")
         self.lm_head = head if head is not None else self.embed_tokens  # tied
 
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: KVCache) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv: PagedKV) -> Tensor:
         plan = self.plan(meta, kv)
         self.arrive(self.embed_tokens, self.project_in, self.embed_positions)
         x = torch.nn.functional.embedding(input_ids, self.embed_tokens)

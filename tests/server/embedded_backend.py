@@ -1,44 +1,14 @@
-"""What the HTTP layer needs from whatever runs the models.
-
-`ModelBackend` is the seam: the embedded backend here runs one AsyncEngine per
-model in this process; the serverless control plane puts deployments, placement
-and routing behind the same interface.
-"""
+"""EmbeddedBackend: a ModelBackend over engines in this process, one per model, with
+no control plane; the server tests' backend."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
 
+from ember.backend import ModelInfo
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.errors import ModelNotFoundError
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the API layer needs to prepare a request for one model."""
-
-    name: str
-    tokenizer: Any  # a Hugging Face tokenizer (encode, decode, apply_chat_template)
-    max_model_len: int
-    created: int  # unix seconds, for /v1/models
-
-
-class ModelBackend(Protocol):
-    def models(self) -> list[ModelInfo]: ...
-
-    def model(self, name: str) -> ModelInfo: ...
-
-    def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's deltas; closing the iterator early aborts the request
-        and frees its KV blocks."""
-        ...
-
-    def gauges(self) -> Mapping[str, EngineStats]: ...
-
-    async def close(self) -> None: ...
 
 
 class EmbeddedBackend:
@@ -61,13 +31,9 @@ class EmbeddedBackend:
             raise ModelNotFoundError(f"the model '{name}' does not exist", param="model") from None
 
     async def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        engine = self._engine(model)
-        async for delta in engine.generate(request):
+        self.model(model)
+        async for delta in self._engines[model].generate(request):
             yield delta
-
-    def _engine(self, name: str) -> AsyncEngine:
-        self.model(name)
-        return self._engines[name]
 
     def gauges(self) -> dict[str, EngineStats]:
         return {name: e.engine.stats() for name, e in self._engines.items()}

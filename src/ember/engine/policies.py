@@ -1,0 +1,90 @@
+"""Scheduling policies by name: the one place a policy is chosen from its name.
+
+`POLICIES` maps each name to how the policy is built; `POLICY_NAMES` (and the
+`PolicyName` literal) are what EngineConfig, `ember serve --scheduler` and
+`ember bench sched --policies` accept. Nothing here imports torch, so the CLI checks
+a name without loading the engine. A new policy is a Scheduler subclass registered
+here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeGuard, get_args
+
+from ember.engine.block_manager import SwapKVAllocator
+from ember.engine.mlfq import SkipJoinMLFQ
+from ember.engine.prefill_profile import PrefillProfile
+from ember.engine.scheduler import Clock, FCFSScheduler, Scheduler
+from ember.engine.srpt import SRPTScheduler
+from ember.errors import InvalidRequestError
+
+PolicyName = Literal["mlfq", "fcfs", "srpt"]
+POLICY_NAMES: tuple[PolicyName, ...] = get_args(PolicyName)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """What a policy is built with. Every policy takes the batch limits and the clock;
+    the rest are read only by the policies named beside them."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    clock: Clock = time.monotonic
+    profile: PrefillProfile | None = None  # mlfq, srpt: predicted iteration times
+    swap: str = "proactive"  # mlfq, srpt: proactive, reactive or off
+    reserve_fraction: float = 0.05  # mlfq, srpt: device blocks kept free (proactive)
+    base_quantum_s: float | None = None  # mlfq
+    num_queues: int = 8  # mlfq
+    starvation_s: float | None = None  # mlfq
+
+
+@dataclass(frozen=True)
+class Policy:
+    build: Callable[[SwapKVAllocator, PolicyOptions], Scheduler]
+    swaps: bool  # moves a preempted job's KV cache to host memory; else drops it to recompute
+
+
+def _fcfs(kv: SwapKVAllocator, o: PolicyOptions) -> Scheduler:
+    return FCFSScheduler(
+        kv, max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens, clock=o.clock
+    )
+
+
+def _mlfq(kv: SwapKVAllocator, o: PolicyOptions) -> Scheduler:
+    return SkipJoinMLFQ(
+        kv, max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens, clock=o.clock,
+        profile=o.profile, swap=o.swap, reserve_fraction=o.reserve_fraction,
+        base_quantum_s=o.base_quantum_s, num_queues=o.num_queues, starvation_s=o.starvation_s,
+    )  # fmt: skip
+
+
+def _srpt(kv: SwapKVAllocator, o: PolicyOptions) -> Scheduler:
+    return SRPTScheduler(
+        kv, max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens, clock=o.clock,
+        profile=o.profile, swap=o.swap, reserve_fraction=o.reserve_fraction,
+    )  # fmt: skip
+
+
+POLICIES: dict[PolicyName, Policy] = {
+    "mlfq": Policy(_mlfq, swaps=True),  # FastServe's skip-join MLFQ
+    "fcfs": Policy(_fcfs, swaps=False),  # vLLM's continuous batching
+    "srpt": Policy(_srpt, swaps=True),  # an oracle: reads each job's max_tokens
+}
+
+
+def is_policy_name(name: str) -> TypeGuard[PolicyName]:
+    """Whether a policy is called `name` (for mypy: `name` is a PolicyName)."""
+    return name in POLICIES
+
+
+def policy(name: str) -> Policy:
+    """The policy called `name`; InvalidRequestError (param `scheduler`) naming the
+    known ones if there is none."""
+    if not is_policy_name(name):
+        raise InvalidRequestError(
+            f"unknown scheduler {name!r}; known: {', '.join(POLICY_NAMES)}", param="scheduler"
+        )
+    return POLICIES[name]
