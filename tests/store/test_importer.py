@@ -26,6 +26,7 @@ from ember.errors import (
     UnsupportedFeatureError,
 )
 from ember.store import load_tensors, read_index, verify_checkpoint
+from ember.store.import_progress import DONE, READ, SYNC, VERIFY, WRITE
 from ember.store.importer import (
     DEFAULT_MODEL_NAME,
     default_model_source,
@@ -103,10 +104,13 @@ def test_hf_safetensors_directory(tmp_path: Path, shard_size: str | None) -> Non
     tiny_tokenizer().save_pretrained(src)
     assert (src / "model.safetensors.index.json").exists() == bool(shard_size)
 
-    stages: list[str] = []
-    result = import_checkpoint(src, "hf", progress=lambda stage, done, total: stages.append(stage))
+    calls: list[tuple[str, int, int]] = []
+    result = import_checkpoint(src, "hf", progress=lambda *call: calls.append(call))
     _assert_same(load_tensors(result.path, verify=True), dict(model.state_dict()))
-    assert stages[0] == "read" and stages[-1] == "done" and "verify" in stages
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == [READ, WRITE, SYNC, VERIFY, DONE]
+    dones = [done for _, done, total in calls if total]
+    assert dones == sorted(dones) and calls[-1][1] == calls[-1][2] > 0
     model_dir = result.path / "model"
     assert (model_dir / "generation_config.json").read_bytes() == (
         src / "generation_config.json"
