@@ -26,17 +26,18 @@ DONE = "done"
 
 # Cost of a stage per byte it handles, relative to writing a byte of the checkpoint.
 # GGUF stages count the file's header bytes (vocabulary and merges); the rest count
-# checkpoint bytes. From SmolLM2's import (1.8 MB header, 538 MB float32): parse 0.3 s,
-# tokenizer and config 1.5 s, dequantise 1.5 s, write 0.8 s, sync 0.6 s, verify 0.4 s.
+# checkpoint bytes. From SmolLM2's import on 2 busy cores (1.8 MB header, 538 MB of
+# float32): parse 0.4 s, dequantise 3.5 s, then waiting for the tokenizer thread
+# 2.5 s, write 0.9 s, sync 0.7 s, verify 0.3 s.
 _PER_BYTE = {
-    PARSE: 110.0,
-    TOKENIZER: 550.0,
+    PARSE: 130.0,
+    TOKENIZER: 840.0,
     READ: 0.5,
-    DEQUANTISE: 1.9,
+    DEQUANTISE: 3.9,
     CONVERT: 0.5,
     WRITE: 1.0,
-    SYNC: 0.75,
-    VERIFY: 0.5,
+    SYNC: 0.8,
+    VERIFY: 0.35,
 }
 _PUBLISH = (WRITE, SYNC, VERIFY)
 
