@@ -4,6 +4,7 @@ progress over the whole import; files that are not GGUF refused clearly."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ember.errors import InvalidRequestError, UnsupportedFeatureError
-from ember.store import load_tensors
+from ember.store import load_tensors, read_index
 from ember.store.gguf_file import read_gguf_file
 from ember.store.gguf_model import hf_name
 from ember.store.import_progress import DEQUANTISE, DONE, PARSE, SYNC, TOKENIZER, VERIFY, WRITE
@@ -97,6 +98,21 @@ def test_llama_q_and_k_come_back_in_hugging_face_row_order(gguf_files: dict[str,
         err = (loaded[q] - original[q]).abs().max().item()
         assert err < 0.1 * original[q].abs().max().item()
     assert torch.equal(loaded["model.norm.weight"], original["model.norm.weight"])
+
+
+def test_a_layers_q_k_v_and_gate_up_are_stored_back_to_back(gguf_files: dict[str, Any]) -> None:
+    # the engine runs each group as one product over the stored bytes when they are
+    path, _ = gguf_files["llama-tied"]
+    index = read_index(import_checkpoint(path, "tiny").path)
+    for i in range(2):
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            parts = [index.tensors[f"model.layers.{i}.{_module(p)}.{p}.weight"] for p in group]
+            for a, b in itertools.pairwise(parts):
+                assert (b.partition, b.offset) == (a.partition, a.offset + a.nbytes), group
+
+
+def _module(proj: str) -> str:
+    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj") else "mlp"
 
 
 def test_one_progress_runs_over_every_stage(gguf_files: dict[str, Any]) -> None:

@@ -98,19 +98,23 @@ def write_tiny_gguf(
 
     add("token_embd.weight", "model.embed_tokens.weight", rand(vocab, HIDDEN), TYPES["token_embd"])
     for i in range(LAYERS):
+        # in the order llama.cpp writes a layer (SmolLM2's file): not q, k, v together
+        attn_norm = 1 + rand(HIDDEN)
+        add(f"blk.{i}.attn_norm.weight", f"model.layers.{i}.{_HF['attn_norm']}.weight", attn_norm, Q.F32)
         shapes = {
-            "attn_q": (HIDDEN, HIDDEN),
-            "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-            "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
-            "attn_output": (HIDDEN, HIDDEN),
+            "ffn_down": (HIDDEN, FFN),
             "ffn_gate": (FFN, HIDDEN),
             "ffn_up": (FFN, HIDDEN),
-            "ffn_down": (HIDDEN, FFN),
+            "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
+            "attn_output": (HIDDEN, HIDDEN),
+            "attn_q": (HIDDEN, HIDDEN),
+            "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
         }
         for part, shape in shapes.items():
             add(f"blk.{i}.{part}.weight", f"model.layers.{i}.{_HF[part]}.weight", rand(*shape), TYPES[part])
-        for part in ("attn_norm", "ffn_norm"):
-            add(f"blk.{i}.{part}.weight", f"model.layers.{i}.{_HF[part]}.weight", 1 + rand(HIDDEN), Q.F32)
+            if part == "ffn_up":
+                ffn_norm = 1 + rand(HIDDEN)
+                add(f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.{_HF['ffn_norm']}.weight", ffn_norm, Q.F32)
         if arch == "qwen2":
             for part, rows in (
                 ("attn_q", HIDDEN),

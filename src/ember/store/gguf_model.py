@@ -70,6 +70,15 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _SKIPPED = {"rope_freqs.weight"}  # llama 3's rope factors: transformers drops them too
+# Where each tensor goes in the checkpoint (GGUF files list a layer's tensors in another
+# order): q, k, v back to back and gate, up back to back let the engine run each group
+# as one product over the stored bytes, as with a checkpoint saved from transformers.
+_GLOBAL_ORDER = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
+_LAYER_MODULES = (
+    *("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    *("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"),
+)
+_LAYER_ORDER = [f"{module}.{kind}" for kind in ("weight", "bias") for module in _LAYER_MODULES]
 
 
 def config_fields(gguf: GgufFile) -> dict[str, Any]:
@@ -109,6 +118,15 @@ def hf_name(gguf_name: str) -> str | None:
     raise UnsupportedFeatureError(f"GGUF tensor {gguf_name} has no Hugging Face counterpart Ember knows")
 
 
+def checkpoint_position(name: str) -> tuple[int, int, int]:
+    """Sort key putting Hugging Face names in the order the checkpoint stores them."""
+    if name.startswith("model.layers."):
+        _, _, layer, rest = name.split(".", 3)
+        where = _LAYER_ORDER.index(rest) if rest in _LAYER_ORDER else len(_LAYER_ORDER)
+        return 1, int(layer), where
+    return _GLOBAL_ORDER.get(name, 4), 0, 0
+
+
 def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order. For each head, Hugging Face keeps the rotary
     halves as two blocks of rows [x0..x{h-1}, y0..y{h-1}]; llama.cpp interleaves them
@@ -120,12 +138,13 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 def convert_tensors(
     gguf: GgufFile, fields: dict[str, Any], progress: Callable[[int, int], None]
 ) -> dict[str, torch.Tensor]:
-    """Every tensor dequantised to float32 under its Hugging Face name, in file order.
-    `progress(done, total)` counts float32 bytes produced."""
+    """Every tensor dequantised to float32 under its Hugging Face name, in checkpoint
+    order. `progress(done, total)` counts float32 bytes produced."""
     heads = int(fields.get("num_attention_heads", 0))
     kv_heads = int(fields.get("num_key_value_heads", heads))
     permuted = gguf.architecture == "llama"  # llama.cpp permutes q/k only for rotary "llama" files
     plan = [(t, name) for t in gguf.tensors if (name := hf_name(t.name)) is not None]
+    plan.sort(key=lambda item: checkpoint_position(item[1]))
     total = sum(t.numel * 4 for t, _ in plan)
     done = 0
 
