@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ember.errors import InvalidRequestError, UnsupportedFeatureError
-from ember.store import load_tensors, read_index
+from ember.store import gguf_model, load_tensors, read_index
 from ember.store.gguf_file import read_gguf_file
 from ember.store.gguf_model import hf_name
 from ember.store.import_progress import DEQUANTISE, DONE, PARSE, SYNC, TOKENIZER, VERIFY, WRITE
@@ -86,6 +86,23 @@ def test_gguf_import_matches_transformers(gguf_files: dict[str, Any], case: str)
     chat = [{"role": "user", "content": "hello"}]
     assert tok.apply_chat_template(chat, tokenize=False) == ref_tok.apply_chat_template(chat, tokenize=False)
     assert tok.chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.timeout(120)
+def test_other_architectures_go_through_transformers_loader(
+    gguf_files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = gguf_files["llama-tied"]
+    direct = load_tensors(import_checkpoint(path, "direct").path)
+    monkeypatch.setattr(gguf_model, "DIRECT_ARCHITECTURES", ())  # as for an architecture not converted here
+    calls: list[tuple[str, int, int]] = []
+    result = import_checkpoint(path, "through-transformers", progress=lambda *call: calls.append(call))
+    through = load_tensors(result.path, verify=True)
+    assert set(through) == set(direct)
+    for name, t in direct.items():
+        assert torch.equal(through[name], t), name
+    assert calls[-1][0] == DONE and calls[-1][1] == calls[-1][2] > 0
+    assert AutoTokenizer.from_pretrained(result.path / "model").chat_template == CHAT_TEMPLATE
 
 
 def test_llama_q_and_k_come_back_in_hugging_face_row_order(gguf_files: dict[str, Any]) -> None:
