@@ -12,6 +12,7 @@ import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +73,19 @@ class GgufFile:
         cols = tensor.shape[-1] if tensor.shape else 1
         rows = raw.reshape(-1, tensor.nbytes // max(1, tensor.numel // cols))  # [rows, bytes per row]
         out = np.empty((rows.shape[0], cols), dtype=np.float32)
-        kind = getattr(quants, qtype.name, None)
+        kind = getattr(quants, qtype.name, None)  # the package's class for a block format
         # gguf.quants.dequantize works 16 rows at a time; blocks of ~64K values fit the
         # cache as well and cost a tenth of the Python calls (the same arithmetic).
         step = max(1, _CHUNK_VALUES // cols)
         try:
             if kind is not None and hasattr(kind, "dequantize_rows"):
                 kind.init_grid()
+                convert: Callable[[np.ndarray], np.ndarray] = kind.dequantize_rows
+            else:  # F32, F16: plain values
+                convert = partial(quants.dequantize, qtype=qtype)
             for start in range(0, rows.shape[0], step):
                 part = rows[start : start + step]
-                if kind is not None and hasattr(kind, "dequantize_rows"):
-                    out[start : start + step] = kind.dequantize_rows(part)
-                else:  # F32, F16: plain values
-                    out[start : start + step] = quants.dequantize(part, qtype)
+                out[start : start + step] = convert(part)
                 if progress is not None:
                     progress(part.shape[0] * cols * 4)
         except NotImplementedError as exc:
