@@ -1,5 +1,6 @@
 """Shared fixtures: every test gets its own EMBER_HOME; SmolLM2's tokenizer, a tiny
-random Llama checkpoint and the real SmolLM2 import are made once per session."""
+random Llama checkpoint, the real SmolLM2 import and transformers' own load of it
+(the reference) are made once per session."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def tiny_llama(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """SmolLM2-135M-Instruct (GGUF, dequantised to float32) imported once per session
     into its own EMBER_HOME; yields the checkpoint directory. Treat it as read-only.
-    Takes ~25 s: use it only from tests marked slow."""
+    Takes ~10 s: use it only from tests marked slow."""
     from ember.store.importer import DEFAULT_MODEL_NAME, default_model_source, import_checkpoint
     from ember.store.local import LocalStore
 
@@ -105,3 +106,16 @@ def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield result.path
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference() -> tuple[Any, Any]:
+    """(model, tokenizer): SmolLM2-135M-Instruct as transformers' GGUF loader gives
+    them (float32, eval mode), the reference the import and the engine are checked
+    against. Loaded once per session (~30 s): use it only from tests marked slow."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(root, gguf_file=GGUF_FILE)

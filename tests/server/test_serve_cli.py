@@ -7,6 +7,7 @@ import of SmolLM2 is part of what is tested. The last test stops it with SIGTERM
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ class ServeProcess:
     home: Path
     log: list[str] = field(default_factory=list)
     health_seen: list[int] = field(default_factory=list)
+    health_messages: list[str] = field(default_factory=list)
 
 
 def _free_port() -> int:
@@ -58,8 +60,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
             assert proc.poll() is None, "ember serve exited:\n" + "".join(server.log)
             assert time.monotonic() < deadline, "not ready in time:\n" + "".join(server.log)
             try:
-                status = httpx.get(f"{server.url}/health", timeout=2).status_code
+                health = httpx.get(f"{server.url}/health", timeout=2)
+                status = health.status_code
                 server.health_seen.append(status)
+                server.health_messages.append(health.json().get("message", ""))
                 if status == 200:
                     break
             except httpx.TransportError:
@@ -76,6 +80,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 
 def test_health_is_503_while_the_first_run_imports_then_200(served: ServeProcess) -> None:
     assert 503 in served.health_seen and served.health_seen[-1] == 200
+    # while importing, the 503 says how far the import is
+    assert any(re.fullmatch(r"importing the model, \d+% done", m) for m in served.health_messages)
     assert any("importing smollm2-135m-instruct" in line for line in served.log)
 
 

@@ -26,6 +26,7 @@ from ember.errors import (
     UnsupportedFeatureError,
 )
 from ember.store import load_tensors, read_index, verify_checkpoint
+from ember.store.import_progress import DONE, READ, SYNC, VERIFY, WRITE
 from ember.store.importer import (
     DEFAULT_MODEL_NAME,
     default_model_source,
@@ -33,6 +34,7 @@ from ember.store.importer import (
     import_state_dict,
 )
 from ember.store.local import LocalStore
+from ember.store.model_files import config_json, tokenizer_files
 from tests.store.tiny_models import CHAT_TEMPLATE, tiny_llama, tiny_llama_config, tiny_tokenizer
 
 
@@ -103,10 +105,13 @@ def test_hf_safetensors_directory(tmp_path: Path, shard_size: str | None) -> Non
     tiny_tokenizer().save_pretrained(src)
     assert (src / "model.safetensors.index.json").exists() == bool(shard_size)
 
-    stages: list[str] = []
-    result = import_checkpoint(src, "hf", progress=lambda stage, done, total: stages.append(stage))
+    calls: list[tuple[str, int, int]] = []
+    result = import_checkpoint(src, "hf", progress=lambda *call: calls.append(call))
     _assert_same(load_tensors(result.path, verify=True), dict(model.state_dict()))
-    assert stages[0] == "read" and stages[-1] == "done" and "verify" in stages
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == [READ, WRITE, SYNC, VERIFY, DONE]
+    dones = [done for _, done, total in calls if total]
+    assert dones == sorted(dones) and calls[-1][1] == calls[-1][2] > 0
     model_dir = result.path / "model"
     assert (model_dir / "generation_config.json").read_bytes() == (
         src / "generation_config.json"
@@ -258,31 +263,33 @@ def test_ensure_default_model_keeps_an_existing_import(monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_smollm2_gguf_import_matches_transformers(smollm2_checkpoint: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    src = default_model_source()
-    reference = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+def test_smollm2_gguf_import_matches_transformers(smollm2_checkpoint: Path, smollm2_reference: Any) -> None:
+    reference, ref_tok = smollm2_reference
     expected = reference.state_dict()
     loaded = load_tensors(smollm2_checkpoint, verify=True)
     assert set(loaded) == set(expected)
-    for name in [
-        "model.embed_tokens.weight",
-        "model.layers.0.self_attn.q_proj.weight",  # q/k are permuted back from GGUF's layout
-        "model.layers.7.self_attn.k_proj.weight",
-        "model.layers.29.mlp.down_proj.weight",
-        "model.norm.weight",
-    ]:
-        assert loaded[name].dtype == torch.float32
-        assert torch.equal(loaded[name], expected[name]), name
+    for name, t in expected.items():  # q/k included: permuted back from GGUF's row order
+        assert loaded[name].dtype == torch.float32, name
+        assert torch.equal(loaded[name], t), name
     assert loaded["lm_head.weight"].data_ptr() == loaded["model.embed_tokens.weight"].data_ptr()
 
     index = read_index(smollm2_checkpoint)
     assert index.metadata["architecture"] == "LlamaForCausalLM" and index.metadata["dtype"] == "float32"
     assert index.total_bytes < 600 << 20  # embeddings stored once: ~540 MB, not ~650 MB
     model_dir = smollm2_checkpoint / "model"
+    stored_config = json.loads((model_dir / "config.json").read_text())
+    want_config = json.loads(config_json(reference.config, "float32"))
+    for config in (stored_config, want_config):
+        config.pop("_name_or_path")  # where it was read from, not what it is
+    assert stored_config == want_config
+    want_gen = json.loads(reference.generation_config.to_json_string(use_diff=True))
+    assert json.loads((model_dir / "generation_config.json").read_text()) == want_gen
+
+    want_files = tokenizer_files(ref_tok)
+    assert (model_dir / "tokenizer.json").read_bytes() == want_files["tokenizer.json"]
+    assert (model_dir / "chat_template.jinja").read_bytes() == want_files["chat_template.jinja"]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    assert "<|im_start|>user" in text
+    chat = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert "<|im_start|>user" in text and text == ref_tok.apply_chat_template(chat, tokenize=False)
     assert AutoConfig.from_pretrained(model_dir).tie_word_embeddings
-    assert (model_dir / "generation_config.json").is_file()

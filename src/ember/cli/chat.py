@@ -51,13 +51,17 @@ def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str
 
 
 def _embedded_turns(model: str | None) -> tuple[str, Turn, Callable[[], None]]:
+    from ember.cli.output import stage_progress
     from ember.engine.async_engine import AsyncEngine
     from ember.engine.request import EngineRequest, SamplingParams
     from ember.store.importer import ensure_default_model
     from ember.store.local import LocalStore
 
     store = LocalStore()
-    name = model or ensure_default_model(store)
+    if model is None:
+        with stage_progress({}) as progress:  # the first run imports the default model
+            model = ensure_default_model(store, progress=progress)
+    name = model
     engine = AsyncEngine.from_checkpoint(store.resolve(name))
     tokenizer: Any = engine.engine.tokenizer
     loop = asyncio.new_event_loop()

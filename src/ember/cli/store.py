@@ -19,14 +19,6 @@ if TYPE_CHECKING:
 
 store_app = typer.Typer(help="Manage the checkpoints in the local store.", no_args_is_help=True)
 
-_IMPORT_STAGES = {
-    "read": "reading the source",
-    "convert": "converting dtype",
-    "write": "writing the checkpoint",
-    "verify": "verifying checksums",
-    "done": "done",
-}
-
 
 def _quiet_transformers() -> None:
     # Our own progress bar replaces transformers' tqdm bars and its load-time chatter.
@@ -63,7 +55,7 @@ def import_cmd(
         src, name = default_model_source(), name or DEFAULT_MODEL_NAME
     name = name or _name_from(src)
     _quiet_transformers()
-    with stage_progress(_IMPORT_STAGES, enabled=not as_json) as progress:
+    with stage_progress({}, enabled=not as_json) as progress:  # stages name themselves
         result = import_checkpoint(src, name, dtype=dtype, progress=progress)  # type: ignore[arg-type]
     if as_json:
         print_json(

@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible routes, health, metrics, errors in OpenAI's shape.
 
 The app starts answering at once: /health is 503 until a backend is attached (the
-first-run import and load happen after the socket is open), then 200.
+first-run import and load happen after the socket is open), then 200. While it is
+starting, every 503 says what the start-up is doing ("importing the model, 42% done").
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ember.server.serving import Generation, build_choices, error_body
 
 M = TypeVar("M", bound=BaseModel)
 _OPEN_PATHS = {"/health", "/metrics"}
+STARTING = "loading the models"
 
 
 @dataclass
@@ -45,13 +47,27 @@ class ServerState:
     in_flight: int = 0
     draining: bool = False
     startup_error: BaseException | None = None
+    # what the start-up is doing, set by the loader thread: "importing the model, 42% done"
+    startup_stage: str = STARTING
 
     def require_backend(self) -> ModelBackend:
         if self.startup_error is not None:
             raise OverloadedError(f"the server failed to start: {self.startup_error}", retry_after_s=60.0)
-        if self.backend is None or self.draining:
-            raise OverloadedError("the server is starting or stopping", retry_after_s=2.0)
+        if self.draining:
+            raise OverloadedError("the server is stopping", retry_after_s=2.0)
+        if self.backend is None:
+            raise OverloadedError(f"the server is starting: {self.startup_stage}", retry_after_s=2.0)
         return self.backend
+
+    def health(self) -> tuple[int, dict[str, str]]:
+        """/health's status code and body."""
+        if self.backend is not None and not self.draining:
+            return 200, {"status": "ok"}
+        if self.startup_error is not None:
+            return 503, {"status": "failed", "message": f"the server failed to start: {self.startup_error}"}
+        if self.draining:
+            return 503, {"status": "stopping", "message": "the server is stopping"}
+        return 503, {"status": "starting", "message": self.startup_stage}
 
 
 def error_response(exc: EmberError) -> JSONResponse:
@@ -143,8 +159,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        ready = state.backend is not None and not state.draining
-        return JSONResponse({"status": "ok" if ready else "starting"}, status_code=200 if ready else 503)
+        status, body = state.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -27,7 +27,7 @@ from ember.backend import ModelBackend
 from ember.cluster.controller import Controller, ControllerConfig
 from ember.cluster.state import Deployment
 from ember.server.admin import add_admin_routes
-from ember.server.app import create_app
+from ember.server.app import STARTING, ServerState, create_app
 from ember.server.metrics import ClusterMetrics
 from ember.server.settings import DEFAULT_MODEL, ServeSettings
 
@@ -40,14 +40,46 @@ ProgressFactory = Callable[[], AbstractContextManager[ImportProgress]]
 @contextlib.contextmanager
 def logged_progress() -> Iterator[ImportProgress]:
     """Progress as log lines, one per stage (when there is no terminal for a bar)."""
+    from ember.store.import_progress import percent
+
     seen: set[str] = set()
 
     def update(stage: str, done: int, total: int) -> None:
         if stage not in seen:
             seen.add(stage)
-            log.info("first run: %s", stage)
+            pct = percent(done, total)
+            log.info("first run: %s%s", stage, "" if pct is None else f" ({pct}% of the import done)")
 
     yield update
+
+
+def import_note(done: int, total: int) -> str:
+    """What a 503 says while the first run imports the model."""
+    from ember.store.import_progress import percent
+
+    pct = percent(done, total)
+    return "importing the model" if pct is None else f"importing the model, {pct}% done"
+
+
+def reporting_to(state: ServerState, progress: ProgressFactory) -> ProgressFactory:
+    """`progress` (the console's bar or log lines), also written into `state` so
+    that /health and every other route's 503 say how far the import is."""
+
+    @contextlib.contextmanager
+    def factory() -> Iterator[ImportProgress]:
+        with progress() as show:
+
+            def update(stage: str, done: int, total: int) -> None:
+                show(stage, done, total)
+                state.startup_stage = import_note(done, total)
+
+            state.startup_stage = import_note(0, 0)
+            try:
+                yield update
+            finally:
+                state.startup_stage = STARTING
+
+    return factory
 
 
 def model_id(ref: str) -> str:
@@ -163,12 +195,12 @@ def build_app(settings: ServeSettings, progress: ProgressFactory = logged_progre
         api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight
     )
     add_admin_routes(app)
-    state = app.state.ember
+    state: ServerState = app.state.ember
     metrics = ClusterMetrics(app.state.metrics.registry)
 
     def load(loop: asyncio.AbstractEventLoop) -> None:
         try:
-            state.backend = start_cluster(settings, loop, metrics, progress)
+            state.backend = start_cluster(settings, loop, metrics, reporting_to(state, progress))
         except Exception as exc:
             state.startup_error = exc
             log.error("start-up failed: %s", exc)

@@ -1,12 +1,19 @@
 """Readers for what `ember store import` accepts: a Hugging Face directory of
-safetensors (one file or sharded) and a GGUF file (dequantised by transformers).
-Each gives a `SourceModel`: tensors, config, tokenizer, generation config."""
+safetensors (one file or sharded) and a GGUF file. Each gives a `SourceModel`:
+tensors, config, tokenizer, generation config, and plans the import's progress once
+it knows the sizes.
+
+A GGUF file of an architecture the engine runs is parsed once (`gguf_file`) and
+converted directly (`gguf_model`); while its weights are dequantised here, another
+thread imports transformers and builds the config and the tokenizer. Files of other
+architectures go through transformers' own GGUF loader (slower: it parses the file
+several times and builds a model)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,12 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember.errors import CheckpointNotFoundError, InvalidRequestError, UnsupportedFeatureError
+from ember.store.import_progress import DEQUANTISE, PARSE, READ, TOKENIZER, ImportTracker
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-# stage, done, total (total 0: not known in advance)
-ImportProgress = Callable[[str, int, int], None]
+    from ember.store.gguf_file import GgufFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -33,10 +40,6 @@ class SourceModel:
     generation_config: bytes | None  # generation_config.json as stored
     source: str  # where it came from, for the catalogue
     kind: str  # "safetensors" | "gguf" | "state_dict"
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 def source_kind(src: Path) -> str:
@@ -76,11 +79,12 @@ def _shard_files(src: Path) -> list[Path]:
     return shards
 
 
-def read_safetensors_dir(src: Path, progress: ImportProgress = _no_progress) -> SourceModel:
+def read_safetensors_dir(src: Path, tracker: ImportTracker) -> SourceModel:
     """Every tensor of a Hugging Face safetensors directory, in its own dtype."""
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoTokenizer
 
+    tracker.update(READ)
     if not (src / "config.json").is_file():
         raise InvalidRequestError(f"{src} has no config.json: not a Hugging Face model directory")
     shards = _shard_files(src)
@@ -92,11 +96,14 @@ def read_safetensors_dir(src: Path, progress: ImportProgress = _no_progress) -> 
     tensors: dict[str, torch.Tensor] = {}
     try:
         handles = [safe_open(str(p), framework="pt") for p in shards]
-        total = sum(len(list(h.keys())) for h in handles)
+        nbytes = sum(p.stat().st_size for p in shards)
+        tracker.plan([(READ, nbytes)], nbytes)
+        done = 0
         for h in handles:
             for key in h.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 tensors[key] = h.get_tensor(key)
-                progress("read", len(tensors), total)
+                done += tensors[key].numel() * tensors[key].element_size()
+                tracker.update(READ, done, nbytes)
     except SafetensorError as exc:
         raise InvalidRequestError(f"cannot read safetensors in {src}: {exc}") from exc
 
@@ -111,13 +118,71 @@ def read_safetensors_dir(src: Path, progress: ImportProgress = _no_progress) -> 
     return SourceModel(tensors, config, tokenizer, gen, str(src.resolve()), "safetensors")
 
 
-def read_gguf(src: Path, progress: ImportProgress = _no_progress) -> SourceModel:
-    """A GGUF file dequantised to float32 by transformers. The model it loads refuses
-    save_pretrained, so its state dict is taken instead; tied embeddings stay one tensor."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def read_gguf(src: Path, tracker: ImportTracker) -> SourceModel:
+    """A GGUF file dequantised to float32 under Hugging Face names, with the config,
+    tokenizer and generation config transformers' GGUF loader would give."""
+    from ember.store.gguf_file import read_gguf_file
+    from ember.store.gguf_model import DIRECT_ARCHITECTURES, config_fields, convert_tensors, output_bytes
+
+    tracker.update(PARSE)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-gguf") as pool:
+        pool.submit(_import_transformers)  # seconds of imports, started at once beside the rest
+        gguf = read_gguf_file(src)
+        if gguf.architecture not in DIRECT_ARCHITECTURES:
+            return _read_gguf_with_transformers(src, tracker)
+        header, nbytes = gguf.header_bytes, output_bytes(gguf)
+        # the tokenizer's share is what is left of its thread's work once the weights are done
+        tracker.plan([(PARSE, header), (DEQUANTISE, nbytes), (TOKENIZER, header)], nbytes)
+        tracker.update(PARSE, 1, 1)
+        fields = config_fields(gguf)
+        described = pool.submit(_describe_gguf, src, gguf, fields)
+        tensors = convert_tensors(gguf, fields, tracker.bytes_callback(DEQUANTISE))
+        tracker.update(TOKENIZER)
+        config, tokenizer, gen_json = described.result()
+    tracker.update(TOKENIZER, 1, 1)
+    return SourceModel(tensors, config, tokenizer, gen_json, str(src.resolve()), "gguf")
+
+
+def _import_transformers() -> None:
+    import transformers.integrations.gguf.gguf_tokenizer_mapping  # noqa: F401
+    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast  # noqa: F401
+
+
+def _describe_gguf(
+    src: Path, gguf: GgufFile, fields: dict[str, object]
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase | None, bytes]:
+    from ember.store.gguf_model import build_config, build_tokenizer, generation_config_json
+
+    config = build_config(dict(fields))
+    try:
+        tokenizer = build_tokenizer(gguf, config)
+    except ImportError:  # a transformers without the GGUF tokenizer builder: its own loader
+        tokenizer = _transformers_gguf_tokenizer(src)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequestError(f"cannot build the tokenizer of GGUF file {src}: {exc}") from exc
+    return config, tokenizer, generation_config_json(config)
+
+
+def _transformers_gguf_tokenizer(src: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tok: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            str(src.parent), gguf_file=src.name, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InvalidRequestError(f"cannot read GGUF file {src}: {exc}") from exc
+    return tok
+
+
+def _read_gguf_with_transformers(src: Path, tracker: ImportTracker) -> SourceModel:
+    """A GGUF file of an architecture not converted here, dequantised to float32 by
+    transformers. The model it loads refuses save_pretrained, so its state dict is
+    taken instead; tied embeddings stay one tensor."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.utils import logging as transformers_logging
 
-    progress("read", 0, 0)
+    tracker.update(READ, 0, 0)
     where, fname = str(src.parent), src.name
     if not sys.stderr.isatty():  # transformers' own bars would fill a log with carriage returns
         transformers_logging.disable_progress_bar()
@@ -125,14 +190,16 @@ def read_gguf(src: Path, progress: ImportProgress = _no_progress) -> SourceModel
         model = AutoModelForCausalLM.from_pretrained(
             where, gguf_file=fname, dtype=torch.float32, local_files_only=True
         )
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=fname, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InvalidRequestError(f"cannot read GGUF file {src}: {exc}") from exc
+    tokenizer = _transformers_gguf_tokenizer(src)
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    tracker.plan([(READ, nbytes)], nbytes)
+    tracker.update(READ, 1, 1)
     config = model.config
     if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     gen = model.generation_config
     gen_json = gen.to_json_string(use_diff=True).encode() if isinstance(gen, GenerationConfig) else None
-    progress("read", 1, 1)
     return SourceModel(tensors, config, tokenizer, gen_json, str(src.resolve()), "gguf")

@@ -24,14 +24,16 @@ from ember.errors import (
 )
 from ember.store.checksum import verify_checkpoint
 from ember.store.format import dtype_name
-from ember.store.import_sources import (
+from ember.store.import_progress import (
+    CONVERT,
+    SYNC,
+    VERIFY,
+    WRITE,
     ImportProgress,
-    SourceModel,
-    _no_progress,
-    read_gguf,
-    read_safetensors_dir,
-    source_kind,
+    ImportTracker,
+    no_progress,
 )
+from ember.store.import_sources import SourceModel, read_gguf, read_safetensors_dir, source_kind
 from ember.store.local import LocalStore
 from ember.store.model_files import architecture_of, make_config, model_files
 from ember.store.writer import save_tensors
@@ -69,7 +71,7 @@ def import_checkpoint(
     *,
     store: LocalStore | None = None,
     dtype: StoredDtype | None = None,
-    progress: ImportProgress = _no_progress,
+    progress: ImportProgress = no_progress,
 ) -> ImportResult:
     """Import a Hugging Face safetensors directory or a .gguf file as `name`.
 
@@ -77,14 +79,16 @@ def import_checkpoint(
     GGUF, which transformers dequantises to float32). Raises CheckpointNotFoundError
     for a missing path, UnsupportedFeatureError for a source of another kind,
     CheckpointExistsError if `name` is taken, StorageFullError if the disk fills.
+    `progress(stage, done, total)` follows the whole import (see import_progress).
     """
     store = store or LocalStore()
     _check_free(store, name)
     target = _target_dtype(dtype)
     path = Path(src).expanduser()
     kind = source_kind(path)
-    model = read_gguf(path, progress) if kind == "gguf" else read_safetensors_dir(path, progress)
-    return _publish(store, name, model, target, progress)
+    tracker = ImportTracker(progress, convert=target is not None)
+    model = read_gguf(path, tracker) if kind == "gguf" else read_safetensors_dir(path, tracker)
+    return _publish(store, name, model, target, tracker)
 
 
 def import_state_dict(
@@ -97,7 +101,7 @@ def import_state_dict(
     dtype: StoredDtype | None = None,
     generation_config: bytes | None = None,
     source: str = "state_dict",
-    progress: ImportProgress = _no_progress,
+    progress: ImportProgress = no_progress,
 ) -> ImportResult:
     """Import tensors held in memory (e.g. a tiny random model built from a config).
 
@@ -107,7 +111,10 @@ def import_state_dict(
     _check_free(store, name)
     cfg = make_config(config)
     model = SourceModel(dict(tensors), cfg, tokenizer, generation_config, source, "state_dict")
-    return _publish(store, name, model, _target_dtype(dtype), progress)
+    target = _target_dtype(dtype)
+    tracker = ImportTracker(progress, convert=target is not None)
+    tracker.plan([], sum(t.numel() * t.element_size() for t in tensors.values()))
+    return _publish(store, name, model, target, tracker)
 
 
 def default_model_source() -> Path:
@@ -127,7 +134,7 @@ def default_model_source() -> Path:
     return path
 
 
-def ensure_default_model(store: LocalStore | None = None, *, progress: ImportProgress = _no_progress) -> str:
+def ensure_default_model(store: LocalStore | None = None, *, progress: ImportProgress = no_progress) -> str:
     """The default model's name, importing it into the store on first use."""
     store = store or LocalStore()
     if store.exists(DEFAULT_MODEL_NAME):
@@ -145,7 +152,7 @@ def ensure_default_model(store: LocalStore | None = None, *, progress: ImportPro
 
 
 def _check_free(store: LocalStore, name: str) -> None:
-    # Checked before any reading: a GGUF import takes tens of seconds.
+    # Checked before any reading: an import takes seconds.
     if store.exists(name) or store.path_for(name).exists():
         raise CheckpointExistsError(
             f"a checkpoint named {name!r} is already stored (remove it with `ember store rm {name}`)"
@@ -196,14 +203,15 @@ def stored_dtype(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def _publish(
-    store: LocalStore, name: str, model: SourceModel, dtype: torch.dtype | None, progress: ImportProgress
+    store: LocalStore, name: str, model: SourceModel, dtype: torch.dtype | None, tracker: ImportTracker
 ) -> ImportResult:
     tensors = tie_embeddings(dict(model.tensors), model.config)
     if not tensors:
         raise InvalidRequestError(f"{model.source} holds no tensors")
     if dtype is not None:
-        progress("convert", 0, 0)
+        tracker.update(CONVERT)
         tensors = convert_floating(tensors, dtype)
+        tracker.update(CONVERT, 1, 1)
     dtype_str = stored_dtype(tensors)
     files = model_files(model.config, dtype_str, model.tokenizer, model.generation_config)
     metadata = {
@@ -214,16 +222,22 @@ def _publish(
         "source_format": model.kind,
     }
     path = store.path_for(name)
-    progress("write", 0, 0)
-    save_tensors(tensors, path, metadata=metadata, files=files)
+
+    def written(done: int, total: int) -> None:
+        tracker.update(WRITE, done, total)
+        if done >= total:  # save_tensors fsyncs the files and renames the directory next
+            tracker.update(SYNC)
+
+    tracker.update(WRITE)
+    save_tensors(tensors, path, metadata=metadata, files=files, progress=written)
     try:
-        progress("verify", 0, 0)
+        tracker.update(VERIFY)
         index = verify_checkpoint(path)
         store.register(name, model.source)
     except BaseException:
         _discard(path)
         raise
-    progress("done", 1, 1)
+    tracker.finish()
     return ImportResult(name, path, index.total_bytes, dtype_str, model.source, len(index.tensors))
 
 

@@ -6,7 +6,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from ember.store.format import (
 )
 
 FileSource = bytes | str | Path
+Progress = Callable[[int, int], None]  # (bytes written, bytes to write)
 
 
 @dataclass
@@ -109,7 +110,9 @@ def _entry(
     return TensorEntry(0, 0, nbytes, dtype_name(t.dtype), shape, stride, elem_offset)
 
 
-def _write_partitions(blobs: list[_Blob], root: Path, partition_size: int) -> list[PartitionEntry]:
+def _write_partitions(
+    blobs: list[_Blob], root: Path, partition_size: int, progress: Progress | None = None
+) -> list[PartitionEntry]:
     # Assign offsets: back to back, aligned, a new file once one passes partition_size.
     layout: list[list[_Blob]] = [[]]
     offset = 0
@@ -123,6 +126,7 @@ def _write_partitions(blobs: list[_Blob], root: Path, partition_size: int) -> li
 
     partitions = []
     zeros = bytes(ALIGNMENT)
+    total, written = sum(b.data.numel() for b in blobs), 0
     for i, group in enumerate(layout):
         path = root / partition_name(i)
         hasher = ChunkHasher(CHUNK_SIZE)
@@ -136,6 +140,9 @@ def _write_partitions(blobs: list[_Blob], root: Path, partition_size: int) -> li
                 f.write(zeros[:pad])
                 hasher.update(memoryview(zeros[:pad]))
                 size = blob.offset + blob.data.numel() + pad
+                written += blob.data.numel()
+                if progress is not None:
+                    progress(written, total)
         partitions.append(PartitionEntry(path.name, size, tuple(hasher.finish())))
     return partitions
 
@@ -198,16 +205,18 @@ def save_tensors(
     files: Mapping[str, FileSource] | None = None,
     overwrite: bool = False,
     partition_size: int = PARTITION_SIZE,
+    progress: Progress | None = None,
 ) -> CheckpointIndex:
     """Save tensors as an Ember checkpoint directory at `path`, atomically.
 
     `files` maps relative paths (e.g. "model/config.json") to bytes or source files
-    stored beside the tensors. Raises CheckpointExistsError if `path` exists and
+    stored beside the tensors. `progress(done, total)` counts tensor bytes written
+    (then the directory is fsynced and renamed into place). Raises CheckpointExistsError if `path` exists and
     `overwrite` is false, StorageFullError if the disk fills (nothing is left behind).
     """
     blobs, planned = _plan(tensors)
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        partitions = _write_partitions(blobs, tmp, partition_size)
+        partitions = _write_partitions(blobs, tmp, partition_size, progress)
         entries = {}
         for name, (blob_id, e) in planned.items():
             blob = blobs[blob_id]
