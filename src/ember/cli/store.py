@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ember.cli.base import EmberTyper
 from ember.cli.output import JsonOption, byte_progress, human_bytes, print_json, print_table, stage_progress
 from ember.errors import CheckpointError, CheckpointExistsError, InvalidRequestError, UnsupportedFeatureError
 from ember.store.local import LocalStore
@@ -17,7 +18,7 @@ from ember.store.local import LocalStore
 if TYPE_CHECKING:
     from ember.store.registry import Registry
 
-store_app = typer.Typer(help="Manage the checkpoints in the local store.", no_args_is_help=True)
+store_app = EmberTyper(help="Manage the checkpoints in the local store.")
 
 _IMPORT_STAGES = {
     "read": "reading the source",
