@@ -86,3 +86,11 @@ def test_engine_options_make_a_valid_engine_config() -> None:
         1 << 20,
         64,
     )
+
+
+def test_docs_list_every_setting_with_its_flag_and_variable() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    for name in ServeSettings.model_fields:
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/serving.md has no row for {name}"
+        assert f"EMBER_{name.upper()}" in row
