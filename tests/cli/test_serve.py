@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ember.cli.serve import serve_cmd
-from ember.server.settings import ServeSettings
+from ember.server.settings import SETTINGS
 from tests.cli.test_imports import HEAVY, imported
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,4 +62,4 @@ def test_a_bad_scheduler_fails_before_the_port_is_bound(busy_port: int, ember_ho
 
 def test_every_setting_has_its_flag() -> None:
     params = set(inspect.signature(serve_cmd).parameters)
-    assert params == {*ServeSettings.model_fields, "config"}
+    assert params == {*SETTINGS, "config"}

@@ -30,7 +30,9 @@ def _call(method: str, path: str, url: str | None, body: dict[str, Any] | None =
     if key := os.environ.get(env.EMBER_API_KEY):
         headers["Authorization"] = f"Bearer {key}"
     try:
-        response = httpx.request(method, f"{base}{path}", json=body, headers=headers, timeout=600)
+        response = httpx.request(
+            method, f"{base}{path}", json=body, headers=headers, timeout=600, verify=env.verify_tls(base)
+        )
     except httpx.ConnectError as exc:
         raise EmberError(f"no Ember server at {base} (start one with `ember serve`)") from exc
     except httpx.TransportError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from ember import env
 from ember.errors import ContextLengthError, EmberError, InvalidRequestError
 
 _TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a long answer on a CPU takes minutes
@@ -30,8 +31,9 @@ class ChatClient:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
-            base_url=f"{self.url}/v1", headers=headers, timeout=_TIMEOUT, transport=transport
-        )
+            base_url=f"{self.url}/v1", headers=headers, timeout=_TIMEOUT, transport=transport,
+            verify=env.verify_tls(self.url),
+        )  # fmt: skip
 
     def close(self) -> None:
         self._http.close()

@@ -17,17 +17,16 @@ import typer
 
 from ember import env
 from ember.cli.output import stage_progress
-from ember.server.settings import ServeSettings
+from ember.server.settings import SETTINGS, default_of, help_of
 
 
 def flag(name: str, *decls: str) -> Any:
-    """The option of setting `name`: its description, then its default if it has one."""
-    field = ServeSettings.model_fields[name]
-    value = field.get_default(call_default_factory=True)
+    """The option of setting `name`: its help, then its default if it has one."""
+    value = default_of(name)
     if isinstance(value, list):
         value = ", ".join(value)
     shown = "" if value is None else f" [default: {value}]"
-    return typer.Option(*decls, help=f"{field.description}{shown}")
+    return typer.Option(*decls, help=f"{help_of(name)}{shown}")
 
 
 def serve_cmd(
@@ -68,7 +67,7 @@ def serve_cmd(
     from ember.server.listen import listen
     from ember.server.settings import load_settings
 
-    flags = {name: value for name, value in locals().items() if name in ServeSettings.model_fields}
+    flags = {name: value for name, value in locals().items() if name in SETTINGS}
     settings = load_settings(config, flags)
     sock = listen(settings.host, settings.port)  # first: a port in use fails here, at once
     try:

@@ -1,28 +1,34 @@
 """`ember serve`'s settings, typed and checked before anything starts.
 
-Each setting is one field of ServeSettings: its type (a Literal for a choice), its
-default and its description, which is the help of its flag (cli/serve.py) and the
-line docs/serving.md gives it. Values come in layers, each over the one before:
+Each setting is one field of ServeSettings: its type (a Literal for a choice, bounds
+as annotated_types), its help (in the type, as Help: its flag's help in cli/serve.py
+and its line in docs/serving.md) and its default. Values come in layers, each over
+the one before:
 
     defaults -> ember.toml (--config, keys as the field names) -> EMBER_<NAME>
     variables (env.setting_variable) -> flags
 
-A value that is not of its type, an unknown choice or an unknown TOML key is an
-InvalidRequestError naming the setting and where the value came from.
+and are validated together by pydantic (load_settings). A value that is not of its
+type, an unknown choice or an unknown TOML key is an InvalidRequestError naming the
+setting and where its value came from.
 
-Adding a setting: a field here with its default and description, then its flag in
-cli/serve.py (`flag("name")`), and its line in docs/serving.md.
+ServeSettings is a plain frozen dataclass, and pydantic is imported only to validate:
+`ember --help` reads the fields' help and defaults without it (about 0.1 s).
+
+Adding a setting: a field here with its type, help and default, then its flag in
+cli/serve.py (`flag("name")`), and its row in docs/serving.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import tomllib
 from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from annotated_types import Ge, Gt, Le, MinLen
 
 from ember.engine.options import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
@@ -35,92 +41,96 @@ from ember.engine.options import (
 from ember.env import setting_variable
 from ember.errors import InvalidRequestError
 
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # cluster/placement.py's POLICIES, by name (tests/server/test_settings.py checks they agree)
 PlacementName = Literal["startup-time-aware", "random", "round-robin", "remote-only"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Positive = Annotated[int, Ge(1)]
 
 
-class ServeSettings(BaseModel):
+@dataclass(frozen=True)
+class Help:
+    """A setting's help, in its Annotated type: its flag's help (and the docs')."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ServeSettings:
     """Everything `ember serve` can be told; docs/serving.md explains each."""
 
-    # defer_build: the validator is built on first use, not when `ember --help` imports this
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012  (pydantic's ConfigDict, as a plain dict)
 
-    models: list[str] = Field(
-        default_factory=lambda: [DEFAULT_MODEL],
-        min_length=1,
-        description="Store names or checkpoint directories to serve; clients send the name "
-        "(a directory's last part) as `model`.",
+    models: Annotated[
+        list[str],
+        MinLen(1),
+        Help("Store names or checkpoint directories to serve; clients send the name (a directory's "
+             "last part) as `model`."),
+    ] = field(default_factory=lambda: [DEFAULT_MODEL])  # fmt: skip
+    host: Annotated[str, Help("Address to listen on.")] = "127.0.0.1"
+    port: Annotated[int, Ge(1), Le(65535), Help("Port to listen on.")] = 8000
+    api_key: Annotated[
+        str | None, Help("Require 'Authorization: Bearer KEY' on every route but /health and /metrics.")
+    ] = None
+    scheduler: Annotated[
+        SchedulerName,
+        Help("Scheduling policy of every engine: mlfq (skip-join MLFQ), fcfs, or srpt (an oracle, for "
+             "evaluation)."),
+    ] = DEFAULT_SCHEDULER  # fmt: skip
+    swap: Annotated[
+        SwapMode, Help("KV swapping of preempted jobs: proactive, reactive, or off (recompute, as vLLM).")
+    ] = DEFAULT_SWAP
+    kv_cache_bytes: Annotated[
+        int | None,
+        Gt(0),
+        Help("KV cache budget per model, bytes (unset: 512 MiB on CPU, half the free accelerator "
+             "memory on CUDA)."),
+    ] = None  # fmt: skip
+    swap_bytes: Annotated[
+        int | None,
+        Ge(0),
+        Help("Host swap space for preempted jobs' KV blocks, bytes (unset: the KV budget)."),
+    ] = None
+    max_num_seqs: Annotated[Positive, Help("Most sequences in one batch.")] = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: Annotated[
+        Positive, Help("Most tokens computed in one iteration (prefill chunks and decodes).")
+    ] = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_model_len: Annotated[
+        int | None,
+        Ge(2),
+        Help("Longest prompt + output, tokens (unset: the model's context, at most 8192 and what the "
+             "KV budget holds)."),
+    ] = None  # fmt: skip
+    max_body_bytes: Annotated[Positive, Help("Larger request bodies get 413.")] = 2 << 20
+    max_in_flight: Annotated[Positive, Help("Requests in flight before 503 with Retry-After.")] = 256
+    shutdown_grace_s: Annotated[
+        float, Ge(0), Help("On SIGTERM, seconds the requests in flight get to finish.")
+    ] = 30.0
+    home: Annotated[
+        str | None, Help("Where the store, catalogue and node caches live (unset: ~/.ember).")
+    ] = None
+    registry: Annotated[
+        str | None, Help("Remote registry the nodes fetch from: a directory or an http(s) URL.")
+    ] = None
+    log_level: Annotated[LogLevel, Help("Log level: debug, info, warning or error.")] = "info"
+    nodes: Annotated[Positive, Help("Embedded nodes of the control plane.")] = 1
+    slots: Annotated[Positive, Help("Instances each node runs at once.")] = 1
+    placement: Annotated[
+        PlacementName,
+        Help("Where new instances start: startup-time-aware, random, round-robin, or remote-only "
+             "(every start downloads)."),
+    ] = "startup-time-aware"  # fmt: skip
+    start_timeout_s: Annotated[float, Gt(0), Help("Seconds a request waits for a cold start before 503.")] = (
+        300.0
     )
-    host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
-    api_key: str | None = Field(
-        None, description="Require 'Authorization: Bearer KEY' on every route but /health and /metrics."
-    )
-    scheduler: SchedulerName = Field(
-        DEFAULT_SCHEDULER,
-        description="Scheduling policy of every engine: mlfq (skip-join MLFQ), fcfs, or srpt "
-        "(an oracle, for evaluation).",
-    )
-    swap: SwapMode = Field(
-        DEFAULT_SWAP,
-        description="KV swapping of preempted jobs: proactive, reactive, or off (recompute, as vLLM).",
-    )
-    kv_cache_bytes: int | None = Field(
-        None,
-        gt=0,
-        description="KV cache budget per model, bytes (unset: 512 MiB on CPU, half the free "
-        "accelerator memory on CUDA).",
-    )
-    swap_bytes: int | None = Field(
-        None, ge=0, description="Host swap space for preempted jobs' KV blocks, bytes (unset: the KV budget)."
-    )
-    max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, description="Most sequences in one batch.")
-    max_num_batched_tokens: int = Field(
-        DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        ge=1,
-        description="Most tokens computed in one iteration (prefill chunks and decodes).",
-    )
-    max_model_len: int | None = Field(
-        None,
-        ge=2,
-        description="Longest prompt + output, tokens (unset: the model's context, at most 8192 "
-        "and what the KV budget holds).",
-    )
-    max_body_bytes: int = Field(2 << 20, ge=1, description="Larger request bodies get 413.")
-    max_in_flight: int = Field(256, ge=1, description="Requests in flight before 503 with Retry-After.")
-    shutdown_grace_s: float = Field(
-        30.0, ge=0, description="On SIGTERM, seconds the requests in flight get to finish."
-    )
-    home: str | None = Field(
-        None, description="Where the store, catalogue and node caches live (unset: ~/.ember)."
-    )
-    registry: str | None = Field(
-        None, description="Remote registry the nodes fetch from: a directory or an http(s) URL."
-    )
-    log_level: LogLevel = Field("info", description="Log level: debug, info, warning or error.")
-    nodes: int = Field(1, ge=1, description="Embedded nodes of the control plane.")
-    slots: int = Field(1, ge=1, description="Instances each node runs at once.")
-    placement: PlacementName = Field(
-        "startup-time-aware",
-        description="Where new instances start: startup-time-aware, random, round-robin, or "
-        "remote-only (every start downloads).",
-    )
-    start_timeout_s: float = Field(
-        300.0, gt=0, description="Seconds a request waits for a cold start before 503."
-    )
-    ray: str | None = Field(
-        None,
-        description="Run the nodes on a Ray cluster: 'auto' (the one started here with `ray start "
-        "--head`) or its address; one node per Ray node, --slots per CPU-only node.",
-    )
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        # EMBER_MODELS=a,b (and `models = "a"` in TOML) name several models, or one
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    ray: Annotated[
+        str | None,
+        Help("Run the nodes on a Ray cluster: 'auto' (the one started here with `ray start --head`) "
+             "or its address; one node per Ray node, --slots per CPU-only node."),
+    ] = None  # fmt: skip
 
     def engine_options(self) -> dict[str, Any]:
         """The EngineConfig fields these settings give every engine."""
@@ -136,6 +146,25 @@ class ServeSettings(BaseModel):
         return opts
 
 
+SETTINGS = {f.name: f for f in fields(ServeSettings)}
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(ServeSettings, include_extras=True)
+
+
+def help_of(name: str) -> str:
+    """A setting's help."""
+    return next(m.text for m in _hints()[name].__metadata__ if isinstance(m, Help))
+
+
+def default_of(name: str) -> Any:
+    """A setting's default."""
+    f = SETTINGS[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def load_settings(
     config: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ
 ) -> ServeSettings:
@@ -146,34 +175,39 @@ def load_settings(
     if config is not None:
         for name, value in _read_toml(config).items():
             values[name], origin[name] = value, str(config)
-    for name in ServeSettings.model_fields:
+    for name in SETTINGS:
         variable = setting_variable(name)
         if environ.get(variable):
-            values[name], origin[name] = environ[variable], variable
+            raw: Any = environ[variable]
+            if name == "models":  # EMBER_MODELS=a,b names several
+                raw = [m.strip() for m in raw.split(",") if m.strip()]
+            values[name], origin[name] = raw, variable
     for name, value in flags.items():
         if value is not None and value != []:
             values[name], origin[name] = (
                 value,
                 "--" + ("model" if name == "models" else name).replace("_", "-"),
             )
+    from pydantic import TypeAdapter, ValidationError
+
     try:
-        return ServeSettings.model_validate(values)
+        return TypeAdapter(ServeSettings).validate_python(values)
     except ValidationError as exc:
         raise _explain(exc, values, origin) from None
 
 
 def _read_toml(config: Path) -> dict[str, Any]:
+    import tomllib
+
     try:
         values = tomllib.loads(config.read_text())
     except FileNotFoundError as exc:
         raise InvalidRequestError(f"no config file at {config}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InvalidRequestError(f"{config}: {exc}") from exc
-    unknown = sorted(set(values) - set(ServeSettings.model_fields))
+    unknown = sorted(set(values) - set(SETTINGS))
     if unknown:
-        raise InvalidRequestError(
-            f"{config}: unknown settings {unknown}; known: {', '.join(ServeSettings.model_fields)}"
-        )
+        raise InvalidRequestError(f"{config}: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     return values
 
 
