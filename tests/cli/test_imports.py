@@ -1,5 +1,6 @@
-"""The client commands and every --help start without torch, transformers or ray:
-each run here is a fresh `python -X importtime -m ember ...`, as a user's shell runs it."""
+"""The client commands and every --help start without torch, transformers, ray or
+numpy: each run here is a fresh `python -X importtime -m ember ...`, as a user's shell
+runs it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(120)
 
-HEAVY = ("torch", "transformers", "ray", "openai")
+HEAVY = ("torch", "transformers", "ray", "openai", "numpy")
 
 
 def imported(stderr: str) -> set[str]:
@@ -55,6 +56,14 @@ def test_help_imports_no_heavy_package(args: list[str], ember_home: Path) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Usage" in done.stdout
     assert not imported(done.stderr) & set(HEAVY)
+
+
+def test_top_help_imports_no_pydantic(ember_home: Path) -> None:
+    # typer imports pydantic (0.1 s) to convert the arguments of a command it runs;
+    # `ember --help` runs none, and reads `ember serve`'s settings without it
+    done = ember("--help", home=ember_home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pydantic" not in imported(done.stderr)
 
 
 def test_store_ls_on_an_empty_home_imports_no_heavy_package(ember_home: Path) -> None:
