@@ -1,14 +1,39 @@
-"""Every environment variable Ember reads, in one place."""
+"""Every environment variable Ember reads, in one place.
+
+`ember serve` also reads each of its settings from `EMBER_<SETTING>` (EMBER_PORT,
+EMBER_SCHEDULER, ...: `setting_variable`), between the --config file and the flags;
+docs/serving.md lists them. EMBER_HOME, EMBER_REGISTRY and EMBER_API_KEY below are
+three of those, read elsewhere too.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+PREFIX = "EMBER_"
 EMBER_HOME = "EMBER_HOME"  # root of everything Ember stores (default ~/.ember)
 EMBER_REGISTRY = "EMBER_REGISTRY"  # remote registry: a directory or an http(s) URL
 EMBER_URL = "EMBER_URL"  # server the CLI talks to
 EMBER_API_KEY = "EMBER_API_KEY"  # bearer key the server requires and the CLI sends
+
+DEFAULT_URL = "http://127.0.0.1:8000"  # where the CLI looks for a server without --url / EMBER_URL
+
+
+def setting_variable(name: str) -> str:
+    """The variable an `ember serve` setting is read from: port -> EMBER_PORT."""
+    return PREFIX + name.upper()
+
+
+def server_url(url: str | None = None) -> str:
+    """The server the CLI talks to: `url`, else EMBER_URL, else DEFAULT_URL."""
+    return (url or os.environ.get(EMBER_URL) or DEFAULT_URL).rstrip("/")
+
+
+def verify_tls(url: str) -> bool:
+    """Whether the CLI's HTTP client for `url` loads certificates: only for https, as
+    loading the CA bundle costs about 70 ms, a quarter of a client command's run."""
+    return url.startswith("https://")
 
 
 def ember_home() -> Path:

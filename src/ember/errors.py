@@ -9,7 +9,8 @@ EmberError                      base; carries an HTTP status for the server
 │   ├── ModelNotFoundError      404: no deployment or checkpoint of that name
 │   └── CheckpointNotFoundError 404: no checkpoint at that name or path
 ├── ConflictError               409
-│   └── CheckpointExistsError   409: a checkpoint of that name is already stored
+│   ├── CheckpointExistsError   409: a checkpoint of that name is already stored
+│   └── PortInUseError          409: `ember serve` on a port something else listens on
 ├── PayloadTooLargeError        413
 ├── OverloadedError             503: queue full or no instance in time (Retry-After)
 │   └── NodeFailedError         503: a node died or stopped answering; its requests move on
@@ -77,6 +78,10 @@ class ConflictError(EmberError):
 
 
 class CheckpointExistsError(ConflictError):
+    pass
+
+
+class PortInUseError(ConflictError):
     pass
 
 

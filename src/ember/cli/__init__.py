@@ -2,31 +2,19 @@
 `ember store ...`, `ember bench ...`.
 
 Every EmberError a command raises is printed as `error: ...` on stderr with exit
-status 1; anything else is a bug and keeps its traceback."""
+status 1; anything else is a bug and keeps its traceback (see cli/base.py).
+
+Importing this package imports no torch, transformers or ray: each command imports
+what it needs when it runs, so the client commands and every `--help` start fast
+(tests/cli/test_imports.py checks it).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from ember.cli.base import EmberTyper
 
-import typer
-from typer.core import TyperGroup
-
-from ember.errors import EmberError
-
-
-class _EmberGroup(TyperGroup):
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EmberError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(1) from exc
-
-
-app = typer.Typer(
-    cls=_EmberGroup,
+app = EmberTyper(
     help="Ember: serverless LLM inference with fast cold starts.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 

@@ -9,13 +9,15 @@ from typing import Annotated
 
 import typer
 
+from ember.cli.base import EmberTyper
 from ember.cli.output import JsonOption, console, human_bytes, print_json, print_table, stage_progress
 from ember.errors import InvalidRequestError
 
-bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+bench_app = EmberTyper(help="Benchmarks.")
 
 
 def _register() -> None:
+    from ember.cli.bench_cli import cli_command
     from ember.cli.bench_cold import cold_command
     from ember.cli.bench_engine import engine_command
     from ember.cli.bench_sched import sched_command
@@ -23,6 +25,7 @@ def _register() -> None:
     bench_app.command("sched")(sched_command)
     bench_app.command("engine")(engine_command)
     bench_app.command("cold")(cold_command)
+    bench_app.command("cli")(cli_command)
 
 
 @bench_app.command("load")

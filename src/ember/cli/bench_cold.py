@@ -16,7 +16,6 @@ import typer
 
 from ember.cli.output import console, human_bytes, print_table, stage_progress
 from ember.errors import InvalidRequestError
-from ember.store.format import MODEL_DIR
 
 if TYPE_CHECKING:  # the benchmark imports torch and the server: only when it runs
     from ember.bench.cold import BenchModel, ColdReport
@@ -30,6 +29,7 @@ def _models(names: list[str], scratch: Path, random_size: str) -> list[BenchMode
     random-weight Llama with SmolLM2's tokenizer, or a store name / directory."""
     from ember.bench.cold import BenchModel
     from ember.bench.random_llama import make_random_llama, parse_size
+    from ember.store.format import MODEL_DIR
     from ember.store.importer import ensure_default_model
     from ember.store.local import LocalStore
 

@@ -82,8 +82,7 @@ def sched_command(
 
 
 def _print(report: dict[str, object]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from ember.cli.output import print_table
 
     w = report["workload"]
     assert isinstance(w, dict)
@@ -94,7 +93,6 @@ def _print(report: dict[str, object]) -> None:
         f"(mean prompt {w['mean_prompt_tokens']:.0f}, output {w['mean_output_tokens']:.0f}), "
         f"rate x{w['rate_scale']:.3g} = {w['rate_req_s']:.2f} req/s{cap}"
     )
-    table = Table(title=title)
     columns = [
         ("policy", None),
         ("JCT mean/p50/p99 s", ("mean_jct_s", "p50_jct_s", "p99_jct_s")),
@@ -106,10 +104,9 @@ def _print(report: dict[str, object]) -> None:
         ("swap out/in", ("swaps_out", "swaps_in")),
         ("recompute", ("recomputations",)),
     ]
-    for name, _ in columns:
-        table.add_column(name, justify="left" if name == "policy" else "right")
     policies = report["policies"]
     assert isinstance(policies, dict)
+    rows = []
     for policy, r in policies.items():
         cells = [policy]
         for name, keys in columns[1:]:
@@ -118,5 +115,6 @@ def _print(report: dict[str, object]) -> None:
             cells.append(
                 "/".join(f"{r[k] * scale:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys)
             )
-        table.add_row(*cells)
-    Console().print(table)
+        rows.append(cells)
+    names = [name for name, _ in columns]
+    print_table(title, names, rows, right={n.lower() for n in names[1:]})

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
 
 from ember import env
-from ember.errors import ContextLengthError, EmberError, InvalidRequestError, ModelNotFoundError
+from ember.errors import ContextLengthError, ModelNotFoundError
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 MIN_ANSWER_TOKENS = 32  # forget old turns rather than leave the answer less room than this
 
 
@@ -22,35 +19,25 @@ Turn = Callable[[list[dict[str, str]]], Iterator[str]]  # messages -> streamed a
 
 
 def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str, Turn, Callable[[], None]]:
-    import openai
+    from ember.cli.openai_http import ChatClient
 
-    client = openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0)
+    client = ChatClient(url, api_key)
     try:
-        names = [m.id for m in client.models.list().data]
-    except openai.APIConnectionError as exc:
-        raise EmberError(
-            f"no Ember server at {url} (start one with `ember serve`, or use --embedded)"
-        ) from exc
-    except openai.APIStatusError as exc:
-        raise EmberError(f"{url}: {exc.message}") from exc
-    chosen = model or (names[0] if names else None)
-    if chosen is None or chosen not in names:
-        raise ModelNotFoundError(f"the server at {url} does not serve {chosen!r} (it serves {names})")
-
-    def turn(messages: list[dict[str, str]]) -> Iterator[str]:
-        try:
-            stream: Any = client.chat.completions.create(model=chosen, messages=messages, stream=True)  # type: ignore[arg-type]
-        except openai.BadRequestError as exc:
-            text = str(exc.body.get("message", exc) if isinstance(exc.body, dict) else exc)
-            raise (ContextLengthError if "context" in text else InvalidRequestError)(text) from exc
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                yield chunk.choices[0].delta.content
-
-    return chosen, turn, client.close
+        names = client.models()
+        chosen = model or (names[0] if names else None)
+        if chosen is None or chosen not in names:
+            raise ModelNotFoundError(f"the server at {url} does not serve {chosen!r} (it serves {names})")
+    except BaseException:
+        client.close()
+        raise
+    name: str = chosen
+    return name, lambda messages: client.stream_chat(name, messages), client.close
 
 
 def _embedded_turns(model: str | None) -> tuple[str, Turn, Callable[[], None]]:
+    import asyncio
+    import uuid
+
     from ember.cli.output import stage_progress
     from ember.engine.async_engine import AsyncEngine
     from ember.engine.request import EngineRequest, SamplingParams
@@ -96,7 +83,9 @@ def _embedded_turns(model: str | None) -> tuple[str, Turn, Callable[[], None]]:
 
 def chat_cmd(
     model: Annotated[str | None, typer.Argument(help="Model id (default: the server's first).")] = None,
-    url: Annotated[str | None, typer.Option(help=f"Server URL (EMBER_URL). [default: {DEFAULT_URL}]")] = None,
+    url: Annotated[
+        str | None, typer.Option(help=f"Server URL (or {env.EMBER_URL}). [default: {env.DEFAULT_URL}]")
+    ] = None,
     embedded: Annotated[bool, typer.Option(help="Run the model in this process, no server.")] = False,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
 ) -> None:
@@ -106,7 +95,7 @@ def chat_cmd(
     if embedded:
         name, turn, close = _embedded_turns(model)
     else:
-        name, turn, close = _server_turns(url or os.environ.get(env.EMBER_URL) or DEFAULT_URL, model, api_key)
+        name, turn, close = _server_turns(env.server_url(url), model, api_key)
     try:
         _converse(name, turn, system)
     finally:

@@ -19,19 +19,24 @@ from ember.cluster.state import (
 )
 from ember.errors import EmberError
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-UrlOption = Annotated[str | None, typer.Option(help="The server (or EMBER_URL). [default: 127.0.0.1:8000]")]
+UrlOption = Annotated[
+    str | None, typer.Option(help=f"The server (or {env.EMBER_URL}). [default: {env.DEFAULT_URL}]")
+]
 
 
 def _call(method: str, path: str, url: str | None, body: dict[str, Any] | None = None) -> Any:
-    base = (url or os.environ.get(env.EMBER_URL) or DEFAULT_URL).rstrip("/")
+    base = env.server_url(url)
     headers = {}
     if key := os.environ.get(env.EMBER_API_KEY):
         headers["Authorization"] = f"Bearer {key}"
     try:
-        response = httpx.request(method, f"{base}{path}", json=body, headers=headers, timeout=600)
+        response = httpx.request(
+            method, f"{base}{path}", json=body, headers=headers, timeout=600, verify=env.verify_tls(base)
+        )
+    except httpx.ConnectError as exc:
+        raise EmberError(f"no Ember server at {base} (start one with `ember serve`)") from exc
     except httpx.TransportError as exc:
-        raise EmberError(f"no Ember server at {base} (start one with `ember serve`): {exc}") from exc
+        raise EmberError(f"{base}: {exc}") from exc
     try:
         data = response.json()
     except ValueError:

@@ -1,31 +1,28 @@
 """What every command prints: rich tables for people, JSON for scripts, progress
-bars on stderr (so `--json` output stays clean)."""
+bars on stderr (so `--json` output stays clean).
+
+When stdout is not a terminal (a pipe, a file) tables are plain aligned columns and
+lines are not wrapped: nothing is cut to a terminal's width that is not there."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Table
 
 JsonOption = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
 
 
 def console() -> Console:
-    return Console()
+    """stdout: a terminal wraps at its width; elsewhere lines are written whole."""
+    out = Console()
+    if not out.is_terminal:
+        out.soft_wrap = True
+    return out
 
 
 def err_console() -> Console:
@@ -36,13 +33,45 @@ def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+_RIGHT = {"size", "gb/s", "median s", "value"}  # numeric columns, right-aligned
+
+
+def print_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    right: Collection[str] = _RIGHT,
+) -> None:
+    """A table on stdout: boxed on a terminal, plain aligned columns elsewhere.
+    Columns named in `right` (lower case) are right-aligned."""
+    cells = [[str(v) for v in row] for row in rows]
+    aligned = [c.lower() in right for c in columns]
+    out = console()
+    if not out.is_terminal:
+        typer.echo(plain_table(title, columns, cells, aligned))
+        return
+    from rich.table import Table
+
     table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="right" if c.lower() in {"size", "gb/s", "median s", "value"} else "left")
-    for row in rows:
-        table.add_row(*(str(v) for v in row))
-    console().print(table)
+    for c, r in zip(columns, aligned, strict=True):
+        table.add_column(c, justify="right" if r else "left")
+    for row in cells:
+        table.add_row(*row)
+    out.print(table)
+
+
+def plain_table(
+    title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]
+) -> str:
+    """The title on its own line, then the columns two spaces apart, never cut."""
+    widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = (v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True))
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([*([title] if title else []), line(columns), *(line(row) for row in rows)])
 
 
 def human_bytes(n: float) -> str:
@@ -62,6 +91,15 @@ def stage_progress(
     if not enabled or not err_console().is_terminal:
         yield lambda stage, done, total: None
         return
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -86,6 +124,8 @@ def byte_progress(label: str, *, enabled: bool = True) -> Iterator[Callable[[int
     if not enabled or not err_console().is_terminal:
         yield lambda done, total: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn(label), BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=err_console()
     ) as bar:

@@ -10,14 +10,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ember.cli.base import EmberTyper
 from ember.cli.output import JsonOption, byte_progress, human_bytes, print_json, print_table, stage_progress
 from ember.errors import CheckpointError, CheckpointExistsError, InvalidRequestError, UnsupportedFeatureError
-from ember.store.local import LocalStore
 
 if TYPE_CHECKING:
+    from ember.store.local import LocalStore
     from ember.store.registry import Registry
 
-store_app = typer.Typer(help="Manage the checkpoints in the local store.", no_args_is_help=True)
+store_app = EmberTyper(help="Manage the checkpoints in the local store.")
+
+
+def _store() -> LocalStore:
+    from ember.store.local import LocalStore  # the catalogue's SQLite: only for the commands that read it
+
+    return LocalStore()
 
 
 def _quiet_transformers() -> None:
@@ -105,7 +112,7 @@ def _describe(store: LocalStore) -> list[dict[str, Any]]:
 @store_app.command("ls")
 def ls_cmd(as_json: bool = JsonOption) -> None:
     """List stored checkpoints: size and which tiers hold them."""
-    rows = _describe(LocalStore())
+    rows = _describe(_store())
     if as_json:
         print_json(rows)
         return
@@ -122,7 +129,7 @@ def ls_cmd(as_json: bool = JsonOption) -> None:
 @store_app.command("rm")
 def rm_cmd(name: Annotated[str, typer.Argument(help="Checkpoint name.")]) -> None:
     """Remove a checkpoint from the store."""
-    rec = LocalStore().remove(name)
+    rec = _store().remove(name)
     typer.echo(f"removed {rec.name} ({human_bytes(rec.size)})")
 
 
@@ -134,7 +141,7 @@ def verify_cmd(
     """Read every byte of a checkpoint and check it against its checksums."""
     from ember.store.checksum import verify_checkpoint
 
-    path = LocalStore().resolve(target)
+    path = _store().resolve(target)
     index = verify_checkpoint(path)
     if as_json:
         print_json({"path": str(path), "ok": True, "size": index.total_bytes, "files": len(index.files)})
@@ -179,7 +186,7 @@ def push_cmd(
     registry: Annotated[str | None, RegistryOption] = None,
 ) -> None:
     """Upload a stored checkpoint to the remote registry."""
-    store = LocalStore()
+    store = _store()
     rec = store.require(name)
     with _closing(_registry(registry)) as reg:
         reg.push(Path(rec.path), name)
@@ -196,7 +203,7 @@ def pull_cmd(
     """Download a checkpoint from the registry (or a URL) into the store."""
     is_url = source.startswith(("http://", "https://"))
     target = name or (source.rstrip("/").rsplit("/", 1)[-1] if is_url else source)
-    store = LocalStore()
+    store = _store()
     dest = store.path_for(target)
     if store.exists(target) or dest.exists():
         raise CheckpointExistsError(f"a checkpoint named {target!r} is already stored")

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.engine.options import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_SCHEDULER,
+    DEFAULT_SWAP,
+    SWAP_MODES,
+)
 from ember.engine.policies import policy
 from ember.errors import InvalidRequestError
 
-SWAP_MODES = ("proactive", "reactive", "off")
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -66,16 +72,16 @@ class EngineConfig:
         rounds of the longest quantum).
     """
 
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_bytes: int | None = None
     dtype: str = "auto"
     device: str | None = None
-    scheduler: str = "mlfq"
+    scheduler: str = DEFAULT_SCHEDULER
     seed: int = 0
-    swap: str = "proactive"
+    swap: str = DEFAULT_SWAP
     swap_bytes: int | None = None
     swap_reserve_fraction: float = 0.05
     mlfq_base_quantum_s: float | None = None

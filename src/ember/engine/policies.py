@@ -1,10 +1,10 @@
 """Scheduling policies by name: the one place a policy is chosen from its name.
 
-`POLICIES` maps each name to how the policy is built; `POLICY_NAMES` (and the
-`PolicyName` literal) are what EngineConfig, `ember serve --scheduler` and
-`ember bench sched --policies` accept. Nothing here imports torch, so the CLI checks
-a name without loading the engine. A new policy is a Scheduler subclass registered
-here.
+`POLICIES` maps each name to how the policy is built. The names themselves
+(`PolicyName`, `POLICY_NAMES`) live in engine/options.py, which imports neither torch
+nor numpy, so `ember serve --scheduler` is checked before anything heavy loads; a new
+policy is a Scheduler subclass registered here and its name added there (a test
+checks the two agree).
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeGuard, get_args
+from typing import TypeGuard
 
 from ember.engine.block_manager import SwapKVAllocator
 from ember.engine.mlfq import SkipJoinMLFQ
+from ember.engine.options import SCHEDULERS, SchedulerName
 from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.scheduler import Clock, FCFSScheduler, Scheduler
 from ember.engine.srpt import SRPTScheduler
 from ember.errors import InvalidRequestError
 
-PolicyName = Literal["mlfq", "fcfs", "srpt"]
-POLICY_NAMES: tuple[PolicyName, ...] = get_args(PolicyName)
+PolicyName = SchedulerName
+POLICY_NAMES: tuple[PolicyName, ...] = SCHEDULERS
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""`ember serve`: bind the socket at once, load the models in the background, serve
-until SIGTERM / Ctrl-C, then drain.
+"""`ember serve`: serve on the socket bound at once (server/listen.py), load the models
+in the background, serve until SIGTERM / Ctrl-C, then drain.
 
-Start-up: uvicorn binds and answers /health with 503 while a loader thread imports
+Start-up: uvicorn serves the socket and answers /health with 503 while a loader thread imports
 the default model on first run (with a progress bar on the console) and starts the
 control plane: `--nodes` embedded nodes of `--slots` instances each, one deployment
 per model with one instance always up; /health turns 200 when those are ready.
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
@@ -222,8 +223,9 @@ def build_app(settings: ServeSettings, progress: ProgressFactory = logged_progre
     return app
 
 
-def serve(settings: ServeSettings, progress: ProgressFactory = logged_progress) -> None:
-    """Run the server in the foreground until SIGTERM or Ctrl-C."""
+def serve(settings: ServeSettings, sock: socket.socket, progress: ProgressFactory = logged_progress) -> None:
+    """Run the server on `sock` (server.listen.listen) in the foreground until SIGTERM
+    or Ctrl-C."""
     if settings.ray:
         from ember.cluster.ray_cluster import NAMESPACE
         from ember.cluster.ray_node import import_ray
@@ -243,4 +245,4 @@ def serve(settings: ServeSettings, progress: ProgressFactory = logged_progress) 
     # were in place before it ran; no-op handlers make a graceful stop exit with 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])

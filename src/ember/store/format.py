@@ -17,8 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ember.errors import (
     CheckpointNotFoundError,
@@ -26,6 +25,9 @@ from ember.errors import (
     FormatVersionError,
     UnsupportedDtypeError,
 )
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so reading an index stays light
+    import torch
 
 FORMAT_NAME = "ember-checkpoint"
 FORMAT_VERSION = 1
@@ -44,21 +46,35 @@ def partition_name(i: int) -> str:
     return f"part-{i:05d}.bin"
 
 
-_UNSUPPORTED_DTYPES = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_UNSUPPORTED_DTYPES = ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")  # quantized
+# Bytes per element of the dtypes checkpoints usually hold, so that validating an index
+# (`ember store ls`, `verify`) needs no torch; rarer dtypes ask torch.
+_ITEMSIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}  # fmt: skip
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The name a dtype is stored under, e.g. "bfloat16"."""
-    if dtype in _UNSUPPORTED_DTYPES:
+    name = str(dtype).removeprefix("torch.")
+    if name in _UNSUPPORTED_DTYPES:
         raise UnsupportedDtypeError(f"dtype {dtype} (quantized) cannot be stored; dequantize it")
-    return str(dtype).removeprefix("torch.")
+    return name
 
 
 def dtype_from_name(name: str) -> torch.dtype:
+    import torch
+
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or dtype in _UNSUPPORTED_DTYPES:
+    if not isinstance(dtype, torch.dtype) or name in _UNSUPPORTED_DTYPES:
         raise UnsupportedDtypeError(f"unsupported dtype {name!r} in checkpoint index")
     return dtype
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a stored dtype name."""
+    return _ITEMSIZES.get(name) or dtype_from_name(name).itemsize
 
 
 @dataclass(frozen=True)
@@ -180,7 +196,7 @@ class CheckpointIndex:
                     f"{source}: tensor {name!r} at [{t.offset}, {t.offset + t.nbytes}) "
                     f"lies outside {part.file} ({part.size} bytes)"
                 )
-            itemsize = dtype_from_name(t.dtype).itemsize
+            itemsize = dtype_itemsize(t.dtype)
             if len(t.shape) != len(t.stride) or any(s < 0 for s in (*t.shape, *t.stride)):
                 raise CorruptCheckpointError(f"{source}: tensor {name!r} has a bad shape/stride")
             extent = (

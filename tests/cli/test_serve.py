@@ -1,0 +1,65 @@
+"""`ember serve` fails at once, before it loads anything, on a bad setting or a port
+in use; every setting has its flag."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.cli.serve import serve_cmd
+from ember.server.settings import SETTINGS
+from tests.cli.test_imports import HEAVY, imported
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port another socket listens on for the test's length."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def serve(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ember", "serve", *args],
+        env={**os.environ, "EMBER_HOME": str(home)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def messages(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith("import time:")]
+
+
+def test_a_port_in_use_fails_at_once_without_loading_anything(busy_port: int, ember_home: Path) -> None:
+    done = serve("--port", str(busy_port), home=ember_home)
+    assert done.returncode == 1
+    assert messages(done.stderr) == [
+        f"error: port {busy_port} on 127.0.0.1 is in use (another `ember serve`?): stop it, or pick "
+        "another port with --port"
+    ]
+    assert not imported(done.stderr) & set(HEAVY)  # no model loaded: not even torch imported
+    assert not (ember_home / "store").exists()
+
+
+def test_a_bad_scheduler_fails_before_the_port_is_bound(busy_port: int, ember_home: Path) -> None:
+    # the port is in use too: the error is the scheduler's, so it came first
+    done = serve("--port", str(busy_port), "--scheduler", "mflq", home=ember_home)
+    assert done.returncode == 1
+    assert messages(done.stderr) == [
+        "error: bad setting scheduler='mflq' (from --scheduler): Input should be 'mlfq', 'fcfs' or 'srpt'"
+    ]
+
+
+def test_every_setting_has_its_flag() -> None:
+    params = set(inspect.signature(serve_cmd).parameters)
+    assert params == {*SETTINGS, "config"}
