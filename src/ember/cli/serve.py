@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from ember import env
-from ember.cli.output import stage_progress
+from ember.cli.output import err_console, stage_progress
 from ember.server.settings import SETTINGS, default_of, help_of
 
 
@@ -79,8 +79,10 @@ def serve_cmd(
         typer.echo(
             f"Ember serving {', '.join(settings.models)} on http://{settings.host}:{settings.port}", err=True
         )
-        from ember.server.runner import serve
+        from ember.server.runner import logged_progress, serve
 
-        serve(settings, sock, progress=lambda: stage_progress({}))
+        # A bar on a terminal; under a log collector, a log line per stage of the import.
+        terminal = err_console().is_terminal
+        serve(settings, sock, progress=(lambda: stage_progress({})) if terminal else logged_progress)
     finally:
         sock.close()

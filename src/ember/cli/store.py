@@ -56,13 +56,14 @@ def import_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """Import a model into the store (converted once into Ember's loading format)."""
-    from ember.store.importer import DEFAULT_MODEL_NAME, default_model_source, import_checkpoint
-
-    if src is None:
-        src, name = default_model_source(), name or DEFAULT_MODEL_NAME
-    name = name or _name_from(src)
-    _quiet_transformers()
+    # The bar opens first: importing transformers and torch takes seconds by itself.
     with stage_progress({}, enabled=not as_json) as progress:  # stages name themselves
+        _quiet_transformers()
+        from ember.store.importer import DEFAULT_MODEL_NAME, default_model_source, import_checkpoint
+
+        if src is None:
+            src, name = default_model_source(), name or DEFAULT_MODEL_NAME
+        name = name or _name_from(src)
         result = import_checkpoint(src, name, dtype=dtype, progress=progress)  # type: ignore[arg-type]
     if as_json:
         print_json(
