@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from ember.cli import app
 
 
+@pytest.mark.slow  # a server and a registry in a child process
 @pytest.mark.timeout(180)
 def test_bench_cold_prints_every_tier_and_writes_json(tiny_llama: tuple[Path, Any], tmp_path: Path) -> None:
     out = tmp_path / "results" / "cold.json"  # the folder is made as needed

@@ -23,7 +23,7 @@ import uvicorn
 
 import ember
 from ember.cluster.controller import Controller, ControllerConfig
-from ember.cluster.ray_cluster import RayCluster, node_name, node_slots
+from ember.cluster.ray_cluster import RayCluster, node_name
 from ember.cluster.ray_node import RayNode
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, SamplingParams
@@ -37,6 +37,7 @@ from tests.conftest import TINY_LLAMA
 from tests.server.conftest import _free_socket
 
 pytestmark = [
+    pytest.mark.slow,  # a three-node Ray cluster
     pytest.mark.timeout(180),
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray: pip install 'ember[ray]'"),
 ]
@@ -222,12 +223,6 @@ async def eventually(
         assert time.monotonic() < deadline, f"gave up after {timeout_s} s waiting for {what}"
         await asyncio.sleep(0.05)
     return got
-
-
-def test_slots_come_from_gpus_then_the_ember_slots_resource_then_the_default() -> None:
-    assert node_slots({"CPU": 8, "GPU": 4, "ember_slots": 2}) == 4
-    assert node_slots({"CPU": 8, "ember_slots": 2}) == 2
-    assert node_slots({"CPU": 8}, default=3) == 3
 
 
 def test_two_models_stream_from_agents_on_other_nodes_with_exact_tokens(
