@@ -23,7 +23,8 @@ class ServeProcess:
     url: str
     home: Path
     log: list[str] = field(default_factory=list)
-    health_seen: list[int] = field(default_factory=list)
+    health_seen: list[int] = field(default_factory=list)  # /health's statuses while starting
+    health_messages: list[str] = field(default_factory=list)  # and the "message" of each answer
     reader: threading.Thread | None = None
 
 
@@ -54,8 +55,10 @@ def start_server(home: Path) -> ServeProcess:
             assert proc.poll() is None, "ember serve exited:\n" + "".join(server.log)
             assert time.monotonic() < deadline, "not ready in 240 s:\n" + "".join(server.log)
             try:
-                status = httpx.get(f"{server.url}/health", timeout=2).status_code
+                health = httpx.get(f"{server.url}/health", timeout=2)
+                status = health.status_code
                 server.health_seen.append(status)
+                server.health_messages.append(health.json().get("message", ""))
                 if status == 200:
                     return server
             except httpx.TransportError:
