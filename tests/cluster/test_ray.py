@@ -22,7 +22,7 @@ import uvicorn
 
 import ember
 from ember.cluster.controller import Controller, ControllerConfig
-from ember.cluster.ray_cluster import RayCluster, node_name, node_slots
+from ember.cluster.ray_cluster import RayCluster, node_name
 from ember.cluster.ray_node import RayNode
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, SamplingParams
@@ -35,7 +35,10 @@ from tests.cluster.fakes import FakeClock
 from tests.conftest import TINY_LLAMA
 from tests.server.conftest import _free_socket
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [
+    pytest.mark.slow,  # a three-node Ray cluster
+    pytest.mark.timeout(180),
+]
 Cluster = Any  # ray.cluster_utils.Cluster, imported in the fixture
 T = TypeVar("T")
 NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 << 20}
@@ -185,33 +188,39 @@ async def hold(node: RayNode, instance_id: str, requests: int, steps: int) -> No
     """Make the instance's engine (in the node agent's process) wait for `requests`
     requests, run `steps` iterations, then stall: its requests stay running (and can be
     aborted) however long a test takes, so a migration or a node's death finds them
-    mid-stream whatever the machine's load.
+    mid-stream whatever the machine's load. While held, the engine reports nothing to
+    run, so its thread waits for the next command (a request, an abort, a stop).
     Installed through Ray's own `__ray_call__` (a closure run on the actor), so the
     product code has no test hook."""
 
     def install(agent: Any, instance_id: str, requests: int, steps: int) -> None:
-        import time
-
         engine = agent.node.engine(instance_id).engine
-        step, left = engine.step, [steps]
+        step, unfinished, left = engine.step, engine.has_unfinished, [steps]
 
-        def held() -> Any:
-            if engine.num_running + engine.num_waiting < requests or left[0] == 0:
-                time.sleep(0.01)  # no iteration: the engine thread goes on taking commands
-                return []
+        def held() -> bool:
+            return engine.num_running + engine.num_waiting < requests or left[0] == 0
+
+        def counted_step() -> Any:
             left[0] -= 1
             return step()
 
-        engine.step = held
+        engine.step = counted_step
+        engine.has_unfinished = lambda: unfinished() and not held()
 
     # A closure is pickled by value: the agent's process need not import this module.
     await node.handle.__ray_call__.remote(install, instance_id, requests, steps)
 
 
-def test_slots_come_from_gpus_then_the_ember_slots_resource_then_the_default() -> None:
-    assert node_slots({"CPU": 8, "GPU": 4, "ember_slots": 2}) == 4
-    assert node_slots({"CPU": 8, "ember_slots": 2}) == 2
-    assert node_slots({"CPU": 8}, default=3) == 3
+async def eventually(
+    check: Callable[[], Coroutine[Any, Any, T | None]], what: str, timeout_s: float = 60
+) -> T:
+    """Poll `check` (state in another process, or Ray's own view of its nodes: nothing
+    to wait on) until it returns something; fail saying `what` was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while (got := await check()) is None:
+        assert time.monotonic() < deadline, f"gave up after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(0.05)
+    return got
 
 
 def test_two_models_stream_from_agents_on_other_nodes_with_exact_tokens(
@@ -271,12 +280,12 @@ def test_closing_a_stream_early_aborts_the_request_on_its_node(
             stream = c.generate("tiny", request("long", max_tokens=200))
             await anext(stream)
             await stream.aclose()
-            for _ in range(100):  # the abort reaches the engine within a few iterations
+
+            async def idle() -> bool | None:  # the abort crosses two processes
                 stats = await node.engine_stats(inst["id"])
-                if stats.num_running + stats.num_waiting == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert stats.num_running + stats.num_waiting == 0
+                return True if stats.num_running + stats.num_waiting == 0 else None
+
+            await eventually(idle, "the closed stream's request to leave its engine", 30)
 
     run(main)
 
@@ -336,12 +345,14 @@ def test_a_node_that_dies_mid_stream_leaves_the_cluster_and_its_stream_goes_on(
             assert len(tokens) == 200
             with pytest.raises(NodeFailedError):
                 await node.status()
+
             # The watcher's poll: once Ray declares the machine dead, it leaves the
             # controller, and the deployment's minimum instance starts on a live node.
-            gone: list[str] = []
-            while not gone:
+            async def noticed() -> list[str] | None:
                 _, gone = await asyncio.to_thread(rc.sync)
-                await asyncio.sleep(0.5)
+                return gone or None
+
+            gone = await eventually(noticed, "Ray to declare the killed node dead", 90)
             assert gone == [node.node_id]
             for node_id in gone:
                 await c.remove_node(node_id)
@@ -402,10 +413,12 @@ def test_ember_serve_ray_streams_through_the_controller_actor_which_comes_back_w
     host, port = sock.getsockname()
     url = f"http://{host}:{port}"
 
-    def wait_until(ok: Callable[[], bool]) -> None:
+    def wait_until(ok: Callable[[], bool], what: str) -> None:
+        """Poll the server over HTTP (the state is in Ray's processes) for up to 90 s."""
         deadline = time.monotonic() + 90
         while not ok():
-            assert time.monotonic() < deadline and thread.is_alive()
+            assert thread.is_alive(), f"the server's thread ended while waiting for {what}"
+            assert time.monotonic() < deadline, f"gave up after 90 s waiting for {what}"
             time.sleep(0.2)
 
     def answers(path: str) -> bool:
@@ -414,7 +427,7 @@ def test_ember_serve_ray_streams_through_the_controller_actor_which_comes_back_w
         return False
 
     try:
-        wait_until(lambda: answers("/health"))
+        wait_until(lambda: answers("/health"), "/health to answer 200")
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
             events = [line for line in resp.iter_lines() if line.startswith("data: {")]
@@ -425,7 +438,11 @@ def test_ember_serve_ray_streams_through_the_controller_actor_which_comes_back_w
 
         ray.kill(ray.get_actor("ember-controller", namespace="ember"), no_restart=False)
         body["stream"] = False
-        wait_until(lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200)
+
+        def completes() -> bool:
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+
+        wait_until(completes, "a completion through the restarted controller")
         after = httpx.get(f"{url}/admin/status").json()
         assert [d["name"] for d in after["deployments"]] == ["tiny"]
         [inst] = after["deployments"][0]["instances"]
@@ -438,9 +455,9 @@ def test_ember_serve_ray_streams_through_the_controller_actor_which_comes_back_w
             return len(resp.json()["nodes"]) if resp.status_code == 200 else -1
 
         joined = cluster.add_node(**NODE)
-        wait_until(lambda: node_count() == len(after["nodes"]) + 1)
+        wait_until(lambda: node_count() == len(after["nodes"]) + 1, "the joined node in /admin/status")
         cluster.remove_node(joined)
-        wait_until(lambda: node_count() == len(after["nodes"]))
+        wait_until(lambda: node_count() == len(after["nodes"]), "the removed node to leave /admin/status")
     finally:
         server.should_exit = True
         thread.join(60)

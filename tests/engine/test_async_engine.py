@@ -50,6 +50,20 @@ class GatedModel(FakeModel):
         return super().forward(*args)
 
 
+def command_queued(engine: AsyncEngine) -> threading.Event:
+    """An event set once a command (an abort, a shutdown's stop) is next queued for the
+    engine thread: what a caller does at once, before it waits for the answer."""
+    queued = threading.Event()
+    put = engine._commands.put
+
+    def put_and_signal(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        queued.set()
+
+    engine._commands.put = put_and_signal  # type: ignore[method-assign]
+    return queued
+
+
 async def collect(stream: RequestStream) -> list[int]:
     tokens = []
     async for out in stream:
@@ -90,9 +104,10 @@ def test_abort_ends_the_stream_and_resume_continues_elsewhere() -> None:
     async def main() -> list[int]:
         stream = source.submit(EngineRequest.make("x", [4, 5, 6], params))
         seen = [await anext(stream) for _ in range(4)]
-        await asyncio.to_thread(model.waiting.wait, 30)
+        assert await asyncio.to_thread(model.waiting.wait, 30)
+        queued = command_queued(source)
         abort = asyncio.create_task(source.abort("x"))
-        await asyncio.sleep(0)  # the abort is queued while the 5th step waits at the gate
+        assert await asyncio.to_thread(queued.wait, 30)  # queued while the 5th step waits at the gate
         model.gate.release()
         snapshot = await abort
         fifth, last = await anext(stream), await anext(stream)
@@ -175,21 +190,30 @@ def test_streamed_text_concatenates_and_resume_continues_on_the_tiny_llama(
         destination.shutdown()
 
 
-def test_abort_whose_caller_gave_up_still_aborts_and_engine_keeps_serving(engine: AsyncEngine) -> None:
+def test_abort_whose_caller_gave_up_still_aborts_and_engine_keeps_serving() -> None:
+    config = EngineConfig(device="cpu", block_size=4, max_model_len=128)
+    model = GatedModel(allowed=1)
+    engine = AsyncEngine(Engine(model, FakeKVCache(64, 4), config))
     long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
 
     async def run() -> list[int]:
         stream = engine.submit(EngineRequest.make("gone", [1, 2, 3], long))
         await stream.__anext__()
+        assert await asyncio.to_thread(model.waiting.wait, 30)  # the thread holds in its 2nd forward
+        queued = command_queued(engine)
         waiter = asyncio.create_task(engine.abort("gone"))
-        await asyncio.sleep(0)  # the abort is queued...
+        assert await asyncio.to_thread(queued.wait, 30)  # the abort is queued, not yet run
         waiter.cancel()  # e.g. the HTTP client disconnected while the abort was queued
         await asyncio.gather(waiter, return_exceptions=True)
+        model.gate.release(1000)  # every forward from now on runs
         return await collect(engine.submit(EngineRequest.make("next", [4, 5, 6], GREEDY)))
 
-    tokens = asyncio.run(run())
-    assert tokens == reference_greedy([4, 5, 6], 10)
-    assert engine.engine.num_running == 0 and engine.engine.blocks.usage == 0.0
+    try:
+        tokens = asyncio.run(run())
+        assert tokens == reference_greedy([4, 5, 6], 10)
+        assert engine.engine.num_running == 0 and engine.engine.blocks.usage == 0.0
+    finally:
+        engine.shutdown()
 
 
 def test_prewarm_parks_the_cache_and_a_resume_continues_from_it(engine: AsyncEngine) -> None:
@@ -223,10 +247,10 @@ def test_a_stream_ended_by_shutdown_closes_without_hanging() -> None:
     async def run() -> None:
         stream = engine.generate(EngineRequest.make("r", [1, 2, 3], long))
         await anext(stream)
-        assert model.waiting.wait(30)  # the engine thread is inside its next forward
+        assert await asyncio.to_thread(model.waiting.wait, 30)  # the thread is inside its next forward
+        queued = command_queued(engine)
         stopping = asyncio.create_task(asyncio.to_thread(engine.shutdown))
-        while not engine._closed:
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(queued.wait, 30)  # the stop is queued behind that forward
         model.gate.release()  # the forward returns; the thread sees the stop
         with pytest.raises(EmberError, match="shut down"):
             while True:  # the token of the forward that was running, then the error

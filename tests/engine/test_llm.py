@@ -142,6 +142,7 @@ print("MODELING", bad)
 """
 
 
+@pytest.mark.slow  # a Python subprocess importing torch and transformers
 def test_engine_does_not_import_transformers_modelling_code(tiny_llama: tuple[Path, Any]) -> None:
     src = Path(__file__).resolve().parents[2] / "src"
     run = subprocess.run(

@@ -33,9 +33,11 @@ def _idle(server: LiveServer) -> bool:
 
 
 def _wait_idle(server: LiveServer) -> None:
+    """Poll the engine (the server's thread aborts a request when it notices its client
+    has gone: there is no event to wait on) for up to 20 s."""
     deadline = time.monotonic() + 20
     while not _idle(server):
-        assert time.monotonic() < deadline, "requests were not released"
+        assert time.monotonic() < deadline, "the engine still holds requests or KV blocks after 20 s"
         time.sleep(0.05)
 
 

@@ -20,11 +20,13 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class GatedBackend:
-    """Answers one token per request, but only once `gate` is set."""
+    """Answers one token per request, but only once `gate` is set; `two_waiting` is set
+    once two requests wait at the gate."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.info = ModelInfo("m", tokenizer, 128, 0)
         self.gate = asyncio.Event()
+        self.two_waiting = asyncio.Event()
         self.started = 0
 
     def models(self) -> list[ModelInfo]:
@@ -35,6 +37,8 @@ class GatedBackend:
 
     async def generate(self, model: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self.started += 1
+        if self.started == 2:
+            self.two_waiting.set()
         await self.gate.wait()
         out = CompletionOutput(0, "x", [5], "length")
         yield RequestOutput(request.request_id, None, list(request.prompt_token_ids), [out], True)
@@ -55,8 +59,7 @@ def test_requests_past_the_in_flight_limit_get_503_with_retry_after(tokenizer: A
         async with httpx.AsyncClient(transport=transport, base_url="http://ember") as client:
             body = {"model": "m", "prompt": [1, 2], "max_tokens": 1}
             held = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(2)]
-            while backend.started < 2:
-                await asyncio.sleep(0.01)
+            await backend.two_waiting.wait()  # both hold their in-flight places
             refused = await client.post("/v1/completions", json=body)
             backend.gate.set()
             done = [(await t).status_code for t in held]

@@ -1,81 +1,37 @@
 """`ember serve` and `ember chat` as a user runs them: a real process, the real model.
 
 One server process per module, started on a fresh EMBER_HOME, so the first-run
-import of SmolLM2 is part of what is tested. The last test stops it with SIGTERM.
+import of SmolLM2 is part of what is tested. The SIGTERM test stops a second server of
+its own (its store linked from the first's), so the tests run in any order.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.server.serve_process import ServeProcess, free_port, start_server, stop_server
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@dataclass
-class ServeProcess:
-    proc: subprocess.Popen[str]
-    url: str
-    home: Path
-    log: list[str] = field(default_factory=list)
-    health_seen: list[int] = field(default_factory=list)
-    health_messages: list[str] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    home = tmp_path_factory.mktemp("serve-home")
-    port = _free_port()
-    env = {**os.environ, "EMBER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop("EMBER_API_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), "--shutdown-grace-s", "60"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}", home)
-    reader = threading.Thread(target=lambda: server.log.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    server = start_server(tmp_path_factory.mktemp("serve-home"))
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, "ember serve exited:\n" + "".join(server.log)
-            assert time.monotonic() < deadline, "not ready in time:\n" + "".join(server.log)
-            try:
-                health = httpx.get(f"{server.url}/health", timeout=2)
-                status = health.status_code
-                server.health_seen.append(status)
-                server.health_messages.append(health.json().get("message", ""))
-                if status == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        reader.join(timeout=10)
-        proc.stdout.close()  # type: ignore[union-attr]
+        stop_server(server)
 
 
 def test_health_is_503_while_the_first_run_imports_then_200(served: ServeProcess) -> None:
@@ -109,7 +65,7 @@ def test_ember_chat_reads_stdin_and_exits_at_its_end(served: ServeProcess) -> No
 
 
 def test_ember_chat_without_a_server_fails_clearly() -> None:
-    env = {**os.environ, "EMBER_URL": f"http://127.0.0.1:{_free_port()}"}
+    env = {**os.environ, "EMBER_URL": f"http://127.0.0.1:{free_port()}"}
     done = subprocess.run(
         [sys.executable, "-m", "ember.cli", "chat"],
         input="hi\n",
@@ -121,7 +77,25 @@ def test_ember_chat_without_a_server_fails_clearly() -> None:
     assert done.returncode == 1 and "no Ember server" in done.stderr
 
 
-def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(served: ServeProcess) -> None:
+@pytest.fixture
+def own_server(served: ServeProcess, tmp_path: Path) -> Iterator[ServeProcess]:
+    """A second server, for a test that stops it: a fresh EMBER_HOME whose store links
+    the model the module's server imported (no second import)."""
+    from ember.store.importer import DEFAULT_MODEL_NAME
+    from ember.store.local import LocalStore
+
+    name, store = DEFAULT_MODEL_NAME, LocalStore(tmp_path / "home")
+    shutil.copytree(LocalStore(served.home).path_for(name), store.path_for(name), copy_function=os.link)
+    store.register(name)
+    server = start_server(store.home)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(own_server: ServeProcess) -> None:
+    served = own_server
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
     stream = client.completions.create(
         model="smollm2-135m-instruct", prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0,

@@ -217,6 +217,7 @@ def _import_in_process(home: str, seed: int, barrier: Any, results: Any) -> None
         results.put((seed, repr(exc)))
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch and transformers
 @pytest.mark.timeout(120)
 def test_two_processes_import_one_name(ember_home: Path) -> None:
     ctx = mp.get_context("spawn")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from ember.store import load_tensors, read_index, verify_checkpoint
 from ember.store.registry import DirectoryRegistry, HttpRegistry, fetch_url, open_registry
 from tests.store.conftest import MIB, assert_same_tensors, write_checkpoint
 from tests.store.faulty_http import faulty_server
-from tests.store.nginx_server import LogLine, NginxServer
+from tests.store.nginx_server import NginxServer
 
 pytestmark = pytest.mark.timeout(60)
 Served = dict[str, dict[str, torch.Tensor]]
@@ -30,19 +29,6 @@ Served = dict[str, dict[str, torch.Tensor]]
 
 def _visible(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
-
-
-def _settled_log(server: NginxServer) -> list[LogLine]:
-    """The access log once nginx has finished writing it (lines land just after bodies)."""
-    lines = server.log()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        again = server.log()
-        if len(again) == len(lines):
-            return again
-        lines = again
-    return lines
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +90,14 @@ def test_push_checks_what_it_copies(tmp_path: Path) -> None:
 
 
 def test_fetch_over_nginx_uses_parallel_ranges(nginx: NginxServer, served: Served, tmp_path: Path) -> None:
-    before = len(nginx.log())
+    before = len(nginx.settled_log())
     with HttpRegistry(f"{nginx.url}/good", connections=4, range_bytes=16 * MIB) as reg:
         assert reg.exists("big") and not reg.exists("absent")
         seen: list[int] = []
         out = reg.fetch("big", tmp_path / "big", progress=lambda d, t: seen.append(d))
         assert seen[-1] == reg.size("big")
     assert_same_tensors(load_tensors(out, verify=True), served["big"])
-    parts = [x for x in _settled_log(nginx)[before:] if x.path.endswith(".bin")]
+    parts = [x for x in nginx.settled_log()[before:] if x.path.endswith(".bin")]
     assert parts and all(x.status == 206 and x.range.startswith("bytes=") for x in parts)
     assert max(x.nbytes for x in parts) <= 16 * MIB
     assert sum(x.nbytes for x in parts) == read_index(out).total_bytes  # each byte fetched once
@@ -139,11 +125,11 @@ def test_interrupted_fetch_resumes_from_verified_bytes(
         with pytest.raises(Stop):
             reg.fetch("big", dest, progress=stop_part_way)
         assert not dest.exists() and (tmp_path / "cache" / ".big.partial").is_dir()
-        before = len(_settled_log(nginx))
+        before = len(nginx.settled_log())
         seen: list[int] = []
         reg.fetch("big", dest, progress=lambda d, t: seen.append(d))
     assert seen[0] >= reached  # the first report already counts the bytes kept
-    fetched = sum(x.nbytes for x in _settled_log(nginx)[before:] if x.path.endswith(".bin"))
+    fetched = sum(x.nbytes for x in nginx.settled_log()[before:] if x.path.endswith(".bin"))
     assert 0 < fetched <= total - reached
     assert_same_tensors(load_tensors(dest, verify=True), served["big"])
     assert not (tmp_path / "cache" / ".big.partial").exists()

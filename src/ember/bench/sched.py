@@ -280,5 +280,6 @@ def plot_jct_cdf(jcts: Mapping[str, Sequence[float]], path: str | Path, title: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. results/, ignored by git
     fig.savefig(path, dpi=120)
     plt.close(fig)

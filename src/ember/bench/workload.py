@@ -1,9 +1,9 @@
 """Request traces for benchmarks: arrival times and prompt / output lengths, scaled.
 
 A trace is a CSV with columns arrived_at (seconds), num_prefill_tokens and
-num_decode_tokens, the form of shared/data/azure_llm_2023_*.csv. Production traces are
-sized for GPUs; `length_scale` shrinks both lengths and `rate_scale` multiplies the
-arrival rate (divides the gaps), so a CPU can replay them.
+num_decode_tokens, the form of the repository's data/azure_llm_2023_*.csv. Production
+traces are sized for GPUs; `length_scale` shrinks both lengths and `rate_scale`
+multiplies the arrival rate (divides the gaps), so a CPU can replay them.
 """
 
 from __future__ import annotations

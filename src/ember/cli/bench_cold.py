@@ -84,6 +84,7 @@ def cold_command(
         shutil.rmtree(scratch, ignore_errors=True)
     _print(report)
     if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)  # e.g. results/, ignored by git
         json_path.write_text(json.dumps(report.to_json(), indent=2))
 
 

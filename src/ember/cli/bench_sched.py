@@ -71,6 +71,7 @@ def sched_command(
     jcts = report.pop("_jcts")
     _print(report)
     if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)  # e.g. results/, ignored by git
         json_path.write_text(json.dumps(report, indent=2, default=str))
     if plot is not None:
         w = report["workload"]

@@ -17,13 +17,16 @@ from ember.cli.output import JsonOption, print_json, stage_progress
 from ember.errors import EmberError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# Where --save-result writes unless --result-dir says otherwise: a folder of its own
+# (ignored by git in this repository), not the current directory.
+DEFAULT_RESULT_DIR = Path("results")
 
 
 def _result_path(result_dir: Path | None, filename: str | None, model: str, rate: float | None) -> Path:
     if filename is None:  # vLLM's naming: backend-rate-model-date
         rate_s = "trace" if rate is None else f"{rate:g}qps"
         filename = f"openai-{rate_s}-{model.split('/')[-1]}-{datetime.now():%Y%m%d-%H%M%S}.json"
-    return (result_dir or Path(".")) / filename
+    return (result_dir or DEFAULT_RESULT_DIR) / filename
 
 
 @bench_app.command("serve")
@@ -77,7 +80,10 @@ def bench_serve_cmd(
         ),
     ] = True,
     save_result: Annotated[bool, typer.Option(help="Save the result JSON (vLLM's field names).")] = False,
-    result_dir: Annotated[Path | None, typer.Option(help="Directory for --save-result. [default: .]")] = None,
+    result_dir: Annotated[
+        Path | None,
+        typer.Option(help=f"Directory for --save-result, made if missing. [default: {DEFAULT_RESULT_DIR}]"),
+    ] = None,
     result_filename: Annotated[
         str | None, typer.Option(help="File name for --save-result. [default: vLLM's naming]")
     ] = None,
