@@ -12,39 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ember import env
+from ember.bench.child_server import child_server
 
 _PROBE_BYTES = 1 << 20  # the node's bandwidth probe at start-up: small, nothing is loaded
 
 
-@contextlib.contextmanager
-def serve_admin(home: Path) -> Iterator[str]:
+def serve_admin(home: Path) -> AbstractContextManager[str]:
     """Run the server in a child process on a free loopback port; yields its URL."""
-    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.bench.admin_server", str(home)],
-        stdout=subprocess.PIPE,
-        env=child_env,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://"):
-            raise RuntimeError(f"the admin server did not start (exit status {proc.poll()})")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    return child_server("ember.bench.admin_server", str(home), stop_timeout_s=30)
 
 
 def main(home: Path) -> None:

@@ -8,40 +8,18 @@ that and yields the URL.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+from ember.bench.child_server import child_server
 from ember.store.registry_server import RegistryServer
 
 
-@contextmanager
-def serve_registry(root: Path) -> Iterator[str]:
+def serve_registry(root: Path) -> AbstractContextManager[str]:
     """Serve directory `root` over HTTP on 127.0.0.1 from a child process; yields its URL."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.bench.registry_server", str(root)],
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://"):
-            raise RuntimeError(f"the registry server did not start (exit status {proc.poll()})")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    return child_server("ember.bench.registry_server", str(root))
 
 
 def main(argv: list[str]) -> None:
