@@ -45,7 +45,6 @@ class EngineConfig:
         overtake long ones, so mean completion time drops), "fcfs" (first come first
         served, continuous batching, what vLLM does) or "srpt" (shortest remaining
         processing time from each request's max_tokens: an oracle for evaluation).
-    seed: seeds the per-request generators of requests that give no seed (0).
     swap: what happens to the KV cache of a job pushed off the device (mlfq, srpt):
         "proactive" (FastServe: swap the last-to-run jobs out to host memory before
         blocks run short, keep a reserve free for arrivals, and swap the next-to-run
@@ -74,7 +73,6 @@ class EngineConfig:
     dtype: str = "auto"
     device: str | None = None
     scheduler: str = "mlfq"
-    seed: int = 0
     swap: str = "proactive"
     swap_bytes: int | None = None
     swap_reserve_fraction: float = 0.05

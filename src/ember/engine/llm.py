@@ -69,7 +69,8 @@ class LLM:
         """Complete every prompt; outputs in prompt order, each with n completions.
 
         All prompts are checked before any runs: a bad one raises InvalidRequestError.
-        With n > 1 and a seed, completion i uses seed + i.
+        With n > 1 and a seed, completion i uses seed + i; without a seed, every
+        completion draws a fresh one (a new run gives new text).
         """
         batch = [prompts] if isinstance(prompts, str | Mapping) else list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
