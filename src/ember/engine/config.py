@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.engine.threads import check_num_threads
 from ember.errors import InvalidRequestError
 
 SCHEDULERS = ("mlfq", "fcfs", "srpt")
@@ -63,6 +64,9 @@ class EngineConfig:
     mlfq_starvation_s: a job that waited this long is promoted to the top queue (None:
         twice the bottom queue's quantum, so a long job is delayed at most about two
         rounds of the longest quantum).
+    num_threads: torch's CPU threads (None: EMBER_NUM_THREADS, else the CPUs the process
+        may use: its affinity capped by its cgroup's quota). One setting per process,
+        applied when an engine loads (ember.engine.threads).
     """
 
     max_num_seqs: int = 32
@@ -79,6 +83,7 @@ class EngineConfig:
     mlfq_base_quantum_s: float | None = None
     mlfq_num_queues: int = 8
     mlfq_starvation_s: float | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -108,6 +113,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 _fail(name, f"{name} must be positive, got {value}")
+        if self.num_threads is not None:
+            check_num_threads(self.num_threads, "num_threads")
         if self.device is not None:
             try:
                 torch.device(self.device)
