@@ -6,10 +6,11 @@ spins about 300,000 times (milliseconds) before it sleeps. A decode step is hund
 of short parallel regions, so the threads never sleep: beside another busy process, a
 spinning thread holds a core while the thread with the work waits for one, and every
 region waits for the slowest thread. Measured on 2 cores with one `while True: pass`
-beside it: 16 tokens of SmolLM2 through `LLM.generate` took 17-39 s instead of about
-1 s. `ember serve` was spared by accident: torch runs there on several threads (engine,
-loader), so the process has more OpenMP threads than CPUs, and libgomp then spins only
-about 100 times before sleeping.
+beside it: 16 tokens of SmolLM2 through `LLM.generate` took 14-39 s instead of about
+1 s. `ember serve` was spared by accident: there torch runs on more than one thread
+(a node builds an instance on a worker thread, its engine steps on another), so the
+process has more OpenMP threads than CPUs, and libgomp then spins only about 100 times
+(one parallel op on a second thread made `LLM.generate` as fast in the same test).
 
 So Ember
 - lets waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user chose how they
