@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ember.engine.threads import default_wait_policy
+
+# Before anything imports torch: OpenMP reads how its threads wait once, when it loads.
+default_wait_policy()
+
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ EMBER_HOME = "EMBER_HOME"  # root of everything Ember stores (default ~/.ember)
 EMBER_REGISTRY = "EMBER_REGISTRY"  # remote registry: a directory or an http(s) URL
 EMBER_URL = "EMBER_URL"  # server the CLI talks to
 EMBER_API_KEY = "EMBER_API_KEY"  # bearer key the server requires and the CLI sends
+EMBER_NUM_THREADS = "EMBER_NUM_THREADS"  # torch's CPU threads per process (default: the CPUs it may use)
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # where the CLI looks for a server without --url / EMBER_URL
 

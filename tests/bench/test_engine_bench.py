@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.cli import app
+from ember.engine.threads import wait_policy_set_by_ember
 from ember.store.local import LocalStore
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,8 +24,10 @@ def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_h
     shutil.copytree(tiny_llama[0], store.path_for("tiny"))
     store.register("tiny")
     result = CliRunner().invoke(
-        app, ["bench", "engine", "tiny", "--batches", "1,2", "--prompt-len", "16", "--rounds", "1", "--json"]
-    )
+        app,
+        ["bench", "engine", "tiny", "--batches", "1,2", "--prompt-len", "16", "--rounds", "1",
+         "--background-load", "1", "--json"],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert [r["case"] for r in report["rows"]] == ["prefill 16", "decode b1", "decode b2"]
@@ -32,3 +35,10 @@ def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_h
     assert report["startup_from_dram_s"] > 0 and len(report["startup_samples_s"]) == 3
     assert report["floor_step_s"] > 0 and report["rss_bytes"] > 0
     assert {t["name"] for t in report["targets"]} >= {"batch-1 decode step / bandwidth floor"}
+    # beside one busy process: Ember's settings and torch's, each in its own worker process
+    assert [r["case"] for r in report["load_rows"]] == ["decode b1", "decode b8"]
+    for r in report["load_rows"]:
+        assert r["background_load"] == 1 and r["ember_threads"] >= 1 and r["torch_threads"] >= 1
+        assert r["ember_tok_s"] > 0 and r["torch_tok_s"] > 0
+        if wait_policy_set_by_ember():
+            assert r["ember_wait"] == "OMP_WAIT_POLICY=PASSIVE" and r["torch_wait"].startswith("unset")

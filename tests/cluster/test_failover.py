@@ -6,6 +6,7 @@ a clear NodeFailedError and nothing hangs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=40, temperature=0.9, seed=77, ignore_eos=True)
+UNSEEDED = SamplingParams(max_tokens=40, temperature=0.9, ignore_eos=True)  # seed drawn at admission
 
 
 async def tokens_of(c: Controller, req: EngineRequest, model: str = "tiny") -> list[int]:
@@ -36,7 +38,7 @@ async def _serving_node(c: Controller, flaky: list[FlakyNode], model: str = "tin
     return next(f for f in flaky if f.node_id == inst["node"])
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("params", [GREEDY, SEEDED, UNSEEDED], ids=["greedy", "seeded", "unseeded"])
 def test_a_node_dying_mid_stream_hands_its_requests_to_another_node_exactly(
     ember_home: Path, models: list[str], params: SamplingParams
 ) -> None:
@@ -50,7 +52,8 @@ def test_a_node_dying_mid_stream_hands_its_requests_to_another_node_exactly(
         expected = [await tokens_of(c, r) for r in reqs]
         dying = await _serving_node(c, flaky)
         dying.die_after_tokens = dying.streamed + 7  # both requests are in flight when it dies
-        again = [EngineRequest.make(f"again{r.request_id}", r.prompt_token_ids, params) for r in reqs]
+        # the same requests again (an unseeded one keeps the seed it drew at admission)
+        again = [dataclasses.replace(r, request_id=f"again{r.request_id}") for r in reqs]
         got = await asyncio.gather(*(tokens_of(c, r) for r in again))
         assert list(got) == expected
         status = await c.status()

@@ -1,6 +1,7 @@
 """Live migration on embedded nodes running tiny random Llamas: chosen by placement
 when it is the fastest way to start a model, and invisible in the moved streams
-(the tokens of an unmigrated run, greedy or seeded, with several requests batched);
+(the tokens of an unmigrated run, greedy, seeded or unseeded, with several requests
+batched);
 a destination that fails leaves the requests on their source."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 
 GREEDY = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=60, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+UNSEEDED = SamplingParams(max_tokens=60, temperature=0.9, top_p=0.95, ignore_eos=True)  # seed: at admission
 PROMPTS = [[1, 17, 42, 99], [5, 6, 7, 8, 9, 10, 11], [300, 301]]
 
 
@@ -155,12 +157,14 @@ async def _migrate_while_streaming(
     """(tokens of unmigrated runs, tokens of the runs migrated mid-stream, the report,
     the source instance's id)."""
     [inst] = (await c.status())["deployments"][0]["instances"]
-    expected = [await tokens_of(c, r) for r in requests(params, "ref")]
+    refs = requests(params, "ref")
+    expected = [await tokens_of(c, r) for r in refs]
     source = next(n for n in nodes if n.node_id == inst["node"])
     gate = SourceGate(source, inst["id"], expect=len(PROMPTS))
     started = [asyncio.Event() for _ in PROMPTS]
     streams = [
-        asyncio.create_task(tokens_of(c, r, e)) for r, e in zip(requests(params, "run"), started, strict=True)
+        asyncio.create_task(tokens_of(c, dataclasses.replace(r, request_id=f"run{i}"), e))
+        for i, (r, e) in enumerate(zip(refs, started, strict=True))
     ]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
     dest = next(n.node_id for n in nodes if n.node_id != inst["node"])
@@ -169,7 +173,7 @@ async def _migrate_while_streaming(
     return expected, list(await asyncio.gather(*streams)), report, inst["id"]
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("params", [GREEDY, SEEDED, UNSEEDED], ids=["greedy", "seeded", "unseeded"])
 def test_batched_requests_migrated_mid_stream_give_the_tokens_of_an_unmigrated_run(
     ember_home: Path, models: list[str], params: SamplingParams
 ) -> None:

@@ -3,6 +3,7 @@ must never change a request's tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -10,11 +11,13 @@ import pytest
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.request import EngineRequest, RequestOutput, SamplingParams
+from ember.engine.sampler import state_after
 from ember.errors import ContextLengthError, InvalidRequestError, UnsupportedFeatureError
 from tests.engine.fakes import FakeKVCache, FakeModel, reference_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens=12)
+UNSEEDED = SamplingParams(temperature=1.0, max_tokens=12)
 PROMPTS = [[5, 6, 7], list(range(1, 40)), [42], list(range(10, 27))]
 
 
@@ -67,11 +70,20 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
     assert a != other
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_unseeded_requests_get_fresh_randomness_in_every_new_engine() -> None:
+    # each engine is what a new process builds: before seeds were drawn at admission,
+    # every engine drew the same sequence of seeds, so a new run repeated the old text
+    runs = [run(engine(), reqs(UNSEEDED)) for _ in range(2)]
+    assert runs[0]["r1"] != runs[1]["r1"]
+    assert len({tuple(t) for t in runs[0].values()} | {tuple(t) for t in runs[1].values()}) == 8
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED, UNSEEDED], ids=["greedy", "seeded", "unseeded"])
 def test_a_job_resumed_from_its_tokens_continues_exactly(params: SamplingParams) -> None:
-    expected = alone(params)["r1"]
+    request = reqs(params)[1]  # one admission: an unseeded request's drawn seed is in it
+    expected = run(engine(), [request])["r1"]
     source = engine()
-    source.add_request(reqs(params)[1])
+    source.add_request(request)
     streamed: list[int] = []
     while len(streamed) < 5:
         for out in source.step():
@@ -89,8 +101,14 @@ def test_a_job_resumed_from_its_tokens_continues_exactly(params: SamplingParams)
         output_token_ids=snapshot.output_token_ids,
         sampler_state=snapshot.sampler_state,
     )
-    rest = run(engine(), [resumed])["r1"]
-    assert streamed + rest == expected
+    assert streamed + run(engine(), [resumed])["r1"] == expected
+    if params.greedy:
+        return
+    # fail-over has no snapshot (the node is gone): the state is rebuilt from the seed
+    seed = snapshot.sampling_params.seed
+    assert seed is not None
+    rebuilt = dataclasses.replace(resumed, sampler_state=state_after(seed, len(streamed)))
+    assert streamed + run(engine(), [rebuilt])["r1"] == expected
 
 
 def test_length_stop_token_and_context_limits_finish_requests() -> None:

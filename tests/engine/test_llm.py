@@ -154,3 +154,35 @@ def test_engine_does_not_import_transformers_modelling_code(tiny_llama: tuple[Pa
     )
     assert run.returncode == 0, run.stderr
     assert "MODELING []" in run.stdout
+
+
+SAMPLE_SCRIPT = """
+import sys
+from ember import LLM, SamplingParams
+llm = LLM(sys.argv[1], device="cpu")
+for seed in (None, 21):
+    out = llm.generate("Once upon a time", SamplingParams(temperature=1.0, seed=seed, max_tokens=16))
+    print(seed, out[0].outputs[0].token_ids)
+"""
+
+
+def test_a_new_process_samples_new_text_unless_seeded(tiny_llama: tuple[Path, Any]) -> None:
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tiny_llama[0].parent)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAMPLE_SCRIPT, str(tiny_llama[0])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    runs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=100)
+        assert proc.returncode == 0, err
+        runs.append(dict(line.split(" ", 1) for line in out.splitlines()))
+    assert runs[0]["None"] != runs[1]["None"]  # unseeded: each process its own text
+    assert runs[0]["21"] == runs[1]["21"]  # seeded: the same text everywhere

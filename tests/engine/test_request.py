@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -38,3 +39,14 @@ def test_params_are_normalised_and_picklable() -> None:
     assert p.stop == ("END",) and p.top_k == 0 and p.logprobs and p.logit_bias == {5: 1.0}
     r = EngineRequest.make("a", [1, 2], p, output_token_ids=[3], sampler_state=b"s")
     assert pickle.loads(pickle.dumps(r)) == r
+
+
+def test_a_sampling_request_without_a_seed_gets_a_fresh_one_at_admission() -> None:
+    p = SamplingParams(temperature=1.0)
+    a, b = EngineRequest.make("a", [1], p), EngineRequest.make("b", [1], p)
+    assert a.sampling_params.seed is not None and b.sampling_params.seed is not None
+    assert a.sampling_params.seed != b.sampling_params.seed
+    assert dataclasses.replace(a, request_id="c").sampling_params == a.sampling_params  # kept on copies
+    assert pickle.loads(pickle.dumps(a)) == a  # and across processes
+    assert EngineRequest.make("s", [1], SamplingParams(temperature=1.0, seed=3)).sampling_params.seed == 3
+    assert EngineRequest.make("g", [1], SamplingParams(temperature=0)).sampling_params.seed is None

@@ -4,7 +4,9 @@ Reports prefill and decode throughput at several batch sizes (ours and transform
 forward, interleaved, medians), the memory-bandwidth floor of a batch-1 decode step,
 resident memory against weights + KV budget + 300 MB, and the start-up time from a
 DRAM-pool hit ("weights in the pool" to "engine ready": no compilation, no warm-up,
-KV memory allocated lazily).
+KV memory allocated lazily). With `background_load`, also decode speed beside that
+many busy processes, Ember's thread settings against torch's defaults
+(ember.bench.engine_threads).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import psutil
 import torch
 
 from ember.bench.engine_model import Comparison, compare, measure_bandwidth_floor, time_decode, weight_bytes
+from ember.bench.engine_threads import run_threads_case
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.loader import load_engine
@@ -44,6 +47,7 @@ class EngineBenchReport:
     floor_step_s: float
     decode_b1_step_s: float
     rows: list[dict[str, Any]] = field(default_factory=list)
+    load_rows: list[dict[str, Any]] = field(default_factory=list)  # beside busy processes
 
     @property
     def floor_ratio(self) -> float:
@@ -126,6 +130,7 @@ def run_engine_bench(
     prompt_len: int = 512,
     rounds: int = 3,
     startup_repeats: int = 3,
+    background_load: int | None = None,
 ) -> EngineBenchReport:
     node = NodeStore("bench-engine")
     config = EngineConfig(device="cpu")
@@ -142,6 +147,7 @@ def run_engine_bench(
         rows = [_row(c) for c in compare(model, hf, batches=batches, prompt_len=prompt_len, rounds=rounds)]
     finally:
         lease.release()
+    load_rows = [] if background_load is None else run_threads_case(path, background_load, rounds=rounds)
     return EngineBenchReport(
         checkpoint=str(path),
         dtype=str(next(iter(lease.tensors.values())).dtype).removeprefix("torch."),
@@ -156,4 +162,5 @@ def run_engine_bench(
         floor_step_s=floor.floor_s,
         decode_b1_step_s=b1,
         rows=rows,
+        load_rows=load_rows,
     )

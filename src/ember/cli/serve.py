@@ -41,6 +41,7 @@ def serve_cmd(
     swap_bytes: Annotated[int | None, flag("swap_bytes")] = None,
     max_num_seqs: Annotated[int | None, flag("max_num_seqs")] = None,
     max_num_batched_tokens: Annotated[int | None, flag("max_num_batched_tokens")] = None,
+    num_threads: Annotated[int | None, flag("num_threads")] = None,
     max_model_len: Annotated[int | None, flag("max_model_len")] = None,
     max_body_bytes: Annotated[int | None, flag("max_body_bytes")] = None,
     max_in_flight: Annotated[int | None, flag("max_in_flight")] = None,

@@ -11,8 +11,10 @@ stream: no token lost, none repeated.
   its first token, the relay resumes on the source from the snapshot.
 - A node that fails (NodeFailedError from its stream, or `interrupt` when the
   controller marks it down) sends the relay to another instance (`RelayHost.failover`),
-  resuming from the delivered tokens. A seeded request continues exactly there too:
-  its sampler state is rebuilt from the seed and the number of tokens drawn.
+  resuming from the delivered tokens. A request that samples continues exactly there
+  too: it carries a seed (the client's, or one drawn when it was admitted: see
+  EngineRequest), and its sampler state is rebuilt from the seed and the number of
+  tokens drawn.
 """
 
 from __future__ import annotations
@@ -260,7 +262,8 @@ class Relay:
 
     def _resumed(self, snapshot: RequestSnapshot | None = None, *, park: bool = False) -> EngineRequest:
         """The request continued from the delivered tokens: sampler state from the
-        source's snapshot when it matches them, else rebuilt from the seed."""
+        source's snapshot when it matches them, else rebuilt from the seed (every
+        sampling request has one: the snapshot's sampling_params carry the same)."""
         p = self.request.sampling_params
         state = None
         if snapshot is not None and list(snapshot.output_token_ids) == self.delivered:

@@ -122,7 +122,8 @@ class AsyncEngine:
     ) -> RequestStream:
         """Continue a request from its tokens (live migration): recompute the KV cache of
         prompt + outputs, then stream only the tokens after them. With the source's
-        sampler_state a seeded request continues exactly as it would have there."""
+        sampler_state (or `sampler.state_after` of the request's seed) a request that
+        samples continues exactly as it would have there."""
         return self.submit(
             EngineRequest.make(
                 request_id or uuid.uuid4().hex,

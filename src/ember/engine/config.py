@@ -15,6 +15,7 @@ from ember.engine.options import (
     SWAP_MODES,
 )
 from ember.engine.policies import policy
+from ember.engine.threads import check_num_threads
 from ember.errors import InvalidRequestError
 
 DTYPES = {
@@ -51,7 +52,6 @@ class EngineConfig:
         overtake long ones, so mean completion time drops), "fcfs" (first come first
         served, continuous batching, what vLLM does) or "srpt" (shortest remaining
         processing time from each request's max_tokens: an oracle for evaluation).
-    seed: seeds the per-request generators of requests that give no seed (0).
     swap: what happens to the KV cache of a job pushed off the device (mlfq, srpt):
         "proactive" (FastServe: swap the last-to-run jobs out to host memory before
         blocks run short, keep a reserve free for arrivals, and swap the next-to-run
@@ -70,6 +70,9 @@ class EngineConfig:
     mlfq_starvation_s: a job that waited this long is promoted to the top queue (None:
         twice the bottom queue's quantum, so a long job is delayed at most about two
         rounds of the longest quantum).
+    num_threads: torch's CPU threads (None: EMBER_NUM_THREADS, else the CPUs the process
+        may use: its affinity capped by its cgroup's quota). One setting per process,
+        applied when an engine loads (ember.engine.threads).
     """
 
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
@@ -80,13 +83,13 @@ class EngineConfig:
     dtype: str = "auto"
     device: str | None = None
     scheduler: str = DEFAULT_SCHEDULER
-    seed: int = 0
     swap: str = DEFAULT_SWAP
     swap_bytes: int | None = None
     swap_reserve_fraction: float = 0.05
     mlfq_base_quantum_s: float | None = None
     mlfq_num_queues: int = 8
     mlfq_starvation_s: float | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -115,6 +118,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 _fail(name, f"{name} must be positive, got {value}")
+        if self.num_threads is not None:
+            check_num_threads(self.num_threads, "num_threads")
         if self.device is not None:
             try:
                 torch.device(self.device)

@@ -8,7 +8,6 @@ tokens takes them over, and one left longer than `park_ttl_s` is freed.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from collections.abc import Iterable
 
@@ -80,7 +79,6 @@ class Engine:
             ),
         )  # fmt: skip
         self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
-        self._seeds = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._parked: dict[str, tuple[Sequence, float]] = {}  # id -> (sequence, parked at)
         self._newly_parked: list[tuple[str, int]] = []  # (id, tokens cached) since take_parked()
@@ -106,8 +104,8 @@ class Engine:
         p = request.sampling_params
         if request.sampler_state is not None:
             generator = import_state(request.sampler_state)
-        else:
-            generator = new_generator(p.seed if p.seed is not None else self._seeds.getrandbits(63))
+        else:  # a request that samples always has a seed (drawn at admission); greedy draws nothing
+            generator = new_generator(p.seed if p.seed is not None else 0)
         seq = Sequence(
             request.request_id,
             list(request.prompt_token_ids),

@@ -50,11 +50,21 @@ class LLM:
     """A model loaded for offline generation.
 
     `model` is a store name or a checkpoint directory; `engine_config` are
-    EngineConfig fields (max_num_seqs, kv_cache_bytes, device, ...).
+    EngineConfig fields (max_num_seqs, kv_cache_bytes, device, ...). `num_threads`:
+    torch's CPU threads for this process (None: EMBER_NUM_THREADS, else the CPUs the
+    process may use).
     """
 
-    def __init__(self, model: str | Path, scheduler: str = "mlfq", **engine_config: Any) -> None:
-        self.engine = load_engine(model, EngineConfig(scheduler=scheduler, **engine_config))
+    def __init__(
+        self,
+        model: str | Path,
+        scheduler: str = "mlfq",
+        *,
+        num_threads: int | None = None,
+        **engine_config: Any,
+    ) -> None:
+        config = EngineConfig(scheduler=scheduler, num_threads=num_threads, **engine_config)
+        self.engine = load_engine(model, config)
         self._counter = 0
 
     @property
@@ -69,7 +79,8 @@ class LLM:
         """Complete every prompt; outputs in prompt order, each with n completions.
 
         All prompts are checked before any runs: a bad one raises InvalidRequestError.
-        With n > 1 and a seed, completion i uses seed + i.
+        With n > 1 and a seed, completion i uses seed + i; without a seed, every
+        completion draws a fresh one (a new run gives new text).
         """
         batch = [prompts] if isinstance(prompts, str | Mapping) else list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

@@ -25,6 +25,7 @@ from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.scheduler import Clock
+from ember.engine.threads import apply_num_threads
 from ember.errors import CheckpointError, InvalidRequestError
 from ember.store import load_tensors
 from ember.store.format import INDEX_FILE
@@ -170,6 +171,7 @@ def load_engine(
     from ember.engine.kv_cache import KVCache, num_blocks_for_budget
     from ember.engine.model import ModelSpec, build_model
 
+    apply_num_threads(config.num_threads)  # once per process, before the first forward
     checkpoint = resolve_checkpoint(model)
     spec = ModelSpec.from_hf_config(read_hf_config(checkpoint))
     device = config.torch_device

@@ -6,7 +6,9 @@ and (for live migration) instances.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +35,8 @@ class SamplingParams:
     presence/frequency penalties and logit_bias follow OpenAI's definitions and see
     only the generated tokens. Stop strings are cut from the text (the stop string
     itself is not returned); stop_token_ids and eos end the completion with "stop".
+    A request that samples without a seed gets a fresh one when it is admitted (see
+    EngineRequest), so no two unseeded requests share their randomness.
     """
 
     n: int = 1
@@ -117,11 +121,23 @@ class TokenLogprobs:
     top: tuple[Logprob, ...] = ()
 
 
+def fresh_seed() -> int:
+    """A seed from the operating system's randomness (63 bits: any torch generator takes it)."""
+    return secrets.randbits(63)
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     """A submission. `output_token_ids` and `sampler_state` are set when resuming a
     request from its tokens (live migration): the engine recomputes the KV cache of
     prompt + outputs and continues; only tokens after them are returned.
+
+    Admission: a request that samples (temperature > 0) and gives no seed gets one
+    here, drawn from the OS (`fresh_seed`) into its sampling_params. Every request is
+    made here (the Python API, the HTTP server, the chat), so each one gets fresh
+    randomness, and the seed travels with the request to the relay that moves it and
+    in its snapshot: a resumed request's sampler state can always be rebuilt from the
+    seed and its token count (`sampler.state_after`), as for a seeded one.
 
     `park`: compute the KV cache of prompt + outputs, sample nothing, and keep the
     sequence parked under its id (live migration's rounds, while the source still
@@ -135,6 +151,11 @@ class EngineRequest:
     output_token_ids: tuple[int, ...] = ()
     sampler_state: bytes | None = None
     park: bool = False
+
+    def __post_init__(self) -> None:
+        p = self.sampling_params
+        if p.seed is None and not p.greedy:
+            object.__setattr__(self, "sampling_params", dataclasses.replace(p, seed=fresh_seed()))
 
     @classmethod
     def make(
@@ -161,7 +182,9 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class RequestSnapshot:
-    """Everything needed to continue a request elsewhere: its tokens and sampler state."""
+    """Everything needed to continue a request elsewhere: its tokens and sampler state.
+    A sampling request's seed (its own, or the one drawn at admission) is
+    `sampling_params.seed`: with the token count it rebuilds the sampler state."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]

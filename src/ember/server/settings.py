@@ -98,6 +98,12 @@ class ServeSettings:
     max_num_batched_tokens: Annotated[
         Positive, Help("Most tokens computed in one iteration (prefill chunks and decodes).")
     ] = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    num_threads: Annotated[
+        int | None,
+        Ge(1),
+        Help("torch's CPU threads in each engine process (unset: the CPUs the process may use, its "
+             "affinity capped by its cgroup's quota)."),
+    ] = None  # fmt: skip
     max_model_len: Annotated[
         int | None,
         Ge(2),
@@ -140,7 +146,7 @@ class ServeSettings:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
         }
-        for name in ("max_model_len", "kv_cache_bytes", "swap_bytes"):
+        for name in ("max_model_len", "kv_cache_bytes", "swap_bytes", "num_threads"):
             if getattr(self, name) is not None:
                 opts[name] = getattr(self, name)
         return opts
