@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from ember.engine.request import SamplingParams
-from ember.engine.sampler import Sampler, SamplingRow, export_state, import_state, new_generator
+from ember.engine.sampler import (
+    Sampler,
+    SamplingRow,
+    _filtered_probs,
+    export_state,
+    import_state,
+    new_generator,
+)
 
 LOGITS = torch.tensor([[0.0, 2.0, 1.0, 3.0, -1.0]])  # most likely: 3, then 1, then 2
 
@@ -78,3 +85,19 @@ def test_rows_are_independent_in_a_batch() -> None:
     together = [Sampler()(batch, [SamplingRow(p, [], ga), SamplingRow(p, [], gb)]) for _ in range(10)]
     assert [r[0].token_id for r in together] == draw(p, 10, seed=1)
     assert [r[1].token_id for r in together] == draw(p, 10, seed=2, logits=LOGITS.flip(-1))
+
+
+@pytest.mark.parametrize("spread", [0.2, 3.0])  # flat: the nucleus is thousands of tokens; peaked: a few
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.95])
+def test_top_p_keeps_the_smallest_most_likely_set_reaching_top_p(spread: float, top_p: float) -> None:
+    """The nucleus, against its definition computed by sorting the whole vocabulary,
+    whether it lies within the ranked candidates or needs the full sort."""
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(7)) * spread
+    probs = _filtered_probs(logits, SamplingParams(temperature=1.0, top_p=top_p, max_tokens=1))
+    full = torch.softmax(logits, dim=-1)
+    ranked, order = torch.sort(full, descending=True)
+    size = int((torch.cumsum(ranked, dim=-1) < top_p).sum()) + 1  # tokens until the mass reaches top_p
+    expected = torch.zeros_like(full)
+    expected[order[:size]] = ranked[:size]
+    assert torch.equal(probs.nonzero(), expected.nonzero())
+    assert torch.allclose(probs, expected)

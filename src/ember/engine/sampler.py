@@ -81,11 +81,25 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-        drop = before >= params.top_p  # the most likely token is always kept
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = _nucleus(probs, params.top_p)
     return probs
+
+
+NUCLEUS_CANDIDATES = 256  # tokens ranked before falling back to sorting the whole vocabulary
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [V] -> the smallest most-likely set whose mass reaches top_p, others 0.
+    The set is nearly always within the top few hundred tokens: rank those (topk) and
+    sort the whole vocabulary (~4 ms at V=49152 on a CPU, per sampled row) only when
+    they do not reach top_p. Either way the result is the same."""
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, order = torch.topk(probs, k)  # descending
+    if k < probs.shape[-1] and float(top.sum()) < top_p:
+        top, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(top, dim=-1) - top  # mass strictly above each token
+    kept = top.masked_fill(before >= top_p, 0.0)  # the most likely token is always kept
+    return torch.zeros_like(probs).scatter_(0, order, kept)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
