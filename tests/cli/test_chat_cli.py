@@ -38,7 +38,7 @@ def test_embedded_chat_forgets_old_turns_to_keep_going(tiny_in_store: str) -> No
         app, ["chat", tiny_in_store, "--embedded"], input="hello\n\nhow are you?\nbye\n"
     )
     assert result.exit_code == 0, result.output
-    assert "error" not in result.output
+    assert "error" not in result.stderr  # (the random answers on stdout may well say "error")
 
 
 def test_embedded_chat_refuses_one_too_long_line_and_goes_on(tiny_in_store: str) -> None:
@@ -77,13 +77,15 @@ class FakeServer:
     def __init__(self, fits: int = 99) -> None:
         self.fits = fits
         self.seen: list[list[dict[str, str]]] = []
+        self.bodies: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.auth.append(request.headers.get("authorization"))
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "object": "model"}]})
-        messages = json.loads(request.content)["messages"]
+        self.bodies.append(json.loads(request.content))
+        messages = self.bodies[-1]["messages"]
         self.seen.append(messages)
         if len(messages) > self.fits:
             error = {"message": "the prompt is 300 tokens; this model's context is 256", "code": 400}
@@ -101,6 +103,28 @@ def test_chat_client_lists_models_and_streams_the_answer() -> None:
     assert client.models() == ["m"]
     assert list(client.stream_chat("m", [{"role": "user", "content": "capital of France?"}])) == ["Par", "is"]
     assert server.auth == ["Bearer k", "Bearer k"]
+
+
+def test_chat_sends_its_sampling_options_to_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = FakeServer()
+    monkeypatch.setattr("ember.cli.openai_http.httpx.Client", _with_transport(server))
+    result = CliRunner().invoke(
+        app, ["chat", "--url", "http://ember.test", "--temperature", "0", "--seed", "7"], input="hi\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output
+    assert [(b["temperature"], b["top_p"], b["seed"]) for b in server.bodies] == [(0.0, 0.9, 7)]
+    CliRunner().invoke(app, ["chat", "--url", "http://ember.test"], input="hi\n")
+    assert server.bodies[-1]["temperature"] == 0.7 and "seed" not in server.bodies[-1]
+
+
+def _with_transport(server: FakeServer) -> Any:
+    real = httpx.Client
+
+    def client(**kwargs: Any) -> httpx.Client:
+        return real(**{**kwargs, "transport": httpx.MockTransport(server)})
+
+    return client
 
 
 def test_chat_over_http_forgets_old_turns_when_the_server_says_context(capsys: Any) -> None:
@@ -153,4 +177,4 @@ def test_chat_with_a_live_server_forgets_old_turns_to_keep_going(live_server: Li
         env={"EMBER_API_KEY": API_KEY},
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "error" not in result.output
+    assert "error" not in result.stderr  # (the random answers on stdout may well say "error")

@@ -56,7 +56,7 @@ def test_openai_client_chats_with_the_default_model(served: ServeProcess) -> Non
 def test_ember_chat_reads_stdin_and_exits_at_its_end(served: ServeProcess) -> None:
     env = {**os.environ, "EMBER_URL": served.url}
     done = subprocess.run(
-        [sys.executable, "-m", "ember.cli", "chat"],
+        [sys.executable, "-m", "ember.cli", "chat", "--temperature", "0"],  # greedy: always Paris
         input="What is the capital of France? Answer in one word.\n",
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

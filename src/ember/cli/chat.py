@@ -16,9 +16,13 @@ MIN_ANSWER_TOKENS = 32  # forget old turns rather than leave the answer less roo
 
 
 Turn = Callable[[list[dict[str, str]]], Iterator[str]]  # messages -> streamed answer pieces
+# OpenAI's sampling fields, the same for a server and embedded: temperature, top_p, seed.
+Sampling = dict[str, Any]
 
 
-def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str, Turn, Callable[[], None]]:
+def _server_turns(
+    url: str, model: str | None, api_key: str | None, sampling: Sampling
+) -> tuple[str, Turn, Callable[[], None]]:
     from ember.cli.openai_http import ChatClient
 
     client = ChatClient(url, api_key)
@@ -31,10 +35,10 @@ def _server_turns(url: str, model: str | None, api_key: str | None) -> tuple[str
         client.close()
         raise
     name: str = chosen
-    return name, lambda messages: client.stream_chat(name, messages), client.close
+    return name, lambda messages: client.stream_chat(name, messages, sampling), client.close
 
 
-def _embedded_turns(model: str | None) -> tuple[str, Turn, Callable[[], None]]:
+def _embedded_turns(model: str | None, sampling: Sampling) -> tuple[str, Turn, Callable[[], None]]:
     import asyncio
     import uuid
 
@@ -61,7 +65,7 @@ def _embedded_turns(model: str | None) -> tuple[str, Turn, Callable[[], None]]:
             raise ContextLengthError(
                 f"the conversation is {len(ids)} tokens; the context holds {engine.engine.max_model_len}"
             )
-        params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=min(512, room))
+        params = SamplingParams(max_tokens=min(512, room), **sampling)
 
         async def first() -> Any:
             return engine.submit(EngineRequest.make(uuid.uuid4().hex, ids, params))
@@ -88,14 +92,26 @@ def chat_cmd(
     ] = None,
     embedded: Annotated[bool, typer.Option(help="Run the model in this process, no server.")] = False,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, max=2.0, help="Sampling temperature; 0 answers greedily.")
+    ] = 0.7,
+    top_p: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Sample from the most likely tokens holding this mass.")
+    ] = 0.9,
+    seed: Annotated[
+        int | None, typer.Option(help="Make the answers reproducible (default: fresh randomness).")
+    ] = None,
 ) -> None:
     """Chat with a model, streaming its answers. Reads standard input line by line
     when it is not a terminal (each line a user turn) and exits at its end."""
     api_key = os.environ.get(env.EMBER_API_KEY)
+    sampling: Sampling = {"temperature": temperature, "top_p": top_p}
+    if seed is not None:
+        sampling["seed"] = seed
     if embedded:
-        name, turn, close = _embedded_turns(model)
+        name, turn, close = _embedded_turns(model, sampling)
     else:
-        name, turn, close = _server_turns(env.server_url(url), model, api_key)
+        name, turn, close = _server_turns(env.server_url(url), model, api_key, sampling)
     try:
         _converse(name, turn, system)
     finally:

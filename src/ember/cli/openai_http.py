@@ -10,7 +10,7 @@ error as ContextLengthError so the chat can forget old turns and retry.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,9 +44,12 @@ class ChatClient:
             response.read()
             return [m["id"] for m in response.json().get("data", [])]
 
-    def stream_chat(self, model: str, messages: list[dict[str, str]]) -> Iterator[str]:
-        """The answer's text, piece by piece as the server streams it."""
-        body = {"model": model, "messages": messages, "stream": True}
+    def stream_chat(
+        self, model: str, messages: list[dict[str, str]], sampling: Mapping[str, Any] | None = None
+    ) -> Iterator[str]:
+        """The answer's text, piece by piece as the server streams it; `sampling` adds
+        body fields such as temperature, top_p and seed."""
+        body = {"model": model, "messages": messages, "stream": True, **(sampling or {})}
         with self._stream("POST", "/chat/completions", json=body) as response:
             for line in response.iter_lines():
                 if not line.startswith("data:"):
