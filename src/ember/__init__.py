@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ember.engine.threads import default_wait_policy
+from ember.env import default_omp_wait_policy
 
 # Before anything imports torch: OpenMP reads how its threads wait once, when it loads.
-default_wait_policy()
+default_omp_wait_policy()
 
 __version__ = "0.1.0"
 

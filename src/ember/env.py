@@ -9,6 +9,8 @@ three of those, read elsewhere too.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 PREFIX = "EMBER_"
@@ -17,6 +19,12 @@ EMBER_REGISTRY = "EMBER_REGISTRY"  # remote registry: a directory or an http(s) 
 EMBER_URL = "EMBER_URL"  # server the CLI talks to
 EMBER_API_KEY = "EMBER_API_KEY"  # bearer key the server requires and the CLI sends
 EMBER_NUM_THREADS = "EMBER_NUM_THREADS"  # torch's CPU threads per process (default: the CPUs it may use)
+
+# Variables Ember sets rather than reads: how torch's OpenMP threads wait while idle.
+# Any of these set means the user chose it, and Ember leaves it be (engine/threads.py
+# says why Ember wants them to sleep).
+OMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+OMP_WAIT_POLICY = "PASSIVE"
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # where the CLI looks for a server without --url / EMBER_URL
 
@@ -48,3 +56,32 @@ def ember_home() -> Path:
 def registry_location() -> str | None:
     """The configured remote registry, or None when there is none."""
     return os.environ.get(EMBER_REGISTRY) or None
+
+
+_omp_wait_set = False  # this process's OMP_WAIT_POLICY is Ember's default
+_torch_came_first = False  # torch was imported before Ember could set it
+
+
+def default_omp_wait_policy(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Set OMP_WAIT_POLICY=PASSIVE unless the user set one of OMP_WAIT_VARS; True when
+    Ember set it. `import ember` calls it, before anything imports torch: OpenMP reads
+    the policy once, when torch loads it. Here, in the one module `import ember` needs
+    anyway, so that the CLI's start pays nothing for it."""
+    global _omp_wait_set, _torch_came_first
+    if any(name in environ for name in OMP_WAIT_VARS):
+        return False
+    environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+    if environ is os.environ:
+        _omp_wait_set = True
+        _torch_came_first = "torch" in sys.modules
+    return True
+
+
+def omp_wait_policy_set_by_ember() -> bool:
+    """Whether this process's OMP_WAIT_POLICY is Ember's default, not the user's."""
+    return _omp_wait_set
+
+
+def torch_imported_before_ember() -> bool:
+    """Whether Ember set the wait policy too late: torch had loaded OpenMP already."""
+    return _torch_came_first

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.cli import app
-from ember.engine.threads import wait_policy_set_by_ember
+from ember.env import omp_wait_policy_set_by_ember
 from ember.store.local import LocalStore
 
 pytestmark = pytest.mark.timeout(240)
@@ -40,5 +40,5 @@ def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_h
     for r in report["load_rows"]:
         assert r["background_load"] == 1 and r["ember_threads"] >= 1 and r["torch_threads"] >= 1
         assert r["ember_tok_s"] > 0 and r["torch_tok_s"] > 0
-        if wait_policy_set_by_ember():
+        if omp_wait_policy_set_by_ember():
             assert r["ember_wait"] == "OMP_WAIT_POLICY=PASSIVE" and r["torch_wait"].startswith("unset")

@@ -12,7 +12,8 @@ import torch
 
 from ember.engine import threads
 from ember.engine.config import EngineConfig
-from ember.engine.threads import available_cpus, cgroup_cpu_limit, default_wait_policy, resolve_num_threads
+from ember.engine.threads import available_cpus, cgroup_cpu_limit, resolve_num_threads
+from ember.env import default_omp_wait_policy
 from ember.errors import InvalidRequestError
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,10 +106,10 @@ def test_a_bad_thread_count_is_refused_when_the_engine_is_configured(bad: Any) -
 
 def test_ember_lets_waiting_threads_sleep_unless_the_user_chose() -> None:
     environ: dict[str, str] = {}
-    assert default_wait_policy(environ) and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert default_omp_wait_policy(environ) and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
     for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}):
         environ = dict(chosen)
-        assert not default_wait_policy(environ) and environ == chosen
+        assert not default_omp_wait_policy(environ) and environ == chosen
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ember import env as env_vars
 from ember.engine import threads
 
 BUSY_LOOP = "while True: pass"
@@ -64,13 +65,13 @@ def _line(stream: IO[str], worker: _Worker) -> str:
 
 
 def _wait_label(env: dict[str, str]) -> str:
-    chosen = [f"{name}={env[name]}" for name in threads.WAIT_VARS if name in env]
+    chosen = [f"{name}={env[name]}" for name in env_vars.OMP_WAIT_VARS if name in env]
     return ", ".join(chosen) or "unset (libgomp spins, then sleeps)"
 
 
 def _start(mode: str, checkpoint: Path) -> _Worker:
     env = dict(os.environ)
-    if mode == "torch" and threads.wait_policy_set_by_ember():
+    if mode == "torch" and env_vars.omp_wait_policy_set_by_ember():
         env.pop("OMP_WAIT_POLICY", None)  # as a process that never imported ember
     proc = subprocess.Popen(
         [sys.executable, "-c", _BOOT[mode], mode, str(checkpoint)],

@@ -15,7 +15,8 @@ process has more OpenMP threads than CPUs, and libgomp then spins only about 100
 So Ember
 - lets waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user chose how they
   wait. OpenMP reads this once, when torch is imported, so `import ember` sets it
-  (`default_wait_policy`); it cannot act in a process that imported torch first;
+  (`env.default_omp_wait_policy`); it cannot act in a process that imported torch
+  first;
 - sets torch's intra-op thread count to the CPUs the process may use: its affinity
   mask, capped by its cgroup's CPU quota (a container given 2 CPUs of a 64-core host
   would otherwise run 64 threads on 2 CPUs), unless EMBER_NUM_THREADS or an explicit
@@ -29,9 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import threading
-from collections.abc import Callable, Mapping, MutableMapping, Set
+from collections.abc import Callable, Mapping, Set
 from pathlib import Path
 
 from ember import env
@@ -41,36 +41,9 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
-# Any of these set means the user chose how OpenMP threads wait: Ember leaves it be.
-WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-WAIT_POLICY = "PASSIVE"
-
 _lock = threading.Lock()
 _applied: int | None = None  # the count this process runs with, once set
-_wait_set_by_ember = False
-_torch_came_first = False  # torch was imported before Ember could set the wait policy
 _warned = False
-
-
-# -- how threads wait ------------------------------------------------------------------
-
-
-def default_wait_policy(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Set OMP_WAIT_POLICY=PASSIVE unless the user set a wait variable (WAIT_VARS).
-    True when Ember set it. Runs at `import ember`, before anything imports torch."""
-    global _wait_set_by_ember, _torch_came_first
-    if any(name in environ for name in WAIT_VARS):
-        return False
-    environ["OMP_WAIT_POLICY"] = WAIT_POLICY
-    if environ is os.environ:
-        _wait_set_by_ember = True
-        _torch_came_first = "torch" in sys.modules
-    return True
-
-
-def wait_policy_set_by_ember() -> bool:
-    """Whether this process's OMP_WAIT_POLICY is Ember's default, not the user's."""
-    return _wait_set_by_ember
 
 
 # -- how many threads ------------------------------------------------------------------
@@ -197,7 +170,7 @@ def apply_num_threads(requested: int | None = None) -> int:
         if count != torch.get_num_threads():
             torch.set_num_threads(count)
         _applied = count
-        if _torch_came_first and count > 1 and not _warned:
+        if env.torch_imported_before_ember() and count > 1 and not _warned:
             _warned = True
             log.warning(
                 "torch was imported before ember, so its threads spin while they wait and "
