@@ -14,9 +14,13 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import typer
+
 
 def commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, cmd in sorted(group.commands.items()):
+    ctx = typer.Context(group)
+    for name in sorted(group.list_commands(ctx)):
+        cmd = group.get_command(ctx, name)  # the top group imports its commands when asked
         yield (*path, name)
         if hasattr(cmd, "commands"):
             yield from commands(cmd, (*path, name))

@@ -16,7 +16,9 @@ WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # no wrapping by the termina
 
 
 def commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    for name, cmd in group.commands.items():
+    ctx = typer.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)  # the top group imports its commands when asked
         yield (*path, name), cmd
         if hasattr(cmd, "commands"):
             yield from commands(cmd, (*path, name))

@@ -58,12 +58,28 @@ def test_help_imports_no_heavy_package(args: list[str], ember_home: Path) -> Non
     assert not imported(done.stderr) & set(HEAVY)
 
 
-def test_top_help_imports_no_pydantic(ember_home: Path) -> None:
-    # typer imports pydantic (0.1 s) to convert the arguments of a command it runs;
-    # `ember --help` runs none, and reads `ember serve`'s settings without it
-    done = ember("--help", home=ember_home)
+@pytest.mark.parametrize("args", [["--help"], ["status", "--help"]], ids=" ".join)
+def test_client_commands_import_no_pydantic(args: list[str], ember_home: Path) -> None:
+    # typer 0.29 imports pydantic (0.1 s) to run any command, so Ember takes an earlier
+    # typer; `ember serve`'s settings validate with pydantic only when it starts
+    done = ember(*args, home=ember_home)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pydantic" not in imported(done.stderr)
+
+
+def test_a_command_imports_its_own_module_alone(refused_url: str) -> None:
+    # (importtime does not see importlib.import_module, which loads the commands: ask
+    # the process itself)
+    code = (
+        f"import sys; sys.argv = ['ember', 'status', '--url', {refused_url!r}]\n"
+        "from ember.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(*sorted(m for m in sys.modules if m.startswith('ember.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    modules = set(done.stdout.split())
+    assert "ember.cli.cluster" in modules, done.stderr[-2000:]
+    assert not modules & {"ember.cli.serve", "ember.cli.bench", "ember.cli.store", "ember.server.settings"}
 
 
 def test_store_ls_on_an_empty_home_imports_no_heavy_package(ember_home: Path) -> None:

@@ -11,32 +11,29 @@ what it needs when it runs, so the client commands and every `--help` start fast
 
 from __future__ import annotations
 
-from ember.cli.base import EmberTyper
-
-app = EmberTyper(
-    help="Ember: serverless LLM inference with fast cold starts.",
-    pretty_exceptions_enable=False,
-)
+from ember.cli.base import EmberTyper, LazyGroup
 
 
-def _register() -> None:
-    from ember.cli.bench import bench_app
-    from ember.cli.chat import chat_cmd
-    from ember.cli.cluster import delete_cmd, deploy_cmd, status_cmd
-    from ember.cli.serve import serve_cmd
-    from ember.cli.store import store_app
-
-    app.command("serve")(serve_cmd)
-    app.command("chat")(chat_cmd)
-    app.command("deploy")(deploy_cmd)
-    app.command("delete")(delete_cmd)
-    app.command("status")(status_cmd)
-    app.add_typer(store_app, name="store")
-    app.add_typer(bench_app, name="bench")
-    import ember.cli.bench_serve  # noqa: F401  (registers `ember bench serve` on bench_app)
+class _Commands(LazyGroup):
+    # Each imported only when run (or listed by --help): a client command's start pays
+    # for its own module alone.
+    lazy = {  # noqa: RUF012
+        "serve": "ember.cli.serve:serve_cmd",
+        "chat": "ember.cli.chat:chat_cmd",
+        "deploy": "ember.cli.cluster:deploy_cmd",
+        "delete": "ember.cli.cluster:delete_cmd",
+        "status": "ember.cli.cluster:status_cmd",
+        "store": "ember.cli.store:store_app",
+        "bench": "ember.cli.bench:bench_app",
+    }
 
 
-_register()
+app = EmberTyper(cls=_Commands, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _ember() -> None:
+    """Ember: serverless LLM inference with fast cold starts."""
 
 
 def main() -> None:

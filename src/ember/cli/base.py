@@ -70,6 +70,37 @@ class EmberGroup(TyperGroup):
             raise typer.Exit(1) from exc
 
 
+class LazyGroup(EmberGroup):
+    """A group whose commands are imported when one is run or listed: `ember status`
+    then imports the client code alone, not the server's settings or the benchmarks.
+    `lazy` maps each name to "module:attribute", a command function or an EmberTyper."""
+
+    lazy: dict[str, str] = {}  # noqa: RUF012  (set once by the app that uses it)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*self.lazy, *(name for name in super().list_commands(ctx) if name not in self.lazy)]
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name in self.lazy and name not in self.commands:
+            self.add_command(_load(name, self.lazy[name]), name)
+        return super().get_command(ctx, name)
+
+
+def _load(name: str, target: str) -> Any:
+    """The click command for "module:attribute" (a command function or an EmberTyper)."""
+    import importlib
+
+    module, attribute = target.split(":")
+    obj = getattr(importlib.import_module(module), attribute)
+    if isinstance(obj, typer.Typer):
+        group = typer.main.get_group(obj)
+        group.name = name  # help lists a group by its own name
+        return group
+    single = EmberTyper()
+    single.command(name)(obj)
+    return typer.main.get_command(single)  # one command and no callback: the command itself
+
+
 class EmberTyper(typer.Typer):
     """typer.Typer whose groups are EmberGroups and commands EmberCommands."""
 

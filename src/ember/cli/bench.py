@@ -21,11 +21,13 @@ def _register() -> None:
     from ember.cli.bench_cold import cold_command
     from ember.cli.bench_engine import engine_command
     from ember.cli.bench_sched import sched_command
+    from ember.cli.bench_serve import bench_serve_cmd
 
     bench_app.command("sched")(sched_command)
     bench_app.command("engine")(engine_command)
     bench_app.command("cold")(cold_command)
     bench_app.command("cli")(cli_command)
+    bench_app.command("serve")(bench_serve_cmd)
 
 
 @bench_app.command("load")

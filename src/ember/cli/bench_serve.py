@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 
 from ember import env
-from ember.cli.bench import bench_app
 from ember.cli.output import JsonOption, print_json, stage_progress
 from ember.errors import EmberError
 
@@ -29,7 +28,6 @@ def _result_path(result_dir: Path | None, filename: str | None, model: str, rate
     return (result_dir or DEFAULT_RESULT_DIR) / filename
 
 
-@bench_app.command("serve")
 def bench_serve_cmd(
     base_url: Annotated[
         str | None, typer.Option(help=f"Server root (EMBER_URL). [default: {DEFAULT_URL}]")
