@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,23 @@ def smollm2_reference() -> tuple[Any, Any]:
     root = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(root, gguf_file=GGUF_FILE, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(root, gguf_file=GGUF_FILE)
+
+
+@pytest.fixture
+def held_reads(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """A gate on the store loader's disk reads: while it is clear, every chunk read
+    waits for it, so a streaming load is still under way when the test looks (a small
+    checkpoint in the page cache is otherwise read before the call that starts it
+    returns). Open at first."""
+    from ember.store import loader
+
+    gate = threading.Event()
+    gate.set()
+    read_chunk = loader.read_chunk
+
+    def held(fd: int, view: memoryview, offset: int, source: Path) -> None:
+        assert gate.wait(30), "the test never opened the read gate"
+        read_chunk(fd, view, offset, source)
+
+    monkeypatch.setattr(loader, "read_chunk", held)
+    return gate

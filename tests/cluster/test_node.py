@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
+from ember.cluster.messages import InstanceInfo
 from ember.cluster.node import EmbeddedNode
 from ember.errors import CorruptCheckpointError, EmberError
 from ember.store.registry import HttpRegistry
@@ -40,8 +42,17 @@ def _corrupt_disk_copy(node: EmbeddedNode, model: str) -> None:
     part.write_bytes(bytes(data))
 
 
-def test_a_start_from_disk_serves_while_its_weights_arrive(ember_home: Path, models: list[str]) -> None:
+def test_a_start_from_disk_serves_while_its_weights_arrive(
+    ember_home: Path, models: list[str], held_reads: threading.Event
+) -> None:
     from tests.cluster.conftest import make_nodes, request
+
+    async def start(node: EmbeddedNode, instance: str) -> InstanceInfo:
+        held_reads.clear()  # the weights are still arriving when start_instance returns
+        try:
+            return await node.start_instance(instance, "tiny", "tiny")
+        finally:
+            held_reads.set()
 
     async def tokens(node: EmbeddedNode, instance: str, rid: str) -> list[int]:
         out: list[int] = []
@@ -51,7 +62,7 @@ def test_a_start_from_disk_serves_while_its_weights_arrive(ember_home: Path, mod
 
     async def main() -> None:
         [node] = make_nodes(ember_home)
-        first = await node.start_instance("i1", "tiny", "tiny")  # registry -> disk, then streamed from disk
+        first = await start(node, "i1")  # registry -> disk, then streamed from disk
         assert first.loading and first.tier == "registry"
         want = await tokens(node, "i1", "a")
         final = await node.instance_loaded("i1")
@@ -59,7 +70,7 @@ def test_a_start_from_disk_serves_while_its_weights_arrive(ember_home: Path, mod
         await node.stop_instance("i1")
 
         assert node.store.evict("tiny")
-        second = await node.start_instance("i2", "tiny", "tiny")
+        second = await start(node, "i2")
         assert second.loading and second.tier == "disk"
         assert await tokens(node, "i2", "b") == want
         assert (await node.instance_loaded("i2")).tier == "disk"
@@ -67,7 +78,7 @@ def test_a_start_from_disk_serves_while_its_weights_arrive(ember_home: Path, mod
 
         assert node.store.evict("tiny")
         _corrupt_disk_copy(node, "tiny")
-        bad = await node.start_instance("i3", "tiny", "tiny")
+        bad = await start(node, "i3")
         with pytest.raises(CorruptCheckpointError, match="part-00000.bin"):
             await node.instance_loaded("i3")
         with pytest.raises(EmberError):  # a request on it fails with the load's error

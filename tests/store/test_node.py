@@ -188,13 +188,18 @@ def test_a_load_into_dram_parses_the_index_once(monkeypatch: pytest.MonkeyPatch)
     assert calls == [LocalStore().path_for("m")]
 
 
-def test_a_streaming_acquire_returns_before_its_bytes_and_records_dram_after(tmp_path: Path) -> None:
+def test_a_streaming_acquire_returns_before_its_bytes_and_records_dram_after(
+    tmp_path: Path, held_reads: threading.Event
+) -> None:
     want = write_checkpoint(tmp_path / "reg" / "r", mib=20)
     node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
     node.acquire("r")[0].release()  # registry -> disk (and DRAM)
     assert node.evict("r")
+    held_reads.clear()
     lease, _, report = node.acquire("r", stream=True)
     assert report.tier == "disk" and report.loading is lease.loading is not None
+    assert _tiers(node, "r") == {"disk"}  # not in DRAM until every byte is in
+    held_reads.set()
     lease.loading.wait()
     assert_same_tensors(lease.tensors, want)
     assert _tiers(node, "r") == {"dram", "disk"}  # recorded once every byte was in
@@ -203,7 +208,9 @@ def test_a_streaming_acquire_returns_before_its_bytes_and_records_dram_after(tmp
     lease.release()
 
 
-def test_a_corrupt_streamed_copy_leaves_the_pool_and_the_disk_cache(tmp_path: Path) -> None:
+def test_a_corrupt_streamed_copy_leaves_the_pool_and_the_disk_cache(
+    tmp_path: Path, held_reads: threading.Event
+) -> None:
     want = write_checkpoint(tmp_path / "reg" / "r", mib=20)
     node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
     node.acquire("r")[0].release()
@@ -212,8 +219,10 @@ def test_a_corrupt_streamed_copy_leaves_the_pool_and_the_disk_cache(tmp_path: Pa
     data = bytearray(part.read_bytes())
     data[-100] ^= 0xFF
     part.write_bytes(bytes(data))
+    held_reads.clear()
     lease, _, _ = node.acquire("r", stream=True)
     assert lease.loading is not None
+    held_reads.set()
     with pytest.raises(CorruptCheckpointError, match="part-00000.bin"):
         lease.loading.wait()
     assert "r" not in node.pool
