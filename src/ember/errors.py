@@ -24,21 +24,61 @@ EmberError                      base; carries an HTTP status for the server
 │   └── RegistryUnavailableError 502: it failed part-way (5xx, connection lost); a retry resumes
 ├── MissingDependencyError      500: an optional package is not installed (says how)
 └── StorageFullError            507: no space left while writing
+
+What a client may read and what only the server's operator may: `message` says what
+went wrong in words fit for an API client; `detail` carries the specifics that belong
+to the server (a path under EMBER_HOME, a registry URL). `str(exc)` has both, for the
+log and for the local CLI; the server sends `exc.public`, the message with any path or
+URL still in it (one quoted from a wrapped error, say) cut to its last part.
 """
 
 from __future__ import annotations
 
+import re
+
+# A URL, or an absolute, home or dot-relative path: a quoted one to its closing quote
+# (spaces and all), a bare one to the next space, quote, bracket or separator.
+_LOCATION = re.compile(
+    r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>\[\]]*"  # a URL, userinfo and query included
+    r"|(?<=['\"])(?:~|\.{1,2})?/[^'\"\n]+(?=['\"])"  # '/a b/c'
+    r"|(?<![\w.~/-])(?:~|\.{1,2})?/[^\s'\"()<>\[\],;:]+",  # /a/b, ~/a, ./a, ../a
+    re.IGNORECASE,
+)
+
+
+def _last_part(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if "://" in text:  # keep neither the host nor credentials: only a path's last part
+        text = text.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+        if "/" not in text.strip("/"):
+            return "<hidden>"
+    return text.rstrip("/").rsplit("/", 1)[-1] or "<hidden>"
+
+
+def redact(text: str) -> str:
+    """`text` with every filesystem path and URL in it cut to its last part
+    ("/home/u/.ember/store/m/part-00000.bin" -> "part-00000.bin"), hosts and
+    credentials dropped."""
+    return _LOCATION.sub(_last_part, text)
+
 
 class EmberError(Exception):
-    """Base class. `status` is the HTTP status the server answers with."""
+    """Base class. `status` is the HTTP status the server answers with; `message` is
+    fit for a client, `detail` (paths, URLs) for the log and the local CLI only."""
 
     status: int = 500
     type: str = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, param: str | None = None, detail: str | None = None) -> None:
+        super().__init__(f"{message} ({detail})" if detail else message)
         self.message = message
         self.param = param
+        self.detail = detail
+
+    @property
+    def public(self) -> str:
+        """What the server sends a client: the message, any path left in it redacted."""
+        return redact(self.message)
 
 
 class InvalidRequestError(EmberError):

@@ -27,8 +27,8 @@ def hf_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["store"], ["bench"], *([["store", c] for c in ("import", "ls", "rm", "verify", "push", "pull")]),
-     ["bench", "load"]],
+    [[], ["store"], ["bench"], ["bench", "load"],
+     *([["store", c] for c in ("import", "ls", "rm", "verify", "push", "pull", "gc")])],
     ids=str,
 )  # fmt: skip
 def test_every_command_has_help(args: list[str]) -> None:
@@ -46,7 +46,7 @@ def test_import_ls_verify_rm(hf_dir: Path) -> None:
     assert imported["name"] == "tiny" and imported["dtype"] == "bfloat16" and imported["size"] > 0
 
     LocalStore().catalog.set_location("tiny", "node-a", "dram", imported["size"])
-    listed = json.loads(runner.invoke(app, ["store", "ls", "--json"]).stdout)
+    listed = json.loads(runner.invoke(app, ["store", "ls", "--json"]).stdout)["checkpoints"]
     assert [(r["name"], r["tiers"], r["dtype"]) for r in listed] == [
         ("tiny", ["store", "node-a:dram"], "bfloat16")
     ]
@@ -58,7 +58,7 @@ def test_import_ls_verify_rm(hf_dir: Path) -> None:
 
     removed = runner.invoke(app, ["store", "rm", "tiny"])
     assert removed.exit_code == 0 and "removed tiny" in removed.stdout
-    assert json.loads(runner.invoke(app, ["store", "ls", "--json"]).stdout) == []
+    assert json.loads(runner.invoke(app, ["store", "ls", "--json"]).stdout)["checkpoints"] == []
     again = runner.invoke(app, ["store", "rm", "tiny"])
     assert again.exit_code == 1 and again.stderr.startswith("error: no checkpoint named 'tiny'")
 
@@ -118,3 +118,44 @@ def test_push_then_pull_through_a_directory_registry(hf_dir: Path, tmp_path: Pat
     assert pulled.exit_code == 0, pulled.output
     assert json.loads(pulled.stdout)["name"] == "tiny2"
     assert runner.invoke(app, ["store", "verify", "tiny2"]).exit_code == 0
+
+
+def test_ls_shows_what_gc_reclaims_and_gc_keeps_partial_downloads_unless_asked(ember_home: Path) -> None:
+    store = LocalStore()
+    node_disk = ember_home / "nodes" / "node0" / "disk"
+    orphan = node_disk / ".m.trash-0123456789ab"  # a node killed while evicting
+    partial = store.root / ".pulled.partial"  # an interrupted `ember store pull`
+    for directory, size in ((orphan, 3000), (partial, 5000)):
+        directory.mkdir(parents=True)
+        (directory / "part-00000.bin").write_bytes(bytes(size))
+
+    listed = json.loads(runner.invoke(app, ["store", "ls", "--json"]).stdout)
+    reclaimable = listed["reclaimable"]
+    assert reclaimable["orphans"] == {"count": 1, "size": 3000}
+    assert reclaimable["partial"] == {"count": 1, "size": 5000}
+    assert {(e["path"], e["kind"]) for e in reclaimable["paths"]} == {
+        (str(orphan), "orphan"),
+        (str(partial), "partial"),
+    }
+    table = runner.invoke(app, ["store", "ls"]).stdout
+    assert "reclaimable: 3.0 KB in 1 orphaned directory" in table
+    assert "partial downloads: 5.0 KB in 1" in table
+
+    gc = runner.invoke(app, ["store", "gc"])
+    assert gc.exit_code == 0, gc.output
+    assert "removed 3.0 KB (1 directory)" in gc.stdout and "kept 1 partial download (5.0 KB)" in gc.stdout
+    assert not orphan.exists() and partial.is_dir()
+    dropped = json.loads(runner.invoke(app, ["store", "gc", "--partial", "--json"]).stdout)
+    assert [e["path"] for e in dropped["removed"]] == [str(partial)] and dropped["size"] == 5000
+    assert not partial.exists()
+    assert runner.invoke(app, ["store", "gc"]).stdout.strip() == "nothing to remove"
+
+
+def test_ls_says_what_the_open_removed(ember_home: Path) -> None:
+    tmp = LocalStore().root / ".m.tmp-0123456789ab"  # an import killed part-way
+    tmp.mkdir()
+    tmp.with_name(f"{tmp.name}.lock").touch()
+    (tmp / "part-00000.bin").write_bytes(bytes(2000))
+    listed = runner.invoke(app, ["store", "ls"])
+    assert listed.exit_code == 0 and not tmp.exists()
+    assert "removed 2.0 KB that interrupted imports or removals left (1 directory)" in listed.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from ember.cluster.node import EmbeddedNode
 from ember.cluster.state import ClusterState, Deployment
-from ember.errors import EmberError, ModelNotFoundError, OverloadedError
+from ember.errors import CheckpointNotFoundError, EmberError, ModelNotFoundError, OverloadedError
 from tests.cluster.conftest import collect, make_controller, make_nodes, request, run
 from tests.cluster.fakes import FakeClock, FlakyNode
 
@@ -240,6 +240,20 @@ def test_gauges_are_the_engine_stats_of_any_node_runtime(ember_home: Path, model
             gate.set()
         idle = (await c.collect_gauges())["tiny"]
         assert (idle.num_running, idle.num_waiting, idle.kv_cache_usage) == (0, 0, 0.0)
+        await c.close()
+
+    run(main)
+
+
+def test_deploying_a_model_missing_from_the_store_says_so(ember_home: Path, models: list[str]) -> None:
+    # No --registry: the nodes fetch from the store itself, and the error says the store.
+    async def main() -> None:
+        c = make_controller(ember_home)
+        await c.start()
+        with pytest.raises(CheckpointNotFoundError) as info:
+            await c.deploy(Deployment("ghost", "ghost"))
+        assert info.value.public == "checkpoint 'ghost' is not in the store (see `ember store ls`)"
+        assert str(ember_home / "store" / "ghost") in str(info.value)  # the log's detail
         await c.close()
 
     run(main)

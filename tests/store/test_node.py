@@ -116,7 +116,7 @@ def test_missing_everywhere(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="no registry is configured"):
         NodeStore("n1").acquire("ghost")
     node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
-    with pytest.raises(CheckpointNotFoundError, match="'ghost' in the registry"):
+    with pytest.raises(CheckpointNotFoundError, match="'ghost' is not in the registry"):
         node.acquire("ghost")
     assert node.holds("ghost") == set() and node.disk.names() == []
 

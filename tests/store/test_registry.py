@@ -14,6 +14,7 @@ from ember.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    EmberError,
     RegistryError,
     RegistryUnavailableError,
 )
@@ -169,22 +170,32 @@ def test_fetch_url_takes_one_checkpoint_url(nginx: NginxServer, served: Served, 
 @pytest.mark.parametrize(
     ("registry", "name", "error", "match"),
     [
-        ("good", "absent", CheckpointNotFoundError, "'absent' in the registry at http"),
+        ("good", "absent", CheckpointNotFoundError, r"'absent' is not in the registry \(http"),
         (
             "bad",
             "missing-part",
             RegistryError,
-            r"404 for http://127\.0\.0\.1:\d+/bad/missing-part/part-00000\.bin",
+            r"404 for part-00000\.bin .*\(http://127\.0\.0\.1:\d+/bad/missing-part/part-00000\.bin\)",
         ),
-        ("e500", "small", RegistryError, r"500 for http://127\.0\.0\.1:\d+/e500/small/index\.json"),
-        ("p500", "small", RegistryError, r"500 for http://127\.0\.0\.1:\d+/p500/small/part-00000\.bin"),
+        (
+            "e500",
+            "small",
+            RegistryError,
+            r"500 for index\.json .*\(http://127\.0\.0\.1:\d+/e500/small/index\.json\)",
+        ),
+        ("p500", "small", RegistryError, r"500 for part-00000\.bin .*/p500/small/part-00000\.bin\)"),
         (
             "bad",
             "too-long",
             RegistryError,
-            r"http://\S+/too-long/part-00000\.bin is \d+ bytes, the index says",
+            r"part-00000\.bin is \d+ bytes, the index says \d+ \(http://\S+/too-long/part-00000\.bin\)",
         ),
-        ("bad", "flipped", RegistryError, r"checksum mismatch in http://\S+/flipped/part-00000\.bin"),
+        (
+            "bad",
+            "flipped",
+            RegistryError,
+            r"checksum mismatch in part-00000\.bin .*\(http://\S+/flipped/part-00000\.bin\)",
+        ),
     ],
 )
 def test_misbehaving_registry_leaves_nothing_in_the_cache(
@@ -196,8 +207,9 @@ def test_misbehaving_registry_leaves_nothing_in_the_cache(
     error: type[Exception],
     match: str,
 ) -> None:
-    with HttpRegistry(f"{nginx.url}/{registry}", retries=0) as reg, pytest.raises(error, match=match):
+    with HttpRegistry(f"{nginx.url}/{registry}", retries=0) as reg, pytest.raises(error, match=match) as info:
         reg.fetch(name, tmp_path / "cache" / name)
+    assert isinstance(info.value, EmberError) and "127.0.0.1" not in info.value.public  # the URL is the log's
     assert _visible(tmp_path / "cache") == []
     partial = tmp_path / "cache" / f".{name}.partial"
     # A 5xx on a part may pass: what was verified (here nothing) is kept hidden for a resume.

@@ -66,7 +66,7 @@ class EmberGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except EmberError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
+            typer.echo(f"error: {exc}", err=True)  # with its detail: this is the machine it is about
             raise typer.Exit(1) from exc
 
 

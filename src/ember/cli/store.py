@@ -1,4 +1,5 @@
-"""`ember store`: import, list, remove, verify, push and pull checkpoints."""
+"""`ember store`: import, list, remove, verify, push and pull checkpoints; reclaim what
+interrupted work left behind (gc)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ember.errors import CheckpointError, CheckpointExistsError, InvalidRequestE
 if TYPE_CHECKING:
     from ember.store.local import LocalStore
     from ember.store.registry import Registry
+    from ember.store.scratch import Scratch
 
 store_app = EmberTyper(help="Manage the checkpoints in the local store.")
 
@@ -110,12 +112,55 @@ def _describe(store: LocalStore) -> list[dict[str, Any]]:
     return out
 
 
+def _reclaimable(store: LocalStore) -> list[Scratch]:
+    from ember.store.scratch import find, scratch_roots
+
+    return [entry for root in scratch_roots(store.home) for entry in find(root)]
+
+
+def _totals(entries: list[Scratch]) -> dict[str, dict[str, int]]:
+    out = {kind: {"count": 0, "size": 0} for kind in ("orphan", "partial")}
+    for e in entries:
+        out[e.kind]["count"] += 1
+        out[e.kind]["size"] += e.size
+    return out
+
+
+def _entries(entries: list[Scratch]) -> list[dict[str, Any]]:
+    return [{"path": str(e.path), "kind": e.kind, "size": e.size} for e in entries]
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _note_cleaned(store: LocalStore) -> None:
+    if store.cleaned:
+        size = human_bytes(sum(e.size for e in store.cleaned))
+        what = _plural(len(store.cleaned), "directory", "directories")
+        typer.echo(f"removed {size} that interrupted imports or removals left ({what})", err=True)
+
+
 @store_app.command("ls")
 def ls_cmd(as_json: bool = JsonOption) -> None:
-    """List stored checkpoints: size and which tiers hold them."""
-    rows = _describe(_store())
+    """List stored checkpoints: size and which tiers hold them; then the space that
+    `ember store gc` can reclaim."""
+    store = _store()
+    _note_cleaned(store)
+    rows = _describe(store)
+    scratch = _reclaimable(store)
+    totals = _totals(scratch)
     if as_json:
-        print_json(rows)
+        print_json(
+            {
+                "checkpoints": rows,
+                "reclaimable": {
+                    "orphans": totals["orphan"],
+                    "partial": totals["partial"],
+                    "paths": _entries(scratch),
+                },
+            }
+        )
         return
     print_table(
         "checkpoints",
@@ -125,6 +170,48 @@ def ls_cmd(as_json: bool = JsonOption) -> None:
             for r in rows
         ],
     )
+    orphans, partial = totals["orphan"], totals["partial"]
+    if orphans["count"]:
+        typer.echo(
+            f"reclaimable: {human_bytes(orphans['size'])} in "
+            f"{_plural(orphans['count'], 'orphaned directory', 'orphaned directories')} "
+            "(`ember store gc` removes them)"
+        )
+    if partial["count"]:
+        typer.echo(
+            f"partial downloads: {human_bytes(partial['size'])} in {partial['count']} "
+            "(kept: the next pull resumes them; `ember store gc --partial` removes them)"
+        )
+
+
+@store_app.command("gc")
+def gc_cmd(
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Also remove partial downloads (a pull then starts over).")
+    ] = False,
+    as_json: bool = JsonOption,
+) -> None:
+    """Remove what interrupted imports, removals and downloads left under EMBER_HOME.
+
+    Directories of a process still running are kept; partial downloads are kept unless
+    --partial is given (the next pull of the checkpoint resumes them)."""
+    from ember.store.scratch import remove
+
+    store = _store()
+    scratch = _reclaimable(store)
+    removed = [*store.cleaned, *remove(scratch, partial=partial)]
+    kept = _totals([e for e in scratch if e.kind == "partial" and not partial])["partial"]
+    size = sum(e.size for e in removed)
+    if as_json:
+        print_json({"removed": _entries(removed), "size": size, "kept_partial": kept})
+        return
+    what = _plural(len(removed), "directory", "directories")
+    typer.echo(f"removed {human_bytes(size)} ({what})" if removed else "nothing to remove")
+    if kept["count"]:
+        typer.echo(
+            f"kept {_plural(kept['count'], 'partial download', 'partial downloads')} "
+            f"({human_bytes(kept['size'])}): --partial removes them"
+        )
 
 
 @store_app.command("rm")

@@ -7,26 +7,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from ember.backend import ModelInfo
 from ember.engine.loader import load_tokenizer
 from ember.errors import CheckpointError
+from ember.store.scratch import old_copy, remove_orphans, temporary_dir
 
 
 def write_model_dir(root: Path, model: str, files: dict[str, bytes]) -> Path:
-    """Write the files to `root/<model>/` (replaced atomically); returns that directory."""
+    """Write the files to `root/<model>/` (replaced whole); returns that directory.
+    What a killed controller left in `root` goes first (ember.store.scratch)."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root)
     dest = root / model
-    tmp = root / f".{model}.{uuid.uuid4().hex[:8]}"
-    for rel, data in files.items():
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
+    with temporary_dir(dest) as tmp:
+        for rel, data in files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        old = old_copy(tmp)  # under tmp's lock, like the store's overwrites
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

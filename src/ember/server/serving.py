@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -20,6 +21,7 @@ from ember.errors import EmberError, InvalidRequestError
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to the remaining context
 
 
@@ -219,7 +221,13 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 def error_body(exc: EmberError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.status}}
+    """An error in OpenAI's shape, for a response or a stream's last event. The client
+    reads `exc.public` (no server paths, registry URLs or credentials); when the
+    whole text says more, the log keeps it."""
+    public = exc.public
+    if str(exc) != public:
+        log.warning("%d %s: %s", exc.status, exc.type, exc)
+    return {"error": {"message": public, "type": exc.type, "param": exc.param, "code": exc.status}}
 
 
 def new_id(prefix: str) -> str:

@@ -55,8 +55,9 @@ def check_chunks(
         k = first_chunk + i // chunk_size
         if digest(data[i : i + chunk_size]) != part.checksums[k]:
             raise CorruptCheckpointError(
-                f"checksum mismatch in {source / part.file} at bytes "
-                f"[{k * chunk_size}, {min((k + 1) * chunk_size, part.size)})"
+                f"checksum mismatch in {part.file} at bytes "
+                f"[{k * chunk_size}, {min((k + 1) * chunk_size, part.size)})",
+                detail=str(source / part.file),
             )
 
 
@@ -67,10 +68,11 @@ def check_sizes(root: Path, index: CheckpointIndex) -> None:
         try:
             size = path.stat().st_size
         except FileNotFoundError as exc:
-            raise CorruptCheckpointError(f"partition missing: {path}") from exc
+            raise CorruptCheckpointError(f"partition missing: {part.file}", detail=str(path)) from exc
         if size != part.size:
             raise CorruptCheckpointError(
-                f"partition {path} is {size} bytes, the index says {part.size} (truncated or altered)"
+                f"partition {part.file} is {size} bytes, the index says {part.size} (truncated or altered)",
+                detail=str(path),
             )
 
 
@@ -101,9 +103,9 @@ def verify_checkpoint(path: str | Path, *, threads: int = 4) -> CheckpointIndex:
         try:
             data = (root / rel).read_bytes()
         except FileNotFoundError as exc:
-            raise CorruptCheckpointError(f"file missing: {root / rel}") from exc
+            raise CorruptCheckpointError(f"file missing: {rel}", detail=str(root / rel)) from exc
         if len(data) != entry.size or digest(data) != entry.checksum:
-            raise CorruptCheckpointError(f"checksum mismatch in {root / rel}")
+            raise CorruptCheckpointError(f"checksum mismatch in {rel}", detail=str(root / rel))
     return index
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from ember.errors import CheckpointNotFoundError, StorageFullError
 from ember.store.catalog import Catalog, check_name
 from ember.store.format import INDEX_FILE, read_index
 from ember.store.registry import Registry
+from ember.store.scratch import remove_orphans, trash_for
 from ember.store.transfer import Progress, file_lock
 
 TIER = "disk"
@@ -46,6 +46,7 @@ class DiskCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks = self.root / ".locks"
         self._locks.mkdir(exist_ok=True)
+        remove_orphans(self.root)  # evictions a killed process left half done
         self.budget_bytes = budget_bytes
         self.catalog = catalog if catalog is not None else Catalog(ember_home() / "catalog.db")
         self.node = node if node is not None else self.root.parent.name
@@ -127,7 +128,7 @@ class DiskCache:
             path = self.path(name)
             if not locked or path is None:
                 return False
-            trash = self.root / f".{name}.evicted-{uuid.uuid4().hex[:8]}"
+            trash = trash_for(path)
             path.rename(trash)
             self.catalog.drop_location(name, self.node, TIER)
         shutil.rmtree(trash, ignore_errors=True)

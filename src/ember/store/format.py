@@ -144,13 +144,14 @@ class CheckpointIndex:
         try:
             body = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CorruptCheckpointError(f"{source}: index is not valid JSON ({exc})") from exc
+            raise _bad_index(source, f"not valid JSON ({exc})") from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError(f"{source}: not an Ember checkpoint index")
+            raise _bad_index(source, "not an Ember checkpoint index")
         if body.get("version") != FORMAT_VERSION:
             raise FormatVersionError(
-                f"{source}: format version {body.get('version')!r} is not supported "
-                f"(this Ember reads version {FORMAT_VERSION})"
+                f"{INDEX_FILE}: format version {body.get('version')!r} is not supported "
+                f"(this Ember reads version {FORMAT_VERSION})",
+                detail=_where(source),
             )
         try:
             partitions = tuple(
@@ -181,7 +182,7 @@ class CheckpointIndex:
                 version=int(body["version"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{source}: malformed index ({exc!r})") from exc
+            raise _bad_index(source, f"malformed ({exc!r})") from exc
         index.validate(source=source)
         return index
 
@@ -189,30 +190,31 @@ class CheckpointIndex:
         """Check every tensor lies inside its partition and every dtype is known."""
         for name, t in self.tensors.items():
             if not 0 <= t.partition < len(self.partitions):
-                raise CorruptCheckpointError(f"{source}: tensor {name!r} names a missing partition")
+                raise _bad_index(source, f"tensor {name!r} names a missing partition")
             part = self.partitions[t.partition]
             if t.offset % self.alignment or t.offset < 0 or t.offset + t.nbytes > part.size:
-                raise CorruptCheckpointError(
-                    f"{source}: tensor {name!r} at [{t.offset}, {t.offset + t.nbytes}) "
-                    f"lies outside {part.file} ({part.size} bytes)"
+                raise _bad_index(
+                    source,
+                    f"tensor {name!r} at [{t.offset}, {t.offset + t.nbytes}) "
+                    f"lies outside {part.file} ({part.size} bytes)",
                 )
             itemsize = dtype_itemsize(t.dtype)
             if len(t.shape) != len(t.stride) or any(s < 0 for s in (*t.shape, *t.stride)):
-                raise CorruptCheckpointError(f"{source}: tensor {name!r} has a bad shape/stride")
+                raise _bad_index(source, f"tensor {name!r} has a bad shape/stride")
             extent = (
                 0 if 0 in t.shape else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride, strict=True))
             )
             if (t.elem_offset + extent) * itemsize > t.nbytes and extent:
-                raise CorruptCheckpointError(f"{source}: tensor {name!r} reads past its blob")
+                raise _bad_index(source, f"tensor {name!r} reads past its blob")
         for rel in self.files:
             if rel.startswith("/") or ".." in Path(rel).parts:
-                raise CorruptCheckpointError(f"{source}: file entry {rel!r} escapes the checkpoint")
+                raise _bad_index(source, f"file entry {rel!r} escapes the checkpoint")
         for part in self.partitions:
             if part.size % self.alignment:
-                raise CorruptCheckpointError(f"{source}: {part.file} size is not aligned")
+                raise _bad_index(source, f"{part.file} size is not aligned")
             expected = (part.size + self.chunk_size - 1) // self.chunk_size
             if len(part.checksums) != expected:
-                raise CorruptCheckpointError(f"{source}: {part.file} has the wrong checksum count")
+                raise _bad_index(source, f"{part.file} has the wrong checksum count")
 
 
 def read_index(path: str | Path) -> CheckpointIndex:
@@ -220,9 +222,21 @@ def read_index(path: str | Path) -> CheckpointIndex:
     root = Path(path)
     index_path = root / INDEX_FILE
     if not root.is_dir():
-        raise CheckpointNotFoundError(f"no checkpoint directory at {root}")
+        raise CheckpointNotFoundError(f"no checkpoint directory {root.name!r}", detail=str(root))
     try:
         text = index_path.read_text()
     except FileNotFoundError as exc:
-        raise CheckpointNotFoundError(f"{root} has no {INDEX_FILE}: not an Ember checkpoint") from exc
+        raise CheckpointNotFoundError(
+            f"{root.name!r} has no {INDEX_FILE}: not an Ember checkpoint", detail=str(root)
+        ) from exc
     return CheckpointIndex.from_json(text, source=str(index_path))
+
+
+def _where(source: str) -> str | None:
+    """The index's path or URL for the log; None for the in-memory default."""
+    return None if source in ("index", INDEX_FILE) else source
+
+
+def _bad_index(source: str, problem: str) -> CorruptCheckpointError:
+    # The client reads "index.json: <problem>"; the path or URL is for the log.
+    return CorruptCheckpointError(f"{INDEX_FILE}: {problem}", detail=_where(source))

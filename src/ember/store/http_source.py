@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Generator, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -38,15 +38,24 @@ def make_client(connections: int) -> httpx.Client:
     )
 
 
-def _status_error(url: str, status: int, what: str) -> RegistryError:
-    message = f"registry answered {status} for {url} ({what})"
+def shown_url(url: str) -> str:
+    """`url` as a log may show it: without user, password or query (where tokens go)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _status_error(url: str, rel: str, status: int, what: str) -> RegistryError:
+    message = f"the registry answered {status} for {rel} ({what})"
     if status >= 500 or status == 429:
-        return RegistryUnavailableError(message)
-    return RegistryError(message)
+        return RegistryUnavailableError(message, detail=shown_url(url))
+    return RegistryError(message, detail=shown_url(url))
 
 
 class HttpSource:
-    """The checkpoint directory at `url` (no trailing slash)."""
+    """The checkpoint directory at `url` (no trailing slash). Errors name the file;
+    the URL (without credentials) is their detail, for the log."""
 
     def __init__(self, client: httpx.Client, url: str) -> None:
         self.client = client
@@ -60,11 +69,14 @@ class HttpSource:
         try:
             resp = self.client.get(url)
         except httpx.HTTPError as exc:
-            raise RegistryUnavailableError(f"registry request failed for {url}: {exc}") from exc
+            raise _unavailable("request", INDEX_FILE, url, exc) from exc
         if resp.status_code == 404:
-            raise CheckpointNotFoundError(f"no checkpoint at {self.location} (404 for {url})")
+            name = unquote(self.location.rsplit("/", 1)[-1])
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {name!r} (404 for its index)", detail=shown_url(url)
+            )
         if resp.status_code != 200:
-            raise _status_error(url, resp.status_code, "fetching the index")
+            raise _status_error(url, INDEX_FILE, resp.status_code, "fetching the index")
         return resp.text
 
     def exists(self) -> bool:
@@ -72,11 +84,11 @@ class HttpSource:
         try:
             resp = self.client.head(url)
         except httpx.HTTPError as exc:
-            raise RegistryUnavailableError(f"registry request failed for {url}: {exc}") from exc
+            raise _unavailable("request", INDEX_FILE, url, exc) from exc
         if resp.status_code == 404:
             return False
         if resp.status_code != 200:
-            raise _status_error(url, resp.status_code, "checking the index")
+            raise _status_error(url, INDEX_FILE, resp.status_code, "checking the index")
         return True
 
     def read_range(self, rel: str, start: int, length: int, total: int) -> Generator[bytes]:
@@ -84,50 +96,72 @@ class HttpSource:
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         try:
             with self.client.stream("GET", url, headers=headers) as resp:
-                skip = self._check_range_answer(resp, url, start, length, total)
-                yield from _take(_body(resp), skip, length, url)
+                skip = self._check_range_answer(resp, rel, url, start, length, total)
+                yield from _take(_body(resp), skip, length, rel, url)
         except httpx.HTTPError as exc:
-            raise RegistryUnavailableError(f"registry transfer failed for {url}: {exc}") from exc
+            raise _unavailable("transfer", rel, url, exc) from exc
 
     @staticmethod
-    def _check_range_answer(resp: httpx.Response, url: str, start: int, length: int, total: int) -> int:
+    def _check_range_answer(
+        resp: httpx.Response, rel: str, url: str, start: int, length: int, total: int
+    ) -> int:
         """Check status and sizes; returns how many leading body bytes to skip."""
+        where = shown_url(url)
         if resp.status_code == 416:
-            raise RegistryError(f"{url} is shorter than the index says ({total} bytes): 416 for a range")
+            raise RegistryError(
+                f"{rel} is shorter than the index says ({total} bytes): 416 for a range", detail=where
+            )
         if resp.status_code == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
             if m is None:
-                raise RegistryError(f"{url}: bad Content-Range {resp.headers.get('content-range')!r}")
+                raise RegistryError(
+                    f"{rel}: bad Content-Range {resp.headers.get('content-range')!r}", detail=where
+                )
             first, last, whole = int(m[1]), int(m[2]), m[3]
             if whole != "*" and int(whole) != total:
-                raise RegistryError(f"{url} is {whole} bytes, the index says {total}")
+                raise RegistryError(f"{rel} is {whole} bytes, the index says {total}", detail=where)
             if first != start or last != start + length - 1:
                 raise RegistryError(
-                    f"{url} sent bytes {first}-{last} for a request of {start}-{start + length - 1}"
+                    f"{rel}: the registry sent bytes {first}-{last} for a request of "
+                    f"{start}-{start + length - 1}",
+                    detail=where,
                 )
             return 0
         if resp.status_code == 200:
             # A server that ignores Range sends the whole file; use the part we asked for.
             size = resp.headers.get("content-length")
             if size is not None and int(size) != total:
-                raise RegistryError(f"{url} is {size} bytes, the index says {total}")
+                raise RegistryError(f"{rel} is {size} bytes, the index says {total}", detail=where)
             return start
-        raise _status_error(url, resp.status_code, f"bytes {start}-{start + length - 1}")
+        raise _status_error(url, rel, resp.status_code, f"bytes {start}-{start + length - 1}")
 
     def read_file(self, rel: str, size: int) -> bytes:
         url = self.url_of(rel)
         try:
             resp = self.client.get(url)
         except httpx.HTTPError as exc:
-            raise RegistryUnavailableError(f"registry transfer failed for {url}: {exc}") from exc
+            raise _unavailable("transfer", rel, url, exc) from exc
         if resp.status_code != 200:
-            raise _status_error(url, resp.status_code, "fetching a model file")
+            raise _status_error(url, rel, resp.status_code, "fetching a model file")
         if len(resp.content) != size:
-            raise RegistryError(f"{url} is {len(resp.content)} bytes, the index says {size}")
+            raise RegistryError(
+                f"{rel} is {len(resp.content)} bytes, the index says {size}", detail=shown_url(url)
+            )
         return resp.content
 
-    def bad_bytes(self, message: str) -> EmberError:
-        return RegistryError(message)
+    def bad_bytes(self, message: str, *, detail: str | None = None) -> EmberError:
+        return RegistryError(message, detail=detail)
+
+    def where(self, rel: str) -> str:
+        """Where file `rel` is, for the log (the URL without credentials)."""
+        return shown_url(self.url_of(rel))
+
+
+def _unavailable(what: str, rel: str, url: str, exc: httpx.HTTPError) -> RegistryUnavailableError:
+    # httpx's own text is for the log; the client learns the kind of failure
+    return RegistryUnavailableError(
+        f"the registry {what} for {rel} failed ({type(exc).__name__})", detail=f"{shown_url(url)}: {exc}"
+    )
 
 
 def _body(resp: httpx.Response) -> Iterator[bytes]:
@@ -139,7 +173,7 @@ def _body(resp: httpx.Response) -> Iterator[bytes]:
     return resp.iter_bytes(PIECE)
 
 
-def _take(pieces: Iterator[bytes], skip: int, length: int, url: str) -> Iterator[bytes]:
+def _take(pieces: Iterator[bytes], skip: int, length: int, rel: str, url: str) -> Iterator[bytes]:
     """Bytes [skip, skip + length) of the stream; RegistryError if it ends before."""
     got = 0
     for piece in pieces:
@@ -152,4 +186,6 @@ def _take(pieces: Iterator[bytes], skip: int, length: int, url: str) -> Iterator
             yield piece
         if got == length:
             return
-    raise RegistryUnavailableError(f"short body from {url}: {got} of {length} bytes arrived")
+    raise RegistryUnavailableError(
+        f"a short body for {rel}: {got} of {length} bytes arrived", detail=shown_url(url)
+    )

