@@ -105,7 +105,7 @@ class Controller:
         for probe in await asyncio.gather(*(n.probe_bandwidth() for n in self.nodes.values())):
             self.estimator.calibrate(probe)
         for dep in self.state.deployments():
-            await self._adopt(dep)
+            self._install(dep, await self._model_info(dep))
         for dep in deployments:
             if dep.name not in self._deps:
                 await self.deploy(dep)
@@ -172,15 +172,18 @@ class Controller:
     # -- deployments ------------------------------------------------------------------
 
     async def deploy(self, dep: Deployment) -> Deployment:
-        """Create or update a deployment. CheckpointNotFoundError if no node or registry
-        has its model."""
-        await self._adopt(dep)
-        self.state.put_deployment(dep)
+        """Create or update a deployment, all or nothing: CheckpointNotFoundError if no
+        node or registry has its model, ClusterStateError if the database write fails;
+        either way nothing changed, in the database or here."""
+        info = await self._model_info(dep)
+        self.state.put_deployment(dep)  # the database first; from here on nothing can fail
+        self._install(dep, info)
         self.reconcile(dep.name)
         return dep
 
     async def delete(self, name: str) -> None:
-        """Stop taking requests for `name`; its instances go once their requests finish."""
+        """Stop taking requests for `name`; its instances go once their requests finish.
+        All or nothing, as deploy()."""
         if name not in self._deps:
             raise ModelNotFoundError(f"no deployment named {name!r}", param="name")
         self.state.delete_deployment(name)
@@ -195,7 +198,9 @@ class Controller:
     def deployments(self) -> list[Deployment]:
         return list(self._deps.values())
 
-    async def _adopt(self, dep: Deployment) -> None:
+    async def _model_info(self, dep: Deployment) -> ModelInfo:
+        """The deployment's ModelInfo from its model's files (written under model_root,
+        which is a cache: nothing here says the deployment exists)."""
         live = [n for n in self.nodes.values() if n.node_id not in self.instances.down]
         if not live:
             raise NodeFailedError("every node of the cluster is down")
@@ -203,9 +208,10 @@ class Controller:
         model_dir = await asyncio.to_thread(write_model_dir, self.model_root, dep.model, files)
         old = self._info.get(dep.name)
         created = old.created if old is not None else int(time.time())
-        self._info[dep.name] = await asyncio.to_thread(
-            model_info, dep.name, model_dir, created, self.config.max_model_len
-        )
+        return await asyncio.to_thread(model_info, dep.name, model_dir, created, self.config.max_model_len)
+
+    def _install(self, dep: Deployment, info: ModelInfo) -> None:
+        self._info[dep.name] = info
         self._deps[dep.name] = dep
 
     def _set_context(self, name: str, max_model_len: int) -> None:
