@@ -99,11 +99,10 @@ def status_cmd(url: UrlOption = None, as_json: bool = JsonOption) -> None:
         rows.append([
             d["name"], d["model"], f"{ready}/{len(d['instances'])}",
             f"{d['min_instances']}-{d['max_instances']}", d["target_concurrency"], f"{d['keep_alive_s']:g}s",
-            in_flight,
+            in_flight, d.get("waiting_requests", "-"),  # "-": a server from before the field
         ])  # fmt: skip
-    print_table(
-        "deployments", ["name", "model", "ready", "instances", "target", "keep-alive", "in flight"], rows
-    )
+    columns = ["name", "model", "ready", "instances", "target", "keep-alive", "in flight", "waiting"]
+    print_table("deployments", columns, rows)
     nodes = [
         [
             n["id"], f"{n['free_slots']}/{n['slots']}",
