@@ -4,6 +4,7 @@ range, finite), and a write SQLite fails changes nothing in the file."""
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,15 @@ def test_a_write_whose_commit_fails_leaves_the_file_as_it_was(
     assert fail.failed == len(writes)
     state.put_deployment(Deployment("new", "m"))  # the next write goes through
     assert [d.name for d in ClusterState(path).deployments()] == ["kept", "new"]
+
+
+def test_a_stored_row_outside_todays_bounds_is_left_out_until_deployed_again(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.db"
+    ClusterState(path).put_deployment(Deployment("old", "m"))
+    with sqlite3.connect(path) as db:  # as an Ember without the bound wrote it
+        db.execute("UPDATE deployments SET max_instances = 5000 WHERE name = 'old'")
+    db.close()
+    state = ClusterState(path)
+    assert state.deployments() == []  # the server still starts
+    state.put_deployment(Deployment("old", "m", max_instances=8))
+    assert [d.max_instances for d in ClusterState(path).deployments()] == [8]
