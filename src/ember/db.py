@@ -19,6 +19,7 @@ four rows on the request's path; each cost 10-40 ms on a busy disk, now ~0.1 ms)
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -71,17 +72,26 @@ class SqliteDb:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: committed when the block ends, rolled back when it
+        raises or the commit itself fails (disk I/O error, database locked), so a
+        failed call leaves the file as it was."""
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                self._commit(db)
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
         finally:
             db.close()
+
+    def _commit(self, db: sqlite3.Connection) -> None:
+        # A method of its own: the tests make it fail as a full or failing disk would.
+        db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the keeper connection (`tx()` still works, at the old cost)."""

@@ -13,7 +13,8 @@ EmberError                      base; carries an HTTP status for the server
 │   └── PortInUseError          409: `ember serve` on a port something else listens on
 ├── PayloadTooLargeError        413
 ├── OverloadedError             503: queue full or no instance in time (Retry-After)
-│   └── NodeFailedError         503: a node died or stopped answering; its requests move on
+│   ├── NodeFailedError         503: a node died or stopped answering; its requests move on
+│   └── ClusterStateError       503: the control plane's database failed (locked, I/O); nothing changed
 ├── CheckpointError             422: a checkpoint on disk is unusable
 │   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
 │   ├── FormatVersionError      422: index written by an unknown format version
@@ -147,6 +148,12 @@ class NodeFailedError(OverloadedError):
     def __init__(self, message: str, *, node: str | None = None, retry_after_s: float = 5.0) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
         self.node = node
+
+
+class ClusterStateError(OverloadedError):
+    """The control plane's SQLite database failed a read or a write (disk I/O error,
+    database locked). A failed write changed nothing, in the database or in memory;
+    the same call may succeed later (503, retry)."""
 
 
 class CheckpointError(EmberError):

@@ -21,7 +21,7 @@ def test_status_piped_shows_whole_names(monkeypatch: pytest.MonkeyPatch) -> None
     status = {
         "deployments": [
             {"name": LONG, "model": LONG + "-model", "min_instances": 0, "max_instances": 4,
-             "target_concurrency": 16, "keep_alive_s": 120.0,
+             "target_concurrency": 16, "keep_alive_s": 120.0, "waiting_requests": 5,
              "instances": [{"id": "i1", "node": "node0", "state": "ready", "in_flight": 3}]},
         ],
         "nodes": [{"id": "node0", "slots": 2, "free_slots": 1, "dram": {LONG: 123_000_000}, "disk": [LONG]}],
@@ -31,8 +31,9 @@ def test_status_piped_shows_whole_names(monkeypatch: pytest.MonkeyPatch) -> None
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "deployments"
-    assert lines[1].split() == ["name", "model", "ready", "instances", "target", "keep-alive", "in", "flight"]
-    assert lines[2].split() == [LONG, LONG + "-model", "1/1", "0-4", "16", "120s", "3"]
+    header = ["name", "model", "ready", "instances", "target", "keep-alive", "in", "flight", "waiting"]
+    assert lines[1].split() == header
+    assert lines[2].split() == [LONG, LONG + "-model", "1/1", "0-4", "16", "120s", "3", "5"]
     assert f"{LONG} (123.0 MB)" in result.stdout
 
 

@@ -1,14 +1,19 @@
-"""A fake clock and node statuses for the control plane's plain objects, and a node
-wrapper that fails on demand."""
+"""A fake clock and node statuses for the control plane's plain objects, a node
+wrapper that fails on demand, and SQLite commits that fail on demand."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
 
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier, NodeStatus
 from ember.cluster.runtime import NodeRuntime
+from ember.db import SqliteDb
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput, RequestSnapshot
 from ember.errors import NodeFailedError
 
@@ -111,3 +116,26 @@ class FlakyNode:
 
     async def close(self) -> None:
         await self.inner.close()  # the test's engines stop even on a "dead" node
+
+
+class FailingCommits:
+    """The next `arm(n)` commits to the SQLite file at `path` fail as a failing disk
+    does (sqlite3.OperationalError at COMMIT, so the transaction rolls back); commits
+    to other files (the store's catalogue) go through. `failed` counts the failures."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path, message: str = "disk I/O error") -> None:
+        self.armed = 0
+        self.failed = 0
+        commit = SqliteDb._commit
+
+        def failing_commit(db: SqliteDb, conn: sqlite3.Connection) -> None:
+            if db.path == path and self.armed > 0:
+                self.armed -= 1
+                self.failed += 1
+                raise sqlite3.OperationalError(message)
+            commit(db, conn)
+
+        monkeypatch.setattr(SqliteDb, "_commit", failing_commit)
+
+    def arm(self, commits: int = 1) -> None:
+        self.armed = commits

@@ -65,8 +65,9 @@ def test_deploy_status_delete_and_a_request_to_a_scaled_from_zero_deployment(
         assert set(status) == {"deployments", "nodes"}
         tiny, cold = status["deployments"]
         policy = {"min_instances", "max_instances", "target_concurrency", "keep_alive_s"}
-        assert set(cold) == {"name", "model", "instances", *policy}
+        assert set(cold) == {"name", "model", "instances", "waiting_requests", *policy}
         assert (cold["name"], cold["model"], cold["min_instances"]) == ("cold", "tiny2", 0)
+        assert cold["waiting_requests"] == 0
         assert cold["instances"] == []
         [inst] = tiny["instances"]
         assert set(inst) == {"id", "node", "state", "in_flight"} and inst["state"] == "ready"
@@ -80,6 +81,22 @@ def test_deploy_status_delete_and_a_request_to_a_scaled_from_zero_deployment(
         [cold_inst] = json.loads(ember("status", "--json"))["deployments"][1]["instances"]
         assert cold_inst["state"] == "ready" and cold_inst["node"] != inst["node"]
         assert "cold" in ember("status")  # the table for people
+
+        def policies() -> list[dict[str, object]]:
+            return [
+                {k: d[k] for k in ("name", *policy)}
+                for d in json.loads(ember("status", "--json"))["deployments"]
+            ]
+
+        deployed = policies()
+        for flags, message in [
+            (["--keep-alive", "nan"], "keep_alive_s must be a number of seconds from 0 to"),
+            (["--max-instances", "5000"], "max_instances must be an integer from 1 to 1024, not 5000"),
+            (["--name", ""], "invalid deployment name ''"),
+        ]:  # Deployment's own messages; nothing changes (a NaN once left a half-made deployment)
+            bad = runner.invoke(cli, ["deploy", "tiny2", *flags, "--url", url], env={"EMBER_API_KEY": KEY})
+            assert bad.exit_code == 1 and message in bad.output, bad.output
+        assert policies() == deployed
 
         refused = runner.invoke(cli, ["status", "--url", url], env={"EMBER_API_KEY": "wrong"})
         assert refused.exit_code == 1 and "API key" in refused.output

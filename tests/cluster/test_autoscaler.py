@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ember.cluster.autoscaler import Autoscaler, InstanceLoad
+from ember.cluster.autoscaler import Autoscaler, InstanceLoad, ScalePlan
 from ember.cluster.state import Deployment
 from tests.cluster.fakes import FakeClock
 
@@ -37,3 +37,11 @@ def test_idle_instances_go_after_keep_alive_down_to_what_is_wanted() -> None:
     busy = [InstanceLoad("b", True, 1, None)]
     assert scaler.plan(DEP, busy, waiting=0).stop == ()
     assert scaler.expires_in(DEP, busy[0]) == float("inf")
+
+
+def test_starts_not_placed_yet_count_as_instances_when_starting_more() -> None:
+    scaler = Autoscaler(FakeClock())
+    busy = [InstanceLoad("a", True, 4, None)]
+    assert scaler.plan(DEP, busy, waiting=100, starting=1).start == 1  # 3 wanted: 1 running, 1 placing
+    assert scaler.plan(DEP, busy, waiting=100, starting=2) == ScalePlan(0, ())
+    assert scaler.plan(DEP, [], waiting=1, starting=1).start == 0  # a second cold request waits for the first

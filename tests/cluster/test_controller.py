@@ -257,3 +257,37 @@ def test_deploying_a_model_missing_from_the_store_says_so(ember_home: Path, mode
         await c.close()
 
     run(main)
+
+
+def test_a_burst_on_a_full_node_waits_as_requests_not_instances_and_is_served_once_the_slot_frees(
+    ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        c = make_controller(ember_home)  # one node with one slot
+        await c.start([Deployment("other", "tiny2", min_instances=1)])
+        await c.wait_ready(30)
+        await c.deploy(Deployment("tiny", "tiny", max_instances=4, target_concurrency=4))
+        burst = [asyncio.create_task(collect(c, "tiny", request(f"r{i}"))) for i in range(50)]
+
+        async def deployments() -> dict[str, Any]:
+            return {d["name"]: d for d in (await c.status())["deployments"]}
+
+        while (await deployments())["tiny"]["waiting_requests"] < 50:
+            pass  # each status() awaits the node: the burst's tasks run meanwhile
+        status = await deployments()
+        assert status["tiny"]["instances"] == []  # demand for 4, no slot: no instance at all
+        assert [(i["node"], i["state"]) for i in status["other"]["instances"]] == [("node0", "ready")]
+
+        await c.delete("other")  # its instance goes and frees the slot
+        while not (instances := (await deployments())["tiny"]["instances"]):
+            pass
+        assert [i["node"] for i in instances] == ["node0"]  # the one slot, never a placeholder
+        assert all(len(tokens) == 8 for tokens in await asyncio.gather(*burst))
+        await c.settle()  # the starts still waiting for a slot give up once demand goes
+        [tiny] = (await c.status())["deployments"]
+        assert tiny["waiting_requests"] == 0
+        assert [(i["node"], i["state"]) for i in tiny["instances"]] == [("node0", "ready")]
+        assert len(c.state.instances(live_only=False)) == 2  # other's and tiny's, nothing else
+        await c.close()
+
+    run(main)

@@ -16,6 +16,7 @@ from ember.cluster.state import (
     DEFAULT_MAX_INSTANCES,
     DEFAULT_MIN_INSTANCES,
     DEFAULT_TARGET_CONCURRENCY,
+    Deployment,
 )
 from ember.errors import EmberError
 
@@ -63,6 +64,11 @@ def deploy_cmd(
     url: UrlOption = None,
 ) -> None:
     """Create (or update) a deployment: MODEL served as NAME, scaled by requests in flight."""
+    # Checked here as the server checks it (the same messages), before any request:
+    # NaN or inf would not even survive the JSON encoding.
+    Deployment(
+        model if name is None else name, model, min_instances, max_instances, target_concurrency, keep_alive
+    )
     body = {
         "model": model, "name": name, "min_instances": min_instances, "max_instances": max_instances,
         "target_concurrency": target_concurrency, "keep_alive_s": keep_alive,
@@ -93,11 +99,10 @@ def status_cmd(url: UrlOption = None, as_json: bool = JsonOption) -> None:
         rows.append([
             d["name"], d["model"], f"{ready}/{len(d['instances'])}",
             f"{d['min_instances']}-{d['max_instances']}", d["target_concurrency"], f"{d['keep_alive_s']:g}s",
-            in_flight,
+            in_flight, d.get("waiting_requests", "-"),  # "-": a server from before the field
         ])  # fmt: skip
-    print_table(
-        "deployments", ["name", "model", "ready", "instances", "target", "keep-alive", "in flight"], rows
-    )
+    columns = ["name", "model", "ready", "instances", "target", "keep-alive", "in flight", "waiting"]
+    print_table("deployments", columns, rows)
     nodes = [
         [
             n["id"], f"{n['free_slots']}/{n['slots']}",

@@ -45,11 +45,16 @@ class Autoscaler:
             n = max(n, 1)
         return min(dep.max_instances, max(dep.min_instances, n))
 
-    def plan(self, dep: Deployment, instances: Sequence[InstanceLoad], waiting: int) -> ScalePlan:
-        """Start what is missing; stop idle instances past keep-alive beyond what is wanted."""
+    def plan(
+        self, dep: Deployment, instances: Sequence[InstanceLoad], waiting: int, starting: int = 0
+    ) -> ScalePlan:
+        """Start what is missing (`starting`: starts not placed yet, which count as
+        instances here); stop idle instances past keep-alive beyond what is wanted."""
         wanted = self.wanted(dep, sum(i.in_flight for i in instances), waiting)
+        if wanted > len(instances) + starting:
+            return ScalePlan(wanted - len(instances) - starting, ())
         if wanted > len(instances):
-            return ScalePlan(wanted - len(instances), ())
+            return ScalePlan(0, ())
         now = self.clock()
         expired = sorted(
             (i for i in instances if self.expires_in(dep, i, now) <= 0),

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ember.cluster.config import ControllerConfig as ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.events import ClusterEvents, NoEvents
 from ember.cluster.instances import Instances
+from ember.cluster.messages import InstanceInfo
 from ember.cluster.migration_cost import MigrationCost
 from ember.cluster.model_files import model_info, write_model_dir
 from ember.cluster.placement import PlacementPolicy, make_policy
@@ -105,7 +106,7 @@ class Controller:
         for probe in await asyncio.gather(*(n.probe_bandwidth() for n in self.nodes.values())):
             self.estimator.calibrate(probe)
         for dep in self.state.deployments():
-            await self._adopt(dep)
+            self._install(dep, await self._model_info(dep))
         for dep in deployments:
             if dep.name not in self._deps:
                 await self.deploy(dep)
@@ -143,7 +144,7 @@ class Controller:
         await asyncio.gather(*list(self.instances.tasks), return_exceptions=True)
         await asyncio.gather(*(n.close() for n in self.nodes.values()), return_exceptions=True)
         for route in self.router.routes():
-            self.state.set_instance_state(route.instance_id, "dead")
+            self.instances.record_dead(route.instance_id)
             self.router.remove(route.instance_id)
 
     # -- membership: nodes joining and leaving (the Ray runtime's watcher) -------------
@@ -172,15 +173,18 @@ class Controller:
     # -- deployments ------------------------------------------------------------------
 
     async def deploy(self, dep: Deployment) -> Deployment:
-        """Create or update a deployment. CheckpointNotFoundError if no node or registry
-        has its model."""
-        await self._adopt(dep)
-        self.state.put_deployment(dep)
+        """Create or update a deployment, all or nothing: CheckpointNotFoundError if no
+        node or registry has its model, ClusterStateError if the database write fails;
+        either way nothing changed, in the database or here."""
+        info = await self._model_info(dep)
+        self.state.put_deployment(dep)  # the database first; from here on nothing can fail
+        self._install(dep, info)
         self.reconcile(dep.name)
         return dep
 
     async def delete(self, name: str) -> None:
-        """Stop taking requests for `name`; its instances go once their requests finish."""
+        """Stop taking requests for `name`; its instances go once their requests finish.
+        All or nothing, as deploy()."""
         if name not in self._deps:
             raise ModelNotFoundError(f"no deployment named {name!r}", param="name")
         self.state.delete_deployment(name)
@@ -195,7 +199,9 @@ class Controller:
     def deployments(self) -> list[Deployment]:
         return list(self._deps.values())
 
-    async def _adopt(self, dep: Deployment) -> None:
+    async def _model_info(self, dep: Deployment) -> ModelInfo:
+        """The deployment's ModelInfo from its model's files (written under model_root,
+        which is a cache: nothing here says the deployment exists)."""
         live = [n for n in self.nodes.values() if n.node_id not in self.instances.down]
         if not live:
             raise NodeFailedError("every node of the cluster is down")
@@ -203,9 +209,10 @@ class Controller:
         model_dir = await asyncio.to_thread(write_model_dir, self.model_root, dep.model, files)
         old = self._info.get(dep.name)
         created = old.created if old is not None else int(time.time())
-        self._info[dep.name] = await asyncio.to_thread(
-            model_info, dep.name, model_dir, created, self.config.max_model_len
-        )
+        return await asyncio.to_thread(model_info, dep.name, model_dir, created, self.config.max_model_len)
+
+    def _install(self, dep: Deployment, info: ModelInfo) -> None:
+        self._info[dep.name] = info
         self._deps[dep.name] = dep
 
     def _set_context(self, name: str, max_model_len: int) -> None:
@@ -268,7 +275,7 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         """What `ember status --json` prints: deployments with live instances, live nodes."""
         statuses = await self.instances.statuses()
-        return cluster_status(self.deployments(), self.router.routes(), statuses)
+        return cluster_status(self.deployments(), self.router.routes(), statuses, self._waiting)
 
     # -- relays (ember.cluster.relay.RelayHost) ---------------------------------------
 
@@ -310,7 +317,9 @@ class Controller:
 
             def settled() -> bool:
                 gone = name not in self._deps
-                failed = name in failures and not self.router.routes(name)
+                failed = (
+                    name in failures and not self.router.routes(name) and not self.instances.placing[name]
+                )
                 return gone or failed or self.router.pick(name) is not None
 
             async with self._changed:
@@ -333,23 +342,36 @@ class Controller:
     # -- scaling ----------------------------------------------------------------------
 
     def reconcile(self, name: str | None = None) -> None:
-        """Start the instances each deployment lacks; stop idle ones past keep-alive."""
+        """Start the instances each deployment lacks (each is placed first, and is an
+        instance only once it has a node); stop idle ones past keep-alive."""
         for dep in [self._deps[name]] if name in self._deps else self.deployments():
-            plan = self.autoscaler.plan(dep, self.router.loads(dep.name), self._waiting[dep.name])
+            starting = self.instances.placing[dep.name]
+            plan = self.autoscaler.plan(dep, self.router.loads(dep.name), self._waiting[dep.name], starting)
             for _ in range(plan.start):
-                # Registered before any await, so a second request sees it and waits.
-                route = self.router.add(uuid.uuid4().hex[:12], dep.name)
-                self.instances.spawn(self._start(dep, route))
+                # Counted as starting before any await, so a second request sees it and waits.
+                start = self.instances.scale_up(dep, functools.partial(self._wants_more, dep.name))
+                self.instances.spawn(self._start(start))
             for instance_id in plan.stop:
                 route_ = self.router.get(instance_id)
                 if route_ is not None:
                     self.router.drain(instance_id)
                     self.instances.spawn(self.instances.stop(route_))
+        self.instances.stop_orphans()
 
-    async def _start(self, dep: Deployment, route: Route) -> None:
-        info = await self.instances.start(dep, route)
+    def _wants_more(self, name: str) -> bool:
+        """Whether `name` still needs every instance it has and is starting: a start
+        waiting for a slot gives up once this is False."""
+        dep = self._deps.get(name)
+        if dep is None:
+            return False
+        loads = self.router.loads(name)
+        wanted = self.autoscaler.wanted(dep, sum(i.in_flight for i in loads), self._waiting[name])
+        return len(loads) + self.instances.placing[name] <= wanted
+
+    async def _start(self, starting: Awaitable[InstanceInfo | None]) -> None:
+        info = await starting
         if info is not None:
-            self._set_context(dep.name, info.max_model_len)
+            self._set_context(info.deployment, info.max_model_len)
 
     async def _tick(self, period_s: float) -> None:
         while True:

@@ -3,7 +3,10 @@
 It starts an instance where the placement policy says (or on a given node), waits
 (bounded) while every node is full, carries out a "migrate" placement (live-migrate
 the victim instance to the free node, then stop it so its slot frees), and stops
-instances once their requests are done. A node that raises NodeFailedError or whose
+instances once their requests are done. An instance exists (its record in SQLite,
+then its route here) only once placement gave it a node: a start still waiting for
+a slot is a count in `placing`, never a placeholder instance, and gives up when the
+demand that asked for it goes. A node that raises NodeFailedError or whose
 status() fails or times out is marked down: nothing is placed there any more, its
 routes go, its instance records are dead, and the relays it served are interrupted
 so they resume elsewhere.
@@ -18,6 +21,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -33,7 +37,7 @@ from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
 from ember.cluster.state import ClusterState, Deployment, InstanceRecord, LoadRecord
-from ember.errors import NodeFailedError, OverloadedError
+from ember.errors import ClusterStateError, NodeFailedError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class Instances:
         self.config = config
         self.deployment = deployment
         self.failures: dict[str, BaseException] = {}  # deployment -> why its last start failed
+        self.placing: Counter[str] = Counter()  # deployment -> its starts not placed yet (no route)
+        self.stopping: set[str] = set()  # instance ids a stop() is under way for
         self.relays: dict[str, set[Relay]] = {}  # instance id -> the requests it serves
         self.down: set[str] = set()
         self.changed = asyncio.Condition()
@@ -111,7 +117,7 @@ class Instances:
             f"node {node_id} stopped answering: {error or type(error).__name__}", node=node_id
         )  # fmt: skip
         for route in self.router.on_node(node_id):
-            self.state.set_instance_state(route.instance_id, "dead")
+            self.record_dead(route.instance_id)
             self.router.remove(route.instance_id)
             source = self._sources.pop(route.instance_id, None)
             if source is not None:  # a migration's destination died: its source serves on
@@ -139,26 +145,62 @@ class Instances:
 
     # -- starting ---------------------------------------------------------------------
 
-    async def start(self, dep: Deployment, route: Route) -> InstanceInfo | None:
-        """Start the instance `route` stands for (on route.node if set, else where the
-        policy places it); on failure record why, drop the route and return None."""
+    def scale_up(
+        self, dep: Deployment, wanted: Callable[[], bool]
+    ) -> Coroutine[Any, Any, InstanceInfo | None]:
+        """A new instance of `dep`, placed then started (run the coroutine as a task).
+        Until placement picks its node it is a pending start, counted in `placing` from
+        this call on: the autoscaler counts it, `ember status` does not list it (a
+        request waiting for a slot is not an instance). It gives up, recording nothing,
+        once `wanted()` is False: the demand went, or the deployment did."""
+        self.failures.pop(dep.name, None)  # now: a request arriving meanwhile waits for this start
+        self.placing[dep.name] += 1
+        return self._scale_up(dep, wanted)
+
+    async def _scale_up(self, dep: Deployment, wanted: Callable[[], bool]) -> InstanceInfo | None:
+        route = placement = None
+        try:
+            placement = await self.place(dep, await self.size(dep.model), wanted)
+            if placement is not None:
+                route = self.add(dep, placement.node)  # before any await: it takes the slot
+        except Exception as exc:
+            log.error("placing an instance of %s failed: %s", dep.name, exc)
+            if not self.router.loads(dep.name):  # else its requests have instances: no failure
+                self.failures[dep.name] = exc
+        finally:
+            self.placing[dep.name] -= 1
+            if self.placing[dep.name] <= 0:
+                del self.placing[dep.name]
+        if route is None or placement is None:
+            await self.notify()
+            return None
+        return await self.start(dep, route, placement)
+
+    def add(self, dep: Deployment, node: str) -> Route:
+        """A new instance of `dep` on `node`, loading: its record first, then its route
+        (which takes the slot in view()). ClusterStateError if the record cannot be
+        written, and then there is neither."""
+        instance_id = uuid.uuid4().hex[:12]
+        self.state.add_instance(InstanceRecord(instance_id, dep.name, node, "loading", time.time()))
+        return self.router.add(instance_id, dep.name, node)
+
+    async def start(
+        self, dep: Deployment, route: Route, placement: Placement | None = None
+    ) -> InstanceInfo | None:
+        """Start the instance `route` stands for (made by add()) as `placement` says, or
+        on route.node (a migration's destination); on failure record why, drop the
+        route and return None."""
         self.failures.pop(dep.name, None)
         self.events.scaled(dep.name, "up")
         token = None
         started = False
         try:
-            nbytes = await self.size(dep.model)
-            if route.node is None:
-                placement = await self.place(dep, nbytes)
-                route.node = placement.node  # takes the slot in view() before any await
-            else:
+            if placement is None:
+                nbytes = await self.size(dep.model)
                 status = await self.node(route.node).status()
                 est = self.estimator.estimate(status, dep.model, nbytes)
                 placement = Placement("start", route.node, est.tier, est.total_s, est)
             token = self.estimator.begin(placement.estimate)
-            self.state.add_instance(
-                InstanceRecord(route.instance_id, dep.name, placement.node, "loading", time.time())
-            )
             node = self.node(placement.node)
             info = await node.start_instance(route.instance_id, dep.name, dep.model, cold=placement.cold)
             started = True
@@ -189,10 +231,9 @@ class Instances:
             log.error("starting an instance of %s failed: %s", dep.name, exc)
             if token is not None:
                 self.estimator.cancel(token)
-            if isinstance(exc, NodeFailedError) and route.node is not None:
+            if isinstance(exc, NodeFailedError):
                 self.mark_down(exc.node or route.node, exc)
-            if route.node is not None:
-                self.state.set_instance_state(route.instance_id, "dead")
+            self.record_dead(route.instance_id)
             if started and not isinstance(exc, NodeFailedError):  # e.g. its weights failed their checksums
                 self.spawn(self._discard(route.node, route.instance_id))
             self.router.remove(route.instance_id)
@@ -201,13 +242,19 @@ class Instances:
         finally:
             await self.notify()
 
-    async def place(self, dep: Deployment, nbytes: int) -> Placement:
+    async def place(
+        self, dep: Deployment, nbytes: int, wanted: Callable[[], bool] = lambda: True
+    ) -> Placement | None:
         """A node to start on; waits (bounded) while every node is full, migrating a
-        running instance away when the policy says that is fastest."""
+        running instance away when the policy says that is fastest. None as soon as
+        `wanted()` is False (checked after every await, so a "start" it returns is
+        still wanted)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout_s
         while True:
             statuses = await self.statuses()
+            if not wanted():
+                return None
             if not statuses:
                 raise NodeFailedError("every node of the cluster is down")
             placement = self.policy.place(dep.model, nbytes, [self.view(s) for s in statuses])
@@ -269,9 +316,8 @@ class Instances:
         dep = self.deployment(src.deployment) if src is not None else None
         if src is None or dep is None or not src.ready or src.draining or to_node in self.down:
             return None
+        dest = self.add(dep, to_node)  # ClusterStateError: nothing moved, nothing changed
         self.router.drain(instance_id)  # no new requests: they go to the destination
-        dest = self.router.add(uuid.uuid4().hex[:12], dep.name)
-        dest.node = to_node
         self._sources[dest.instance_id] = src
         try:
             return await self._move_to(dep, src, dest)
@@ -281,7 +327,6 @@ class Instances:
 
     async def _move_to(self, dep: Deployment, src: Route, dest: Route) -> MigrationReport | None:
         to_node = dest.node
-        assert to_node is not None
         if await self.start(dep, dest) is None:
             src.draining = False
             return None
@@ -306,22 +351,57 @@ class Instances:
     # -- stopping ---------------------------------------------------------------------
 
     async def stop(self, route: Route) -> None:
-        """Stop an instance once its requests are done, and forget it."""
+        """Stop an instance once its requests are done, and forget it. Its record says
+        dead first: if that write fails (ClusterStateError) the instance stays, in the
+        database and here, as it was: serving again (the autoscaler stops it when it is
+        next idle past keep-alive) or, its deployment deleted, draining until
+        stop_orphans() tries again. A second stop() of the same instance does nothing."""
+        if route.instance_id in self.stopping:
+            return
+        self.stopping.add(route.instance_id)
+        recorded = False
         try:
             async with self.changed:
                 await self.changed.wait_for(lambda: route.in_flight == 0)
-            if route.node is not None and route.node not in self.down:
-                await self.nodes[route.node].stop_instance(route.instance_id)
             self.state.set_instance_state(route.instance_id, "dead")
+            recorded = True
+            if route.node not in self.down and route.node in self.nodes:
+                await self.nodes[route.node].stop_instance(route.instance_id)
             self.events.scaled(route.deployment, "down")
             log.info("instance %s of %s stopped", route.instance_id, route.deployment)
+        except ClusterStateError as exc:
+            log.error("instance %s of %s stays up: %s", route.instance_id, route.deployment, exc)
+            if self.deployment(route.deployment) is not None:
+                route.draining = False
         except NodeFailedError as exc:
-            self.mark_down(exc.node or route.node or "", exc)
+            self.mark_down(exc.node or route.node, exc)
         except Exception:
             log.exception("stopping instance %s failed", route.instance_id)
         finally:
-            self.router.remove(route.instance_id)
+            self.stopping.discard(route.instance_id)
+            if recorded:
+                self.router.remove(route.instance_id)
             await self.notify()
+
+    def stop_orphans(self) -> None:
+        """Stop the ready instances of deleted deployments that no stop() is stopping
+        (one whose record could not be written)."""
+        for route in self.router.routes():
+            if (
+                route.ready
+                and route.instance_id not in self.stopping
+                and self.deployment(route.deployment) is None
+            ):
+                self.router.drain(route.instance_id)
+                self.spawn(self.stop(route))
+
+    def record_dead(self, instance_id: str) -> None:
+        """Mark an instance that is gone dead in the database, if the database lets us:
+        it is gone either way (and every live record is marked dead on the next open)."""
+        try:
+            self.state.set_instance_state(instance_id, "dead")
+        except ClusterStateError as exc:
+            log.error("instance %s is gone but its record says otherwise: %s", instance_id, exc)
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from ember.cluster.autoscaler import InstanceLoad
 class Route:
     instance_id: str
     deployment: str
-    node: str | None  # None until placement chose one
+    node: str  # a route exists only once placement chose its node
     ready: bool = False
     draining: bool = False
     in_flight: int = 0
@@ -31,9 +31,9 @@ class Router:
         self.clock = clock
         self._routes: dict[str, Route] = {}
 
-    def add(self, instance_id: str, deployment: str) -> Route:
-        """A new instance (loading) of `deployment`."""
-        route = Route(instance_id, deployment, None)
+    def add(self, instance_id: str, deployment: str, node: str) -> Route:
+        """A new instance (loading) of `deployment` on `node`."""
+        route = Route(instance_id, deployment, node)
         self._routes[instance_id] = route
         return route
 

@@ -8,22 +8,38 @@ loads:       estimated vs actual start-up time of every load, by tier
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ember.cluster.messages import LIVE_STATES, InstanceState
 from ember.db import SqliteDb
 from ember.env import ember_home
-from ember.errors import InvalidRequestError, ModelNotFoundError
+from ember.errors import ClusterStateError, InvalidRequestError, ModelNotFoundError
+from ember.store.catalog import check_name
 
 DEFAULT_MIN_INSTANCES = 0
 DEFAULT_MAX_INSTANCES = 4
 DEFAULT_TARGET_CONCURRENCY = 16  # requests in flight per instance before another starts
 DEFAULT_KEEP_ALIVE_S = 120.0  # an idle instance above min_instances goes after this long
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Bounds: a typo (or NaN, or 1e300) is refused with a clear error instead of reaching
+# SQLite (which stores NaN as NULL and refuses ints past 2**63) or the autoscaler.
+MAX_INSTANCES = 1024
+MAX_TARGET_CONCURRENCY = 1_000_000
+MAX_KEEP_ALIVE_S = 365 * 86400.0  # a year; an instance that should never go is min_instances
+MAX_NAME_CHARS = 128
+# Parts of letters, digits, '.', '_', '-', each starting with a letter or digit, joined
+# by single '/' ("org/model"): no empty, "." or ".." part, so a name is a clean URL path.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+_NAME = re.compile(NAME_PATTERN)
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -58,7 +74,8 @@ CREATE TABLE IF NOT EXISTS loads (
 
 @dataclass(frozen=True)
 class Deployment:
-    """A model served under `name`, with its scaling policy (validated on creation)."""
+    """A model served under `name`, with its scaling policy (validated on creation:
+    the admin API, `ember deploy` and the Python API all get these errors)."""
 
     name: str
     model: str
@@ -68,23 +85,44 @@ class Deployment:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidRequestError("a deployment needs a model: a checkpoint's name", param="model")
+        try:
+            check_name(self.model)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"model: {exc.message}", param="model") from None
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_CHARS or not _NAME.match(self.name):
             raise InvalidRequestError(
-                f"invalid deployment name {self.name!r}: letters, digits, '.', '_', '-'", param="name"
+                f"invalid deployment name {self.name!r}: 1-{MAX_NAME_CHARS} letters, digits, '.', '_', '-', "
+                "starting with a letter or digit; '/' may join such parts (org/model)",
+                param="name",
             )
-        if not self.model:
-            raise InvalidRequestError("a deployment needs a model", param="model")
-        if self.min_instances < 0:
-            raise InvalidRequestError("min_instances must be >= 0", param="min_instances")
-        if self.max_instances < max(1, self.min_instances):
+        _check_int("min_instances", self.min_instances, 0, MAX_INSTANCES)
+        _check_int("max_instances", self.max_instances, 1, MAX_INSTANCES)
+        if self.min_instances > self.max_instances:
             raise InvalidRequestError(
-                f"max_instances must be >= 1 and >= min_instances ({self.min_instances})",
-                param="max_instances",
+                f"min_instances ({self.min_instances}) must be at most max_instances ({self.max_instances})",
+                param="min_instances",
             )
-        if self.target_concurrency < 1:
-            raise InvalidRequestError("target_concurrency must be >= 1", param="target_concurrency")
-        if self.keep_alive_s < 0:
-            raise InvalidRequestError("keep_alive_s must be >= 0", param="keep_alive_s")
+        _check_int("target_concurrency", self.target_concurrency, 1, MAX_TARGET_CONCURRENCY)
+        keep = self.keep_alive_s
+        if (
+            not isinstance(keep, int | float)
+            or isinstance(keep, bool)
+            or not math.isfinite(keep)
+            or not 0 <= keep <= MAX_KEEP_ALIVE_S
+        ):
+            raise InvalidRequestError(
+                f"keep_alive_s must be a number of seconds from 0 to {MAX_KEEP_ALIVE_S:.0f}, not {keep!r}",
+                param="keep_alive_s",
+            )
+
+
+def _check_int(field: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRequestError(
+            f"{field} must be an integer from {low} to {high}, not {value!r}", param=field
+        )
 
 
 @dataclass(frozen=True)
@@ -117,10 +155,22 @@ class ClusterState:
     def __init__(self, db_path: str | Path | None = None) -> None:
         self.db_path = Path(db_path) if db_path is not None else ember_home() / "cluster.db"
         self._db = SqliteDb(self.db_path, _SCHEMA)
-        self._tx = self._db.tx
         with self._tx() as db:
             marks = ",".join("?" * len(LIVE_STATES))
             db.execute(f"UPDATE instances SET state = 'dead' WHERE state IN ({marks})", LIVE_STATES)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a failure of SQLite itself (disk I/O error, database locked)
+        rolls it back and raises ClusterStateError: the file is as it was."""
+        try:
+            with self._db.tx() as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise ClusterStateError(
+                f"the cluster state database ({self.db_path}) failed: {exc}; nothing was changed",
+                retry_after_s=1.0,
+            ) from exc
 
     # -- deployments ------------------------------------------------------------------
 
@@ -137,12 +187,20 @@ class ClusterState:
         return dep
 
     def deployments(self) -> list[Deployment]:
+        """The stored deployments, oldest first. A row an older Ember wrote outside
+        today's bounds is left out (logged): `ember deploy` of its name replaces it."""
         with self._tx() as db:
             rows = db.execute(
                 "SELECT name, model, min_instances, max_instances, target_concurrency, keep_alive_s "
                 "FROM deployments ORDER BY created, name"
             ).fetchall()
-        return [Deployment(*row) for row in rows]
+        out = []
+        for row in rows:
+            try:
+                out.append(Deployment(*row))
+            except InvalidRequestError as exc:
+                log.error("stored deployment %r left out: %s", row[0], exc)
+        return out
 
     def deployment(self, name: str) -> Deployment | None:
         return next((d for d in self.deployments() if d.name == name), None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ember.cluster.messages import NodeStatus
@@ -17,9 +17,14 @@ def _state(route: Route) -> str:
 
 
 def cluster_status(
-    deployments: Sequence[Deployment], routes: Sequence[Route], nodes: Sequence[NodeStatus]
+    deployments: Sequence[Deployment],
+    routes: Sequence[Route],
+    nodes: Sequence[NodeStatus],
+    waiting: Mapping[str, int],
 ) -> dict[str, Any]:
-    """{"deployments": [...with live instances], "nodes": [...]} (see docs in the CLI)."""
+    """{"deployments": [...with live instances], "nodes": [...]} (docs/serving.md).
+    `waiting`: per deployment, its requests waiting for an instance to take them (for
+    a slot, or for a start); they are not instances."""
     return {
         "deployments": [
             {
@@ -29,6 +34,7 @@ def cluster_status(
                 "max_instances": d.max_instances,
                 "target_concurrency": d.target_concurrency,
                 "keep_alive_s": d.keep_alive_s,
+                "waiting_requests": waiting.get(d.name, 0),
                 "instances": [
                     {"id": r.instance_id, "node": r.node, "state": _state(r), "in_flight": r.in_flight}
                     for r in routes
