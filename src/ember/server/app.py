@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -36,8 +36,16 @@ from ember.errors import (
     PayloadTooLargeError,
 )
 from ember.server.metrics import ServerMetrics
+from ember.server.openapi import ERRORS, declare_schemas, json_body, streamed
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
-from ember.server.response_models import ChatCompletion, Completion, ErrorResponse, ModelCard, ModelList
+from ember.server.response_models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    ModelCard,
+    ModelList,
+)
 from ember.server.responses import chat_completion, chat_stream, completion, completion_stream
 from ember.server.serving import Generation, build_choices, error_body
 
@@ -217,23 +225,23 @@ def create_app(
 
     app.add_middleware(ApiKeyGuard, state=state)
     _add_error_handlers(app)
-    _declare_request_bodies(app, CompletionRequest, ChatCompletionRequest)
+    declare_schemas(app, CompletionRequest, ChatCompletionRequest, CompletionChunk, ChatCompletionChunk)
 
     @app.get("/health")
     async def health() -> Response:
         status, body = state.health()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", responses=_ERRORS)
+    @app.get("/v1/models", responses=ERRORS)
     async def list_models() -> ModelList:
         backend = state.require_backend()
         return ModelList(data=[_model_card(m.name, m.created) for m in backend.models()])
 
-    @app.get("/v1/models/{name:path}", responses=_ERRORS)
+    @app.get("/v1/models/{name:path}", responses=ERRORS)
     async def get_model(name: str) -> ModelCard:
         info = state.require_backend().model(name)
         return _model_card(info.name, info.created)
@@ -241,8 +249,8 @@ def create_app(
     @app.post(
         "/v1/completions",
         response_model=Completion,
-        responses={200: _STREAM, **_ERRORS},
-        openapi_extra=_json_body(CompletionRequest),
+        responses={200: streamed(CompletionChunk), **ERRORS},
+        openapi_extra=json_body(CompletionRequest),
     )
     async def completions(request: Request) -> Response:
         req = await read_body(request, state, CompletionRequest)
@@ -251,8 +259,8 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletion,
-        responses={200: _STREAM, **_ERRORS},
-        openapi_extra=_json_body(ChatCompletionRequest),
+        responses={200: streamed(ChatCompletionChunk), **ERRORS},
+        openapi_extra=json_body(ChatCompletionRequest),
     )
     async def chat_completions(request: Request) -> Response:
         req = await read_body(request, state, ChatCompletionRequest)
@@ -296,47 +304,6 @@ def create_app(
 
 def _model_card(name: str, created: int) -> ModelCard:
     return ModelCard(id=name, created=created, owned_by="ember")
-
-
-# What /openapi.json says of the routes: errors, the streamed form, the request bodies.
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": what}
-    for status, what in [
-        (400, "a bad field, malformed JSON"),
-        (401, "a missing or wrong API key"),
-        (404, "no such model"),
-        (413, "the body is over the limit"),
-        (503, "starting, stopping, or too many requests in flight (Retry-After)"),
-    ]
-}
-_STREAM = {
-    "description": "the response; with `stream`, server-sent events, each a `data: ` line with a "
-    "CompletionChunk or ChatCompletionChunk as JSON, the last `data: [DONE]`",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}
-
-
-def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """openapi_extra for a route that parses its body as `model` itself (read_body)."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _declare_request_bodies(app: FastAPI, *models: type[BaseModel]) -> None:
-    """Put `models`' schemas (and those they use) into /openapi.json's components, which
-    FastAPI fills only from the bodies it parses itself."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-        return app.openapi_schema  # type: ignore[return-value]
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI) -> None:

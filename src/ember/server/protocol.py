@@ -133,7 +133,15 @@ class _Base(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# A string, a list of strings, a list of token ids or a list of such lists; none empty.
+Prompt = (
+    _Text
+    | Annotated[list[_Text], Field(min_length=1)]
+    | _TokenIds
+    | Annotated[list[_TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(_Base):
