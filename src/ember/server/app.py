@@ -15,6 +15,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -315,12 +316,14 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        # Starlette's router: no route (404), or not with this method (405).
+        # Starlette's router raises these with the bare reason phrase: no route (404), or
+        # not with this method (405). Anything else says what it is in its detail.
         where = f"{request.method} {request.url.path}"
+        from_router = exc.detail == HTTPStatus(exc.status_code).phrase
         error: EmberError
-        if exc.status_code == 404:
+        if exc.status_code == 404 and from_router:
             error = NotFoundError(f"there is no route {where}")
-        elif exc.status_code == 405:
+        elif exc.status_code == 405 and from_router:
             allowed = (exc.headers or {}).get("Allow", "")
             error = MethodNotAllowedError(f"{where} is not allowed (allowed: {allowed})")
         else:
