@@ -8,6 +8,7 @@ EmberError                      base; carries an HTTP status for the server
 ├── NotFoundError               404
 │   ├── ModelNotFoundError      404: no deployment or checkpoint of that name
 │   └── CheckpointNotFoundError 404: no checkpoint at that name or path
+├── MethodNotAllowedError       405: an HTTP method a route does not take
 ├── ConflictError               409
 │   ├── CheckpointExistsError   409: a checkpoint of that name is already stored
 │   └── PortInUseError          409: `ember serve` on a port something else listens on
@@ -111,6 +112,11 @@ class ModelNotFoundError(NotFoundError):
 
 class CheckpointNotFoundError(NotFoundError):
     pass
+
+
+class MethodNotAllowedError(EmberError):
+    status = 405
+    type = "invalid_request_error"
 
 
 class ConflictError(EmberError):

@@ -144,7 +144,7 @@ def test_stop_string_ends_the_text(client: openai.OpenAI) -> None:
         ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "max_tokens": 10**9}, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "temperature": -0.5}, "temperature"),
-        ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "tiny", "prompt": "x", "top_p": 1.5}, "top_p"),
         ({"model": "tiny", "prompt": 12}, "prompt"),
         ({"model": "tiny", "prompt": "x", "n": "two"}, "n"),
         ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),

@@ -11,25 +11,42 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.backend import ModelBackend
 from ember.errors import (
     AuthenticationError,
     EmberError,
     InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
 )
 from ember.server.metrics import ServerMetrics
+from ember.server.openapi import ERRORS, declare_schemas, json_body, streamed
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
+from ember.server.response_models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    ModelCard,
+    ModelList,
+)
 from ember.server.responses import chat_completion, chat_stream, completion, completion_stream
 from ember.server.serving import Generation, build_choices, error_body
 
@@ -77,10 +94,54 @@ def error_response(exc: EmberError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
-def _validation_error(exc: ValidationError) -> InvalidRequestError:
+def _validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
+    param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int) and p != "body") or None
     return InvalidRequestError(f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
+
+
+_TOO_DEEP = "the body nests too deeply (JSON arrays and objects in each other, about 1,000 levels)"
+# A JSON escape of a UTF-16 surrogate: the only way a lone one gets into a parsed body.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(body: Any) -> str | None:
+    """The path ("messages.0.content") of a string in `body` that holds a lone
+    UTF-16 surrogate (a "\\ud800" escape with no pair: not Unicode text), else None.
+    Iterative: the body may nest as deep as the JSON parser allowed."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+    return None
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"the body is not valid UTF-8 ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError(_TOO_DEEP) from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(body)) is not None:
+        top = where.split(".")[0]
+        raise InvalidRequestError(
+            f"{where}: a lone UTF-16 surrogate escape (such as \\ud800) is not valid Unicode text",
+            param=top if top in body else None,
+        )
+    return body
 
 
 async def read_body(request: Request, state: ServerState, model: type[M]) -> M:
@@ -94,27 +155,23 @@ async def read_body(request: Request, state: ServerState, model: type[M]) -> M:
         if size > state.max_body_bytes:
             raise PayloadTooLargeError(f"the request body is over the limit of {state.max_body_bytes} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"the body is not valid UTF-8 ({exc.reason})") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the body must be a JSON object")
+    body = _parse_json(b"".join(chunks))
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from exc
+    except RecursionError as exc:
+        raise InvalidRequestError(_TOO_DEEP) from exc
 
 
 async def _until_disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
+    """Return once the client has gone. The body has been read, so what the server
+    sends next is http.disconnect: when the connection closes (or the response ends)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
+async def _unless_disconnected(request: Request, work: Awaitable[BaseModel]) -> Response:
     """Run a non-streaming generation; a client that goes away aborts it."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.create_task(_until_disconnected(request))
@@ -127,7 +184,33 @@ async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]
         with contextlib.suppress(asyncio.CancelledError):
             await task
         return Response(status_code=499)
-    return JSONResponse(task.result())
+    return JSONResponse(task.result().model_dump(mode="json"))
+
+
+class ApiKeyGuard:
+    """The API key, on every route but /health and /metrics: a pure ASGI middleware.
+    (Not `@app.middleware("http")`: BaseHTTPMiddleware hands the routes a receive that
+    swallows the client's http.disconnect, so a non-streaming request whose client
+    had gone kept generating.)"""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.authorised(scope):
+            error = AuthenticationError("a missing or wrong API key (send 'Authorization: Bearer KEY')")
+            await error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def authorised(self, scope: Scope) -> bool:
+        key = self.state.api_key
+        if not key or scope["path"] in _OPEN_PATHS:
+            return True
+        header = Headers(scope=scope).get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(token.encode(), key.encode())
 
 
 def create_app(
@@ -141,47 +224,45 @@ def create_app(
     app.state.ember = state
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            if state.api_key and request.url.path not in _OPEN_PATHS:
-                header = request.headers.get("authorization", "")
-                token = header[7:] if header.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                    raise AuthenticationError("a missing or wrong API key (send 'Authorization: Bearer KEY')")
-            return await call_next(request)
-        except EmberError as exc:
-            return error_response(exc)
-
-    @app.exception_handler(EmberError)
-    async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
-        return error_response(exc)
+    app.add_middleware(ApiKeyGuard, state=state)
+    _add_error_handlers(app)
+    declare_schemas(app, CompletionRequest, ChatCompletionRequest, CompletionChunk, ChatCompletionChunk)
 
     @app.get("/health")
     async def health() -> Response:
         status, body = state.health()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    @app.get("/v1/models", responses=ERRORS)
+    async def list_models() -> ModelList:
         backend = state.require_backend()
-        return {"object": "list", "data": [_model_card(m.name, m.created) for m in backend.models()]}
+        return ModelList(data=[_model_card(m.name, m.created) for m in backend.models()])
 
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str) -> dict[str, Any]:
+    @app.get("/v1/models/{name:path}", responses=ERRORS)
+    async def get_model(name: str) -> ModelCard:
         info = state.require_backend().model(name)
         return _model_card(info.name, info.created)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={200: streamed(CompletionChunk), **ERRORS},
+        openapi_extra=json_body(CompletionRequest),
+    )
     async def completions(request: Request) -> Response:
         req = await read_body(request, state, CompletionRequest)
         return await _serve(request, req)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={200: streamed(ChatCompletionChunk), **ERRORS},
+        openapi_extra=json_body(ChatCompletionRequest),
+    )
     async def chat_completions(request: Request) -> Response:
         req = await read_body(request, state, ChatCompletionRequest)
         return await _serve(request, req)
@@ -222,5 +303,42 @@ def create_app(
     return app
 
 
-def _model_card(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "ember"}
+def _model_card(name: str, created: int) -> ModelCard:
+    return ModelCard(id=name, created=created, owned_by="ember")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, those no route raised too."""
+
+    @app.exception_handler(EmberError)
+    async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's router raises these with the bare reason phrase: no route (404), or
+        # not with this method (405). Anything else says what it is in its detail.
+        where = f"{request.method} {request.url.path}"
+        from_router = exc.detail == HTTPStatus(exc.status_code).phrase
+        error: EmberError
+        if exc.status_code == 404 and from_router:
+            error = NotFoundError(f"there is no route {where}")
+        elif exc.status_code == 405 and from_router:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = MethodNotAllowedError(f"{where} is not allowed (allowed: {allowed})")
+        else:
+            kind = InvalidRequestError if exc.status_code < 500 else EmberError
+            error = kind(f"{where}: {exc.detail}")
+            error.status = exc.status_code
+        response = error_response(error)
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # The server logs the exception (Starlette re-raises it once this is sent).
+        return error_response(EmberError("the server failed on this request: see its log"))

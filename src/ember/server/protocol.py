@@ -1,8 +1,11 @@
 """OpenAI-compatible request bodies, validated with pydantic.
 
-Fields Ember accepts are declared; a field Ember does not implement (tools,
-response_format with a schema, ...) or does not know is refused with a 400 that
-names it, never silently ignored.
+What OpenAI accepts, Ember accepts, unless ignoring it would change the output
+silently: a field Ember does not implement (tools, response_format with a schema, ...)
+is refused with a 400 that names it, unless its value asks for nothing (`"tools": []`,
+`"tool_choice": "none"`); a field that changes nothing here (`user`, `store`, ...) is
+accepted and ignored; an unknown field is refused. An explicit null means "not
+given", as in OpenAI's API. docs/serving.md lists the decisions.
 """
 
 from __future__ import annotations
@@ -13,35 +16,73 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ember.errors import InvalidRequestError, UnsupportedFeatureError
 
-# Fields of the OpenAI API that Ember knows but does not implement.
-_UNSUPPORTED = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
-    "functions": "function calling",
-    "function_call": "function calling",
-    "parallel_tool_calls": "tool calling",
-    "suffix": "suffix insertion",
-    "audio": "audio output",
-    "modalities": "non-text modalities",
-    "prediction": "predicted outputs",
-    "web_search_options": "web search",
+# Fields of the OpenAI API that Ember does not implement: what each is for, and the
+# values that ask for nothing (accepted: ignoring them changes nothing). Any other
+# value is refused.
+_UNSUPPORTED: dict[str, tuple[str, list[Any]]] = {
+    "tools": ("tool calling", [[]]),
+    "tool_choice": ("tool calling", ["none", "auto"]),  # with no tools, "auto" calls none
+    "functions": ("function calling", [[]]),
+    "function_call": ("function calling", ["none", "auto"]),
+    "suffix": ("suffix insertion", [""]),
+    "audio": ("audio output", []),
+    "modalities": ("non-text modalities", [["text"]]),
+    "prediction": ("predicted outputs", []),
+    "web_search_options": ("web search", []),
+    "moderation": ("moderation of the input and output", []),
 }
-# Fields accepted and ignored because they change nothing for a self-hosted server.
-_IGNORED = {"user", "metadata", "store", "service_tier", "reasoning_effort", "stream_options"}
+# Fields accepted and ignored because they change nothing for a self-hosted server
+# (or nothing without tools, which are refused: parallel_tool_calls).
+_IGNORED = {
+    "user", "metadata", "store", "service_tier", "reasoning_effort", "stream_options",
+    "parallel_tool_calls", "verbosity", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention", "prompt_cache_options",
+}  # fmt: skip
 
 
-class StreamOptions(BaseModel):
+def _openapi_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema says what the validators do: an optional field may be null, the
+    accepted values of an unimplemented field are listed, nothing else is allowed."""
+    props: dict[str, Any] = schema.setdefault("properties", {})
+    required = set(schema.get("required", ()))
+    for name, prop in props.items():
+        if name in required or any(p.get("type") == "null" for p in prop.get("anyOf", [prop])):
+            continue
+        meta = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
+        props[name] = {"anyOf": [prop, {"type": "null"}], **meta}
+    if model.model_config.get("extra") == "allow":
+        for name in sorted(_IGNORED - props.keys()):
+            props[name] = {"description": "accepted and ignored"}
+        for name, (feature, accepted) in _UNSUPPORTED.items():
+            if accepted:
+                props[name] = {"enum": [*accepted, None], "description": f"{feature}: not supported"}
+        schema["additionalProperties"] = False
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_openapi_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(_Body):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool = True  # OpenAI pads chunks to hide their sizes; Ember does not
 
 
-class _Base(BaseModel):
+class _Base(_Body):
     model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # 0: greedy
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -57,11 +98,12 @@ class _Base(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_unknown(self) -> _Base:
-        for name in self.model_extra or {}:
+        for name, value in (self.model_extra or {}).items():
             if name in _UNSUPPORTED:
-                raise UnsupportedFeatureError(
-                    f"'{name}' ({_UNSUPPORTED[name]}) is not supported by Ember", param=name
-                )
+                feature, accepted = _UNSUPPORTED[name]
+                if value in accepted:
+                    continue
+                raise UnsupportedFeatureError(f"'{name}' ({feature}) is not supported by Ember", param=name)
             if name not in _IGNORED:
                 raise InvalidRequestError(f"unknown field '{name}'", param=name)
         return self
@@ -91,7 +133,15 @@ class _Base(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# A string, a list of strings, a list of token ids or a list of such lists; none empty.
+Prompt = (
+    _Text
+    | Annotated[list[_Text], Field(min_length=1)]
+    | _TokenIds
+    | Annotated[list[_TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(_Base):

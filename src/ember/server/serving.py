@@ -16,10 +16,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ember.backend import ModelBackend, ModelInfo
-from ember.engine.request import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
+from ember.engine.request import EngineRequest, FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 from ember.errors import EmberError, InvalidRequestError
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
+from ember.server.response_models import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to the remaining context
@@ -34,7 +35,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
 
@@ -44,10 +45,12 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         logprobs, top = req.logprobs, req.top_logprobs or 0
     else:
         logprobs, top = req.logprobs is not None, req.logprobs or 0
+    # top_p 0 (OpenAI accepts it) keeps only the most likely token: greedy decoding.
+    greedy = req.top_p == 0
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=0.0 if greedy else 1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None or greedy else req.top_p,
         top_k=0 if req.top_k in (None, -1) else req.top_k,
         seed=req.seed,
         stop=tuple(req.stop_list()),
@@ -227,7 +230,8 @@ def error_body(exc: EmberError) -> dict[str, Any]:
     public = exc.public
     if str(exc) != public:
         log.warning("%d %s: %s", exc.status, exc.type, exc)
-    return {"error": {"message": public, "type": exc.type, "param": exc.param, "code": exc.status}}
+    detail = ErrorDetail(message=public, type=exc.type, param=exc.param, code=exc.status)
+    return ErrorResponse(error=detail).model_dump(mode="json")
 
 
 def new_id(prefix: str) -> str:
