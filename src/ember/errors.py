@@ -14,7 +14,9 @@ EmberError                      base; carries an HTTP status for the server
 │   └── PortInUseError          409: `ember serve` on a port something else listens on
 ├── PayloadTooLargeError        413
 ├── OverloadedError             503: queue full or no instance in time (Retry-After)
+│   ├── EngineDeadError         503: an engine's thread stopped; its requests end, new ones are refused
 │   ├── NodeFailedError         503: a node died or stopped answering; its requests move on
+│   │   └── InstanceFailedError 503: one instance of a node died (its engine thread); its requests move on
 │   └── ClusterStateError       503: the control plane's database failed (locked, I/O); nothing changed
 ├── CheckpointError             422: a checkpoint on disk is unusable
 │   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
@@ -24,6 +26,7 @@ EmberError                      base; carries an HTTP status for the server
 │   └── MissingWeightError      422: a tensor the architecture needs is not in the checkpoint
 ├── RegistryError               502: the remote registry failed or sent bad bytes
 │   └── RegistryUnavailableError 502: it failed part-way (5xx, connection lost); a retry resumes
+├── InternalError               500: something inside Ember failed serving one request; the server goes on
 ├── MissingDependencyError      500: an optional package is not installed (says how)
 └── StorageFullError            507: no space left while writing
 
@@ -71,16 +74,20 @@ class EmberError(Exception):
     status: int = 500
     type: str = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, detail: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, detail: str | None = None, verbatim: bool = False
+    ) -> None:
         super().__init__(f"{message} ({detail})" if detail else message)
         self.message = message
         self.param = param
         self.detail = detail
+        self.verbatim = verbatim  # the message quotes only the client's own request (its route)
 
     @property
     def public(self) -> str:
-        """What the server sends a client: the message, any path left in it redacted."""
-        return redact(self.message)
+        """What the server sends a client: the message, any path left in it redacted
+        (unless `verbatim`: a route the client asked for is not a server path)."""
+        return self.message if self.verbatim else redact(self.message)
 
 
 class InvalidRequestError(EmberError):
@@ -160,6 +167,33 @@ class ClusterStateError(OverloadedError):
     """The control plane's SQLite database failed a read or a write (disk I/O error,
     database locked). A failed write changed nothing, in the database or in memory;
     the same call may succeed later (503, retry)."""
+
+
+class EngineDeadError(OverloadedError):
+    """An engine's thread stopped after an error it could not contain: the requests it
+    ran end with this, later ones are refused at once. The control plane stops the
+    instance and resumes its requests elsewhere (as InstanceFailedError)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class InstanceFailedError(NodeFailedError):
+    """One instance of a node failed (its engine thread died) while the node lives on:
+    the controller stops that instance and resumes its requests on another, as after a
+    node failure, without marking the node down."""
+
+    def __init__(self, message: str, *, node: str | None = None, instance: str | None = None) -> None:
+        super().__init__(message, node=node)
+        self.instance = instance
+
+
+class InternalError(EmberError):
+    """An unexpected error (a bug) while serving one request: that request ends with a
+    500 in OpenAI's shape (or an error event on its stream); the server serves on."""
+
+    status = 500
+    type = "internal_error"
 
 
 class CheckpointError(EmberError):

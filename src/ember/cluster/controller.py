@@ -45,6 +45,7 @@ from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.env import ember_home
 from ember.errors import (
     EmberError,
+    InstanceFailedError,
     InvalidRequestError,
     ModelNotFoundError,
     NodeFailedError,
@@ -259,10 +260,14 @@ class Controller:
 
     async def _engine_stats(self, route: Route) -> EngineStats | None:
         """None when the instance stopped meanwhile or its node does not answer: whether
-        the node is down is the health check's to decide."""
+        the node is down is the health check's to decide. An instance whose engine died
+        is stopped here, even when no request of its noticed."""
         try:
             stats = self.node(route).engine_stats(route.instance_id)
             return await asyncio.wait_for(stats, self.config.health_timeout_s)
+        except InstanceFailedError as exc:
+            self.instances.mark_down(exc.node or route.node or "", exc)
+            return None
         except (EmberError, TimeoutError):
             return None
 
@@ -296,11 +301,13 @@ class Controller:
         try:
             route = await self._route(failed.deployment)
         except Exception as e:
-            raise NodeFailedError(
+            message = (
                 f"node {failed.node} failed while serving this request and no other instance of "
-                f"{failed.deployment!r} could take it over: {e}",
-                node=failed.node,
-            ) from e
+                f"{failed.deployment!r} could take it over: {e}"
+            )
+            if isinstance(error, InstanceFailedError):  # the node lives on: say what did fail
+                message = f"{error.message}; no other instance of {failed.deployment!r} could take over: {e}"
+            raise NodeFailedError(message, node=failed.node) from e
         self.events.failed_over(failed.deployment)
         return route
 

@@ -9,7 +9,8 @@ a slot is a count in `placing`, never a placeholder instance, and gives up when 
 demand that asked for it goes. A node that raises NodeFailedError or whose
 status() fails or times out is marked down: nothing is placed there any more, its
 routes go, its instance records are dead, and the relays it served are interrupted
-so they resume elsewhere.
+so they resume elsewhere. An InstanceFailedError (one instance's engine thread died)
+does the same to that instance alone, and stops it so its slot frees.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
 from ember.cluster.state import ClusterState, Deployment, InstanceRecord, LoadRecord
-from ember.errors import ClusterStateError, NodeFailedError, OverloadedError
+from ember.errors import ClusterStateError, InstanceFailedError, NodeFailedError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Instances:
         self.relays: dict[str, set[Relay]] = {}  # instance id -> the requests it serves
         self.down: set[str] = set()
         self.changed = asyncio.Condition()
+        self.changes = 0  # notify() calls so far: a waiter sees what it would have missed
         self.tasks: set[asyncio.Task[None]] = set()
         self._sizes: dict[str, int] = {}
         self._migrating: set[str] = set()
@@ -108,7 +110,11 @@ class Instances:
 
     def mark_down(self, node_id: str, error: BaseException) -> None:
         """Place nothing on `node_id` again, drop its routes and instances, and interrupt
-        the requests it served (they resume elsewhere)."""
+        the requests it served (they resume elsewhere). An InstanceFailedError takes
+        down its instance alone (instance_failed)."""
+        if isinstance(error, InstanceFailedError) and error.instance is not None:
+            self.instance_failed(error.instance, error)
+            return
         if node_id in self.down or node_id not in self.nodes:
             return
         self.down.add(node_id)
@@ -117,14 +123,28 @@ class Instances:
             f"node {node_id} stopped answering: {error or type(error).__name__}", node=node_id
         )  # fmt: skip
         for route in self.router.on_node(node_id):
-            self.record_dead(route.instance_id)
-            self.router.remove(route.instance_id)
-            source = self._sources.pop(route.instance_id, None)
-            if source is not None:  # a migration's destination died: its source serves on
-                source.draining = False
-            for relay in list(self.relays.get(route.instance_id, ())):
-                relay.interrupt(failure)
+            self._drop(route, failure)
         self.spawn(self.notify())
+
+    def instance_failed(self, instance_id: str, error: NodeFailedError) -> None:
+        """An instance that cannot serve (its engine thread died) on a node that lives on:
+        its route and record go, the requests it served resume elsewhere, and it is
+        stopped on its node, which frees its slot for the replacement."""
+        route = self.router.get(instance_id)
+        if route is None:  # already dropped
+            return
+        log.error("instance %s of %s on %s failed: %s", instance_id, route.deployment, route.node, error)
+        self._drop(route, error)
+        self.spawn(self._discard(route.node, instance_id))
+
+    def _drop(self, route: Route, failure: NodeFailedError) -> None:
+        self.record_dead(route.instance_id)
+        self.router.remove(route.instance_id)
+        source = self._sources.pop(route.instance_id, None)
+        if source is not None:  # a migration's destination died: its source serves on
+            source.draining = False
+        for relay in list(self.relays.get(route.instance_id, ())):
+            relay.interrupt(failure)
 
     # -- relays -----------------------------------------------------------------------
 
@@ -252,6 +272,7 @@ class Instances:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout_s
         while True:
+            seen = self.changes
             statuses = await self.statuses()
             if not wanted():
                 return None
@@ -268,8 +289,9 @@ class Instances:
                 raise OverloadedError(f"no free instance slot for {dep.name!r} on any node", retry_after_s=10)
             wait = remaining if placement is None else min(remaining, max(placement.wait_s, 0.05))
             async with self.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), wait)
+                if self.changes == seen:  # nothing (a slot freed) changed while the statuses came
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.changed.wait(), wait)
 
     def view(self, status: NodeStatus) -> NodeView:
         """A node as placement sees it; slots count this controller's instances, so two
@@ -414,17 +436,25 @@ class Instances:
         return self._sizes[model]
 
     def _check_live(self, route: Route, node: str) -> None:
-        if self.router.get(route.instance_id) is not route:  # its node went down meanwhile
+        if self.router.get(route.instance_id) is route:
+            return
+        if node in self.down or node not in self.nodes:  # its node went down meanwhile
             raise NodeFailedError(f"node {node} went down while loading", node=node)
+        raise InstanceFailedError(  # it failed on its own (its engine thread died)
+            f"instance {route.instance_id} on node {node} failed while loading", node=node,
+            instance=route.instance_id,
+        )  # fmt: skip
 
     async def _discard(self, node_id: str | None, instance_id: str) -> None:
-        """Stop an instance that started but cannot serve (its load failed)."""
+        """Stop an instance that started but cannot serve (its load failed, its engine
+        died); a start waiting for its slot hears of it."""
         if node_id is None or node_id in self.down:
             return
         try:
             await self.nodes[node_id].stop_instance(instance_id)
         except Exception as exc:
             log.warning("stopping failed instance %s on %s: %s", instance_id, node_id, exc)
+        await self.notify()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -433,4 +463,5 @@ class Instances:
 
     async def notify(self) -> None:
         async with self.changed:
+            self.changes += 1
             self.changed.notify_all()

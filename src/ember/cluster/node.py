@@ -4,7 +4,9 @@ It has instance slots, its own NodeStore under `$EMBER_HOME/nodes/<id>/` (a DRAM
 pool and a disk cache of registry copies; its own store is empty, so a checkpoint
 it lacks is fetched from the registry), a loading queue (one load at a time), and
 one AsyncEngine per instance over weights leased from the DRAM pool: a DRAM hit
-costs no I/O and no copy.
+costs no I/O and no copy. An instance whose engine thread died answers every call and
+stream with InstanceFailedError, which the controller treats as that instance's
+failure: it stops it and resumes its requests elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ember.engine.async_engine import AsyncEngine
 from ember.engine.config import EngineConfig
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput, RequestSnapshot
 from ember.env import ember_home
-from ember.errors import EmberError, ModelNotFoundError, OverloadedError
+from ember.errors import EmberError, EngineDeadError, InstanceFailedError, ModelNotFoundError, OverloadedError
 from ember.store.dram_pool import PoolLease
 from ember.store.format import read_index
 from ember.store.local import LocalStore
@@ -160,27 +162,41 @@ class EmbeddedNode:
 
     async def generate(self, instance_id: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         engine = self._engine(instance_id)
-        async for delta in engine.generate(request):
-            yield delta
+        try:
+            async for delta in engine.generate(request):
+                yield delta
+        except EngineDeadError as e:
+            raise self._failed(instance_id, e) from e
 
     async def abort(self, instance_id: str, request_id: str) -> RequestSnapshot | None:
         return await self._engine(instance_id).abort(request_id)
 
     async def prewarm(self, instance_id: str, request: EngineRequest) -> int:
-        return await self._engine(instance_id).prewarm(request)
+        try:
+            return await self._engine(instance_id).prewarm(request)
+        except EngineDeadError as e:
+            raise self._failed(instance_id, e) from e
 
     def _engine(self, instance_id: str) -> AsyncEngine:
-        inst = self._instances.get(instance_id)
-        if inst is None:
-            raise ModelNotFoundError(f"no instance {instance_id!r} on node {self.node_id}")
-        return inst.engine
+        """The instance's engine; InstanceFailedError if its thread died."""
+        engine = self.engine(instance_id)
+        if (dead := engine.failure) is not None:
+            raise self._failed(instance_id, dead)
+        return engine
+
+    def _failed(self, instance_id: str, error: EngineDeadError) -> InstanceFailedError:
+        message = f"instance {instance_id} on node {self.node_id} failed: {error}"
+        return InstanceFailedError(message, node=self.node_id, instance=instance_id)
 
     async def engine_stats(self, instance_id: str) -> EngineStats:
         return self._engine(instance_id).engine.stats()
 
     def engine(self, instance_id: str) -> AsyncEngine:
-        """The instance's engine (for tests, which pace or inspect it)."""
-        return self._engine(instance_id)
+        """The instance's engine, alive or not (tests pace or inspect it)."""
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            raise ModelNotFoundError(f"no instance {instance_id!r} on node {self.node_id}")
+        return inst.engine
 
     # -- what the node holds ----------------------------------------------------------
 

@@ -3,6 +3,11 @@
 Every change to the engine (add, abort) runs on the engine thread between two
 iterations, so a request can be stopped or handed over at any token boundary.
 Everything that crosses into the caller's event loop is a picklable dataclass.
+
+No error leaves a request in flight: one raised while a request joins ends that
+request, the requests an iteration's error ended (Engine.take_failed) end with it,
+and should the thread itself die (an error the engine could not contain), every
+request ends with EngineDeadError and later ones are refused with it (`failure`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 from ember.engine.engine import Engine
 from ember.engine.request import EngineRequest, RequestOutput, RequestSnapshot, SamplingParams
 from ember.engine.validation import validate_request
-from ember.errors import EmberError, InvalidRequestError
+from ember.errors import EmberError, EngineDeadError, InternalError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._closed = False  # shutdown() began: no new requests
         self._stopped = False  # the engine thread is gone: nothing queued would ever run
+        self._dead: str | None = None  # why the engine thread died, if it did
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -78,6 +84,15 @@ class AsyncEngine:
         from ember.engine.loader import load_engine
 
         return cls(load_engine(model, EngineConfig(scheduler=scheduler, **engine_config)))
+
+    @property
+    def failure(self) -> EngineDeadError | None:
+        """Why the engine thread died (an error it could not contain); None while it runs."""
+        return None if self._dead is None else EngineDeadError(self._dead)
+
+    def _refusal(self) -> EmberError:
+        dead = self.failure
+        return dead if dead is not None else EmberError("the engine is shut down")
 
     # -- the caller's side (event loop thread) ---------------------------------------
 
@@ -90,7 +105,7 @@ class AsyncEngine:
         stream = RequestStream(request.request_id, asyncio.get_running_loop())
         with self._lock:
             if self._stopped:
-                raise EmberError("the engine is shut down")
+                raise self._refusal()
             if request.request_id in self._streams or request.request_id in self._parking:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already running")
             self._streams[request.request_id] = stream
@@ -147,7 +162,7 @@ class AsyncEngine:
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._lock:
             if self._stopped:
-                raise EmberError("the engine is shut down")
+                raise self._refusal()
             if request.request_id in self._streams or request.request_id in self._parking:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already running")
             self._parking[request.request_id] = future
@@ -162,20 +177,19 @@ class AsyncEngine:
         def command() -> None:
             # The caller may have given up waiting (its task was cancelled, which
             # cancels this future); the abort itself must still happen.
-            if not future.set_running_or_notify_cancel():
+            wanted = future.set_running_or_notify_cancel()
+            try:
                 result = self.engine.abort(request_id)
-                if result is not None:
-                    self._deliver(result[0])
-                self._fail_parking(request_id, EmberError(f"request {request_id!r} was aborted"))
-                return
-            result = self.engine.abort(request_id)
+            except Exception as e:  # the request ends anyway, and its caller hears why
+                self._fail(request_id, _internal(e, "aborting this request"))
+                if wanted:
+                    future.set_exception(e)
+                raise
             self._fail_parking(request_id, EmberError(f"request {request_id!r} was aborted"))
-            if result is None:
-                future.set_result(None)
-                return
-            output, snapshot = result
-            self._deliver(output)
-            future.set_result(snapshot)
+            if result is not None:
+                self._deliver(result[0])
+            if wanted:
+                future.set_result(None if result is None else result[1])
 
         with self._lock:
             if self._stopped:  # shut down: its requests already ended
@@ -194,26 +208,43 @@ class AsyncEngine:
         self._thread.join()
         with self._lock:
             self._stopped = True
-            left = []
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    left.append(self._commands.get_nowait())
+            left = self._take_commands()
+        self._run_left(left)
+        self._fail_all(EmberError("the engine was shut down"))
+        try:
+            self.engine.close()
+        except Exception:
+            if self._dead is None:
+                raise
+            log.exception("closing an engine whose thread died failed")
+
+    def _take_commands(self) -> list[Callable[[], None] | object]:
+        left = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                left.append(self._commands.get_nowait())
+        return left
+
+    @staticmethod
+    def _run_left(left: list[Callable[[], None] | object]) -> None:
+        """Run the commands queued before the thread stopped (an abort's caller gets its
+        answer; a request waiting to join is not added: it ends with the others)."""
         for command in left:
             if callable(command):
                 try:
                     command()
                 except Exception:
                     log.exception("engine command failed")
-        self._fail_all(EmberError("the engine was shut down"))
-        self.engine.close()
 
     # -- the engine thread --------------------------------------------------------------
 
     def _add(self, request: EngineRequest) -> None:
+        if self._stopped:  # queued before a shutdown or the thread's death: ends with the others
+            return
         try:
             self.engine.add_request(request)
-        except EmberError as e:
-            self._fail(request.request_id, e)
+        except Exception as e:  # the engine left nothing of it behind
+            self._fail(request.request_id, _internal(e, "admitting this request"))
 
     def _deliver(self, output: RequestOutput) -> None:
         with self._lock:
@@ -249,11 +280,12 @@ class AsyncEngine:
             except concurrent.futures.InvalidStateError:
                 self.engine.abort(request_id)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, *, abort: bool = True) -> None:
         with self._lock:
             ids = list(self._streams) + list(self._parking)
         for request_id in ids:
-            self.engine.abort(request_id)
+            if abort:
+                self.engine.abort(request_id)
             self._fail(request_id, error)
 
     def _run_commands(self, block: bool) -> bool:
@@ -275,18 +307,43 @@ class AsyncEngine:
             return True
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # an error the engine could not contain: its state is suspect
+            log.critical("the engine thread died", exc_info=e)
+            self._die(e)
+
+    def _loop(self) -> None:
         while self._run_commands(block=not self.engine.has_unfinished()):
             self._parked()  # a prewarm that had nothing new to compute parks at once
             for request_id in self.engine.expire_parked():
                 log.warning("parked request %s was never taken over; its cache is freed", request_id)
             if not self.engine.has_unfinished():
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a model failure ends the requests in flight, not the engine
-                log.exception("engine step failed")
-                self._fail_all(EmberError(f"the engine failed while running this request: {e}"))
-                continue
+            outputs = self.engine.step()  # ends the requests its errors touch (take_failed)
             for output in outputs:
                 self._deliver(output)
+            for request_id, error in self.engine.take_failed():
+                self._fail(request_id, error)
             self._parked()
+
+    def _die(self, cause: BaseException) -> None:
+        """The engine thread ends on `cause`: refuse new requests, answer the commands
+        queued, and end every request with EngineDeadError (without touching the engine)."""
+        message = f"the engine stopped after an unexpected error: {type(cause).__name__}: {cause}"
+        with self._lock:
+            self._dead = message
+            self._stopped = True
+            left = self._take_commands()
+        self._run_left(left)
+        self._fail_all(EngineDeadError(message), abort=False)
+
+
+def _internal(error: Exception, doing: str) -> EmberError:
+    """`error` as the request's error: an EmberError as it is, anything else (a bug) as
+    an InternalError that says what the engine was doing."""
+    if isinstance(error, EmberError):
+        return error
+    wrapped = InternalError(f"the engine failed {doing}: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped

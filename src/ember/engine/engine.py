@@ -3,11 +3,18 @@
 Parked sequences (EngineRequest.park, live migration's destination side) sit outside
 the scheduler with their KV blocks kept: a later request with the same id and more
 tokens takes them over, and one left longer than `park_ttl_s` is freed.
+
+Failures: an unexpected error in an iteration ends the requests it touched, never the
+engine. The scheduler's error fails every request (which ones it touched is unknown),
+the forward's or the sampler's the batch's, one request's own (its detokenizer, its
+logprobs) that request alone; each leaves with its error (take_failed) and its KV
+blocks freed, and the next iteration runs the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterable
 
@@ -32,7 +39,9 @@ from ember.engine.scheduler import Clock, SchedulerOutput
 from ember.engine.sequence import Sequence, SequenceStatus
 from ember.engine.swapper import KVSwapper
 from ember.engine.validation import validate_request
-from ember.errors import InvalidRequestError
+from ember.errors import EmberError, InternalError, InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 PARK_TTL_S = 60.0  # a parked sequence nobody took over by then is freed
 
@@ -82,6 +91,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._parked: dict[str, tuple[Sequence, float]] = {}  # id -> (sequence, parked at)
         self._newly_parked: list[tuple[str, int]] = []  # (id, tokens cached) since take_parked()
+        self._failed: list[tuple[str, EmberError]] = []  # (id, error) since take_failed()
 
     @staticmethod
     def _host_blocks(config: EngineConfig, kv_cache: KVCacheLike) -> int:
@@ -100,7 +110,20 @@ class Engine:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running")
 
     def add_request(self, request: EngineRequest) -> None:
+        """Admit a request (InvalidRequestError if it cannot be served). Whatever fails
+        while it joins leaves nothing of it behind: no sequence, no KV blocks."""
         self.validate(request)
+        try:
+            self._admit(request)
+        except BaseException:
+            rid = request.request_id
+            self._seqs.pop(rid, None)
+            self.scheduler.abort(rid)
+            self._parked.pop(rid, None)
+            self.swapper.free(rid)  # a parked cache it took over
+            raise
+
+    def _admit(self, request: EngineRequest) -> None:
         p = request.sampling_params
         if request.sampler_state is not None:
             generator = import_state(request.sampler_state)
@@ -234,33 +257,82 @@ class Engine:
     # -- the loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One iteration; a delta output for every sequence that got a token."""
-        batch = self.scheduler.schedule()
+        """One iteration; a delta output for every sequence that got a token. The
+        requests an error ends are left for take_failed()."""
+        try:
+            batch = self.scheduler.schedule()
+        except Exception as e:  # which requests it touched is unknown: all of them
+            self._fail(list(self._seqs), e)
+            return []
         samples: list[SampleResult] = []
         if not batch.is_empty:
-            self.swapper.prepare(s.seq.request_id for s in batch.scheduled)
-            loading = getattr(self.runner.model, "loading", None) is not None
-            start = time.perf_counter()
-            samples = self.runner.execute(batch)
-            if not loading:  # an iteration that waited for weights to arrive is no sample of its cost
-                self.profile.observe(
-                    [s.num_new_tokens for s in batch.scheduled],
-                    [s.start for s in batch.scheduled],
-                    time.perf_counter() - start,
-                )
+            try:
+                samples = self._execute(batch)
+            except Exception as e:  # the forward or the sampler: every request of the batch
+                self._fail([s.seq.request_id for s in batch.scheduled], e)
+                return []
         return self._postprocess(batch, samples)
+
+    def _execute(self, batch: SchedulerOutput) -> list[SampleResult]:
+        self.swapper.prepare(s.seq.request_id for s in batch.scheduled)
+        loading = getattr(self.runner.model, "loading", None) is not None
+        start = time.perf_counter()
+        samples = self.runner.execute(batch)
+        if not loading:  # an iteration that waited for weights to arrive is no sample of its cost
+            self.profile.observe(
+                [s.num_new_tokens for s in batch.scheduled],
+                [s.start for s in batch.scheduled],
+                time.perf_counter() - start,
+            )
+        return samples
 
     def _postprocess(self, batch: SchedulerOutput, samples: list[SampleResult]) -> list[RequestOutput]:
         sampling = [s.seq for s in batch.scheduled if s.samples]  # before any token is appended
-        outputs = [self._append(seq, sample) for seq, sample in zip(sampling, samples, strict=True)]
-        self.scheduler.update(batch, [seq.request_id for seq in sampling if seq.is_finished])
+        outputs: list[RequestOutput] = []
+        failed: list[tuple[str, Exception]] = []
+        for seq, sample in zip(sampling, samples, strict=True):
+            try:
+                outputs.append(self._append(seq, sample))
+            except Exception as e:  # this request's own: it alone ends
+                failed.append((seq.request_id, e))
+        try:
+            self.scheduler.update(batch, [seq.request_id for seq in sampling if seq.is_finished])
+            self._park_computed(batch)
+        except Exception as e:
+            self._fail([s.seq.request_id for s in batch.scheduled], e)
+            return []
+        for request_id, error in failed:
+            self._fail([request_id], error)
+        return outputs
+
+    def _park_computed(self, batch: SchedulerOutput) -> None:
         for s in batch.scheduled:
             seq = s.seq
             if seq.park and seq.num_computed_tokens == seq.num_tokens:
                 self.scheduler.detach(seq.request_id)
                 self._seqs.pop(seq.request_id, None)
                 self._park(seq)
-        return outputs
+
+    def _fail(self, request_ids: list[str], cause: Exception) -> None:
+        """End the requests with `cause` (an EmberError as it is, anything else as an
+        InternalError) and free their KV blocks; take_failed() hands them out."""
+        log.error("%d request(s) failed in the engine: %s", len(request_ids), cause, exc_info=cause)
+        error: EmberError
+        if isinstance(cause, EmberError):
+            error = cause
+        else:
+            error = InternalError(f"the engine failed running this request: {type(cause).__name__}: {cause}")
+            error.__cause__ = cause
+        for request_id in request_ids:
+            self._seqs.pop(request_id, None)
+            self.scheduler.abort(request_id)
+            self._failed.append((request_id, error))
+
+    def take_failed(self) -> list[tuple[str, EmberError]]:
+        """(request id, error) of the requests an error ended since the last call: they
+        have left the engine and freed their KV blocks; their callers must be told."""
+        out, self._failed = self._failed, []
+        return out
 
     def _is_stop_token(self, token: int, seq: Sequence) -> bool:
         return token in seq.params.stop_token_ids or (

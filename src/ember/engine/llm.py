@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.loader import load_engine
-from ember.engine.request import CompletionOutput, EngineRequest, RequestOutput, SamplingParams
+from ember.engine.request import CompletionOutput, EngineRequest, RequestOutput, SamplingParams, offset_seed
 from ember.errors import InvalidRequestError
 
 Prompt: TypeAlias = str | Mapping[str, Any]  # text, or {"prompt_token_ids": [...]}
@@ -79,8 +79,8 @@ class LLM:
         """Complete every prompt; outputs in prompt order, each with n completions.
 
         All prompts are checked before any runs: a bad one raises InvalidRequestError.
-        With n > 1 and a seed, completion i uses seed + i; without a seed, every
-        completion draws a fresh one (a new run gives new text).
+        With n > 1 and a seed, completion i uses seed + i (wrapped into 64 bits);
+        without a seed, every completion draws a fresh one (a new run gives new text).
         """
         batch = [prompts] if isinstance(prompts, str | Mapping) else list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -97,7 +97,7 @@ class LLM:
             text, ids = tokenize_prompt(self.engine, prompt)
             ids_of_group = []
             for i in range(p.n):
-                seed = None if p.seed is None else p.seed + i
+                seed = None if p.seed is None else offset_seed(p.seed, i)
                 self._counter += 1
                 request = EngineRequest.make(str(self._counter), ids, replace(p, n=1, seed=seed), prompt=text)
                 self.engine.validate(request)
@@ -116,12 +116,16 @@ class LLM:
 
     def _run(self, requests: list[EngineRequest]) -> dict[str, list[RequestOutput]]:
         deltas: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        self.engine.take_failed()  # an earlier call's, already raised
         try:
             for r in requests:
                 self.engine.add_request(r)
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     deltas[out.request_id].append(out)
+                failed = self.engine.take_failed()
+                if failed:  # a request an error ended: the call fails, the others stop
+                    raise failed[0][1]
         finally:  # an interrupt must not leave requests holding KV blocks
             for r in requests:
                 self.engine.abort(r.request_id)

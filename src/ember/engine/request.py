@@ -18,6 +18,8 @@ from ember.errors import InvalidRequestError
 FinishReason = Literal["stop", "length", "abort"]
 
 MAX_TOP_LOGPROBS = 20
+# A seed is a signed 64-bit integer, as OpenAI's API defines it (and torch takes it).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -85,7 +87,9 @@ class SamplingParams:
         _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"top_k must be -1, 0 (no cut) or >= 1, got {self.top_k}")
         _check(
-            self.seed is None or isinstance(self.seed, int), "seed", f"seed must be an int, got {self.seed!r}"
+            self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX),
+            "seed",
+            f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (signed 64 bits), got {self.seed!r}",
         )
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
         _check(
@@ -119,6 +123,12 @@ class TokenLogprobs:
 
     chosen: Logprob
     top: tuple[Logprob, ...] = ()
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """`seed + offset` wrapped into the signed 64-bit range: the seed of the offset-th
+    choice of a seeded request (n > 1), valid even for a seed at the top of the range."""
+    return (seed + offset - SEED_MIN) % 2**64 + SEED_MIN
 
 
 def fresh_seed() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ember.engine.request import EngineRequest
+from ember.engine.request import SEED_MAX, SEED_MIN, EngineRequest
 from ember.engine.sampler import import_state
 from ember.errors import ContextLengthError, InvalidRequestError, UnsupportedFeatureError
 
@@ -24,6 +24,8 @@ def validate_request(request: EngineRequest, *, vocab_size: int, max_model_len: 
         raise UnsupportedFeatureError(
             "the engine runs one completion per request; submit n requests (LLM.generate does)", param="n"
         )
+    if p.seed is not None and not SEED_MIN <= p.seed <= SEED_MAX:  # params built around __post_init__
+        raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]", param="seed")
     if not request.prompt_token_ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     _check_ids(request.prompt_token_ids, vocab_size, "prompt")

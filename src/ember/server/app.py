@@ -13,14 +13,14 @@ import hmac
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -36,6 +36,7 @@ from ember.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from ember.server.in_flight import Slot, SlotStream, internal_error
 from ember.server.metrics import ServerMetrics
 from ember.server.openapi import ERRORS, declare_schemas, json_body, streamed
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -66,6 +67,17 @@ class ServerState:
     startup_error: BaseException | None = None
     # what the start-up is doing, set by the loader thread: "importing the model, 42% done"
     startup_stage: str = STARTING
+
+    def admit(self) -> Slot:
+        """A place in flight for one more request; OverloadedError past the limit."""
+        if self.in_flight >= self.max_in_flight:
+            message = f"{self.in_flight} requests in flight; try again shortly"
+            raise OverloadedError(message, retry_after_s=1.0)
+        self.in_flight += 1
+        return Slot(self._release)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
 
     def require_backend(self) -> ModelBackend:
         if self.startup_error is not None:
@@ -219,7 +231,7 @@ def create_app(
     """The ASGI app. Attach a backend with `app.state.ember.backend = ...` once the
     models are ready; until then /health answers 503."""
     state = ServerState(api_key, max_body_bytes, max_in_flight)
-    metrics = ServerMetrics(lambda: state.backend.gauges() if state.backend else {})
+    metrics = ServerMetrics(lambda: state.backend.gauges() if state.backend else {}, lambda: state.in_flight)
     app = FastAPI(title="Ember", docs_url=None, redoc_url=None)
     app.state.ember = state
     app.state.metrics = metrics
@@ -270,35 +282,29 @@ def create_app(
     async def _serve(request: Request, req: CompletionRequest | ChatCompletionRequest) -> Response:
         backend = state.require_backend()
         info = backend.model(req.model)
-        if state.in_flight >= state.max_in_flight:
-            raise OverloadedError(
-                f"{state.in_flight} requests in flight; try again shortly", retry_after_s=1.0
-            )
-        choices = build_choices(req, info, uuid.uuid4().hex)
-        gen = Generation(backend, req.model, choices, req.n, metrics)
-        chat = isinstance(req, ChatCompletionRequest)
-        state.in_flight += 1
-        if req.stream:
-            try:
+        slot = state.admit()  # left once the response has ended, whatever happened (in_flight.py)
+        response: Response | None = None
+        try:
+            choices = build_choices(req, info, uuid.uuid4().hex)
+            gen = Generation(backend, req.model, choices, req.n, metrics)
+            slot.close = gen.close
+            chat = isinstance(req, ChatCompletionRequest)
+            if req.stream:
                 await gen.start()  # errors before the first token get their own status
-            except BaseException:
-                state.in_flight -= 1
-                raise
-            stream = (chat_stream if chat else completion_stream)(gen, req.model, req.include_usage)
-            return StreamingResponse(_counted(stream), media_type="text/event-stream")
-        try:
-            return await _unless_disconnected(
-                request, (chat_completion if chat else completion)(gen, req.model)
-            )
+                stream = (chat_stream if chat else completion_stream)(gen, req.model, req.include_usage)
+                response = SlotStream(stream, slot)
+            else:
+                response = await _unless_disconnected(
+                    request, (chat_completion if chat else completion)(gen, req.model)
+                )
+            return response
+        except EmberError:
+            raise
+        except Exception as exc:  # a bug: a 500 in OpenAI's shape, and the server serves on
+            raise internal_error(exc) from exc
         finally:
-            state.in_flight -= 1
-
-    async def _counted(stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for item in stream:
-                yield item
-        finally:
-            state.in_flight -= 1
+            if not isinstance(response, SlotStream):  # which leaves the slot once it has ended
+                await slot.leave()
 
     return app
 
@@ -322,10 +328,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         from_router = exc.detail == HTTPStatus(exc.status_code).phrase
         error: EmberError
         if exc.status_code == 404 and from_router:
-            error = NotFoundError(f"there is no route {where}")
+            error = NotFoundError(f"there is no route {where}", verbatim=True)
         elif exc.status_code == 405 and from_router:
             allowed = (exc.headers or {}).get("Allow", "")
-            error = MethodNotAllowedError(f"{where} is not allowed (allowed: {allowed})")
+            error = MethodNotAllowedError(f"{where} is not allowed (allowed: {allowed})", verbatim=True)
         else:
             kind = InvalidRequestError if exc.status_code < 500 else EmberError
             error = kind(f"{where}: {exc.detail}")
@@ -339,6 +345,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(_validation_error(exc))
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
         # The server logs the exception (Starlette re-raises it once this is sent).
         return error_response(EmberError("the server failed on this request: see its log"))

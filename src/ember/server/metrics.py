@@ -2,7 +2,8 @@
 
 Request-level histograms and counters are observed as requests finish; the gauges
 (running, waiting, KV usage) and engine counters (preemptions, swaps) are read from
-each model's engine when /metrics is scraped, so they are never stale.
+each model's engine when /metrics is scraped, so they are never stale; so is the
+server's own count of requests in flight (`ember:server_requests_in_flight`, no label).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -66,9 +67,17 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The server's metrics registry (one per app, so tests never share state)."""
 
-    def __init__(self, engine_stats: Callable[[], Mapping[str, EngineStats]]) -> None:
+    def __init__(
+        self, engine_stats: Callable[[], Mapping[str, EngineStats]], in_flight: Callable[[], int] = lambda: 0
+    ) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
+        Gauge(
+            "ember:server_requests_in_flight",
+            "Requests the server holds, from admission until their response ends: what --max-in-flight "
+            "limits (num_requests_running counts the engines' batches).",
+            registry=self.registry,
+        ).set_function(in_flight)
 
         def hist(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, labels, registry=self.registry, buckets=_LATENCY_BUCKETS)

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ember.backend import ModelBackend, ModelInfo
-from ember.engine.request import EngineRequest, FinishReason, RequestOutput, SamplingParams, TokenLogprobs
+from ember.engine.request import (
+    EngineRequest,
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+    offset_seed,
+)
 from ember.errors import EmberError, InvalidRequestError
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -109,7 +116,7 @@ def build_choices(
     for p_index, ids in enumerate(prompts):
         params = sampling_params(req, _max_tokens(limit, len(ids), info, default))
         for c in range(req.n):
-            seed = None if req.seed is None else req.seed + c
+            seed = None if req.seed is None else offset_seed(req.seed, c)
             choice_params = params if c == 0 else replace(params, seed=seed)
             index = p_index * req.n + c
             choices.append(Choice(index, EngineRequest.make(f"{request_id}-{index}", ids, choice_params)))
@@ -130,6 +137,7 @@ class Generation:
         self.arrival = time.monotonic()
         self._started: AsyncGenerator[tuple[Choice, RequestOutput]] | None = None
         self._first: tuple[Choice, RequestOutput] | None = None
+        self._pumps: list[asyncio.Task[None]] = []  # one per choice, reading its backend stream
 
     async def start(self) -> None:
         """Wait for the first delta, so that what can fail before any token (no
@@ -165,7 +173,7 @@ class Generation:
                 return
             queue.put_nowait(None)
 
-        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        tasks = self._pumps = [asyncio.create_task(pump(c)) for c in self.choices]
         try:
             remaining = len(tasks)
             while remaining:
@@ -181,6 +189,14 @@ class Generation:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """End every choice's backend stream now, however far the generation got (its
+        engine requests are aborted and free their KV blocks); once they ended, a no-op.
+        Safe while a consumer still waits for deltas (it gets the cancellation)."""
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
 
     def _record(self, choice: Choice, delta: RequestOutput) -> None:
         out = delta.outputs[0]
