@@ -7,6 +7,8 @@ Relay (a stream the controller can move between instances: live migration, node
 failure), scales with requests in flight, and lets idle instances go after
 keep-alive. A request for a deployment with no ready instance waits while one
 starts (at most `start_timeout_s`, then OverloadedError: 503 with Retry-After).
+A failed start is retried with a backoff, or never when no retry can fix it
+(ember.cluster.start_failures): the deployment is then failed (model_states).
 
 Nodes are NodeRuntimes: every call is a coroutine or an async stream of picklable
 messages, so nodes in this process and Ray actors look the same from here. Every
@@ -26,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ember.backend import ModelInfo
+from ember.backend import ModelInfo, ModelState
 from ember.cluster.autoscaler import Autoscaler
 from ember.cluster.config import ControllerConfig as ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
@@ -38,6 +40,7 @@ from ember.cluster.placement import PlacementPolicy, make_policy
 from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
+from ember.cluster.start_failures import StartFailures
 from ember.cluster.state import ClusterState, Deployment
 from ember.cluster.status import cluster_status
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
@@ -48,6 +51,7 @@ from ember.errors import (
     ModelNotFoundError,
     NodeFailedError,
     OverloadedError,
+    is_permanent,
 )
 
 log = logging.getLogger(__name__)
@@ -87,12 +91,14 @@ class Controller:
         self.router = Router(clock)
         self._deps: dict[str, Deployment] = {}
         self._info: dict[str, ModelInfo] = {}
+        self.starts = StartFailures(clock)  # each deployment's failed starts: backoff, failed for good
+        self._unusable: dict[str, Deployment] = {}  # its model could not even be read: failed
         self._waiting: Counter[str] = Counter()
         self._stats: dict[str, EngineStats] = {}  # instance id -> its engine's, at the last collection
         self.instances = Instances(
             self.nodes, router=self.router, state=self.state, estimator=self.estimator, policy=self.policy,
             cost=self.migration_cost, autoscaler=self.autoscaler, events=self.events, config=self.config,
-            deployment=self._deps.get,
+            deployment=self._deps.get, starts=self.starts,
         )  # fmt: skip
         self._changed = self.instances.changed
         self._ticker: asyncio.Task[None] | None = None
@@ -105,28 +111,40 @@ class Controller:
         for probe in await asyncio.gather(*(n.probe_bandwidth() for n in self.nodes.values())):
             self.estimator.calibrate(probe)
         for dep in self.state.deployments():
-            await self._adopt(dep)
+            await self._adopt_or_fail(dep, store=False)
         for dep in deployments:
-            if dep.name not in self._deps:
-                await self.deploy(dep)
+            if dep.name not in self._deps and dep.name not in self._unusable:
+                await self._adopt_or_fail(dep, store=True)
         self.reconcile()
         if self.config.tick_s is not None:
             self._ticker = asyncio.create_task(self._tick(self.config.tick_s))
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Until every deployment has its minimum instances ready (or one failed to start)."""
-        failures = self.instances.failures
+        """Until every deployment has its minimum instances ready or has failed for good
+        (a failed start that will be retried is waited for); TimeoutError after `timeout_s`."""
 
         def done() -> bool:
             return all(
-                name in failures or sum(r.ready for r in self.router.routes(name)) >= dep.min_instances
+                self.starts.permanent(name) is not None
+                or sum(r.ready for r in self.router.routes(name)) >= dep.min_instances
                 for name, dep in self._deps.items()
             )
 
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(done), timeout_s)
-        for name, exc in failures.items():
-            log.error("deployment %s failed to start: %s", name, exc)
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Every deployment's state: ready (an instance is, or it is scaled to zero),
+        starting (with the last failure and the next try, if a start failed) or failed."""
+        states = {
+            name: self.starts.state(
+                name, ready=any(r.ready for r in self.router.routes(name)), min_instances=dep.min_instances
+            )
+            for name, dep in self._deps.items()
+        }
+        for name in self._unusable:
+            states[name] = self.starts.state(name, ready=False, min_instances=1)
+        return states
 
     async def settle(self) -> None:
         """Until no instance is starting, moving or stopping (for tests and shutdown)."""
@@ -176,14 +194,22 @@ class Controller:
         has its model."""
         await self._adopt(dep)
         self.state.put_deployment(dep)
+        self.starts.forget(dep.name)  # deployed again: whatever failed may be fixed
+        self._unusable.pop(dep.name, None)
         self.reconcile(dep.name)
         return dep
 
     async def delete(self, name: str) -> None:
         """Stop taking requests for `name`; its instances go once their requests finish."""
+        if self._unusable.pop(name, None) is not None:  # failed at start-up: never ran
+            self.starts.forget(name)
+            with contextlib.suppress(ModelNotFoundError):  # a --model that was never stored
+                self.state.delete_deployment(name)
+            return
         if name not in self._deps:
             raise ModelNotFoundError(f"no deployment named {name!r}", param="name")
         self.state.delete_deployment(name)
+        self.starts.forget(name)
         del self._deps[name], self._info[name]
         self.instances.failures.pop(name, None)
         for route in self.router.routes(name):
@@ -208,6 +234,19 @@ class Controller:
         )
         self._deps[dep.name] = dep
 
+    async def _adopt_or_fail(self, dep: Deployment, *, store: bool) -> None:
+        """Adopt (and with `store`, deploy) `dep` at start-up; a model that cannot be
+        read for good (a missing or corrupt checkpoint) leaves `dep` failed, not the
+        controller unstarted."""
+        try:
+            await (self.deploy(dep) if store else self._adopt(dep))
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+            log.error("deployment %s cannot start: %s", dep.name, exc)
+            self._unusable[dep.name] = dep
+            self.starts.failed(dep.name, exc, began=self.clock())
+
     def _set_context(self, name: str, max_model_len: int) -> None:
         info = self._info.get(name)
         if info is not None and info.max_model_len != max_model_len:
@@ -221,6 +260,9 @@ class Controller:
     def model(self, name: str) -> ModelInfo:
         info = self._info.get(name)
         if info is None:
+            failure = self.starts.permanent(name) if name in self._unusable else None
+            if failure is not None:
+                raise failure
             raise ModelNotFoundError(f"the model '{name}' does not exist", param="model")
         return info
 
@@ -268,7 +310,8 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         """What `ember status --json` prints: deployments with live instances, live nodes."""
         statuses = await self.instances.statuses()
-        return cluster_status(self.deployments(), self.router.routes(), statuses)
+        deployments = self.deployments() + list(self._unusable.values())
+        return cluster_status(deployments, self.router.routes(), statuses, self.model_states())
 
     # -- relays (ember.cluster.relay.RelayHost) ---------------------------------------
 
@@ -336,7 +379,8 @@ class Controller:
         """Start the instances each deployment lacks; stop idle ones past keep-alive."""
         for dep in [self._deps[name]] if name in self._deps else self.deployments():
             plan = self.autoscaler.plan(dep, self.router.loads(dep.name), self._waiting[dep.name])
-            for _ in range(plan.start):
+            # a failed start is retried once its backoff has passed (a later tick), or never
+            for _ in range(plan.start if self.starts.may_start(dep.name) else 0):
                 # Registered before any await, so a second request sees it and waits.
                 route = self.router.add(uuid.uuid4().hex[:12], dep.name)
                 self.instances.spawn(self._start(dep, route))

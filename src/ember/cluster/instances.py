@@ -32,6 +32,7 @@ from ember.cluster.placement import NodeView, Placement, PlacementPolicy, Runnin
 from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
+from ember.cluster.start_failures import StartFailures
 from ember.cluster.state import ClusterState, Deployment, InstanceRecord, LoadRecord
 from ember.errors import NodeFailedError, OverloadedError
 
@@ -54,6 +55,7 @@ class Instances:
         events: ClusterEvents,
         config: ControllerConfig,
         deployment: Callable[[str], Deployment | None],
+        starts: StartFailures | None = None,
     ) -> None:
         self.nodes = nodes
         self.router = router
@@ -66,6 +68,7 @@ class Instances:
         self.config = config
         self.deployment = deployment
         self.failures: dict[str, BaseException] = {}  # deployment -> why its last start failed
+        self.starts = starts if starts is not None else StartFailures()  # backoff; failed for good
         self.relays: dict[str, set[Relay]] = {}  # instance id -> the requests it serves
         self.down: set[str] = set()
         self.changed = asyncio.Condition()
@@ -143,6 +146,7 @@ class Instances:
         """Start the instance `route` stands for (on route.node if set, else where the
         policy places it); on failure record why, drop the route and return None."""
         self.failures.pop(dep.name, None)
+        began = self.starts.clock()
         self.events.scaled(dep.name, "up")
         token = None
         started = False
@@ -182,6 +186,7 @@ class Instances:
                 route.instance_id, dep.name, info.node, info.tier, observed.actual_s, observed.estimated_s,
             )  # fmt: skip
             self.router.set_ready(route.instance_id)
+            self.starts.succeeded(dep.name)
             if route.draining:  # deleted while it loaded
                 self.spawn(self.stop(route))
             return info
@@ -197,6 +202,10 @@ class Instances:
                 self.spawn(self._discard(route.node, route.instance_id))
             self.router.remove(route.instance_id)
             self.failures[dep.name] = exc
+            if self.deployment(dep.name) is not None:  # before anyone wakes: no start in its backoff
+                self.starts.failed(dep.name, exc, began)
+                if self.starts.permanent(dep.name) is not None:
+                    log.error("deployment %s failed for good; no start is retried", dep.name)
             return None
         finally:
             await self.notify()

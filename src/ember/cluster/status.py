@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ember.backend import ModelState
 from ember.cluster.messages import NodeStatus
 from ember.cluster.router import Route
 from ember.cluster.state import Deployment
+
+
+def _model_state(model: ModelState) -> dict[str, Any]:
+    return {"state": model.state, "reason": model.reason}
 
 
 def _state(route: Route) -> str:
@@ -17,9 +22,15 @@ def _state(route: Route) -> str:
 
 
 def cluster_status(
-    deployments: Sequence[Deployment], routes: Sequence[Route], nodes: Sequence[NodeStatus]
+    deployments: Sequence[Deployment],
+    routes: Sequence[Route],
+    nodes: Sequence[NodeStatus],
+    states: Mapping[str, ModelState] | None = None,
 ) -> dict[str, Any]:
-    """{"deployments": [...with live instances], "nodes": [...]} (see docs in the CLI)."""
+    """{"deployments": [...with live instances], "nodes": [...]} (see docs in the CLI).
+    Each deployment's "state" (ready, starting, failed) comes from `states`, with its
+    "reason" (why it failed, or why its last start did; null when none)."""
+    states = states or {}
     return {
         "deployments": [
             {
@@ -29,6 +40,7 @@ def cluster_status(
                 "max_instances": d.max_instances,
                 "target_concurrency": d.target_concurrency,
                 "keep_alive_s": d.keep_alive_s,
+                **_model_state(states.get(d.name, ModelState("starting"))),
                 "instances": [
                     {"id": r.instance_id, "node": r.node, "state": _state(r), "in_flight": r.in_flight}
                     for r in routes
