@@ -91,13 +91,18 @@ def status_cmd(url: UrlOption = None, as_json: bool = JsonOption) -> None:
         ready = sum(i["state"] == "ready" for i in d["instances"])
         in_flight = sum(i["in_flight"] for i in d["instances"])
         rows.append([
-            d["name"], d["model"], f"{ready}/{len(d['instances'])}",
+            d["name"], d["model"], d.get("state", "-"), f"{ready}/{len(d['instances'])}",
             f"{d['min_instances']}-{d['max_instances']}", d["target_concurrency"], f"{d['keep_alive_s']:g}s",
             in_flight,
         ])  # fmt: skip
     print_table(
-        "deployments", ["name", "model", "ready", "instances", "target", "keep-alive", "in flight"], rows
+        "deployments",
+        ["name", "model", "state", "ready", "instances", "target", "keep-alive", "in flight"],
+        rows,
     )
+    for d in data["deployments"]:  # why a deployment failed, or why its last start did
+        if d.get("reason"):
+            typer.echo(f"{d['name']}: {d['reason']}")
     nodes = [
         [
             n["id"], f"{n['free_slots']}/{n['slots']}",

@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible routes, health, metrics, errors in OpenAI's shape.
 
 The app starts answering at once: /health is 503 until a backend is attached (the
-first-run import and load happen after the socket is open), then 200. While it is
+first-run import and load happen after the socket is open) and every model it serves
+can serve, then 200 (server/health.py: each model's state in the body). While it is
 starting, every 503 says what the start-up is doing ("importing the model, 42% done").
 """
 
@@ -12,15 +13,15 @@ import contextlib
 import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from ember.backend import ModelBackend
+from ember.backend import ModelBackend, ModelState
 from ember.errors import (
     AuthenticationError,
     EmberError,
@@ -28,6 +29,7 @@ from ember.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from ember.server.health import health_answer, model_states
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 from ember.server.responses import chat_completion, chat_stream, completion, completion_stream
@@ -49,6 +51,11 @@ class ServerState:
     startup_error: BaseException | None = None
     # what the start-up is doing, set by the loader thread: "importing the model, 42% done"
     startup_stage: str = STARTING
+    models: list[str] = field(default_factory=list)  # what /health answers for (none: the backend's)
+    # each model's state as the control plane sees it, once there is one (the runner sets it)
+    live_states: Callable[[], Mapping[str, ModelState]] | None = None
+    imports: dict[str, ModelState] = field(default_factory=dict)  # first-run imports under way
+    exit_reason: str | None = None  # why `ember serve` stops and exits non-zero (a model failed)
 
     def require_backend(self) -> ModelBackend:
         if self.startup_error is not None:
@@ -59,15 +66,21 @@ class ServerState:
             raise OverloadedError(f"the server is starting: {self.startup_stage}", retry_after_s=2.0)
         return self.backend
 
-    def health(self) -> tuple[int, dict[str, str]]:
+    def model_states(self) -> dict[str, ModelState]:
+        """Each served model's state (starting, importing, ready, failed)."""
+        live = dict(self.live_states()) if self.live_states is not None else {}
+        models = self.models
+        if not models and self.backend is not None:  # an app given no model list: the backend's
+            models = [m.name for m in self.backend.models()]
+            live = {name: live.get(name, ModelState("ready")) for name in models}
+        return model_states(models, live, self.imports, self.startup_error)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
         """/health's status code and body."""
-        if self.backend is not None and not self.draining:
-            return 200, {"status": "ok"}
-        if self.startup_error is not None:
-            return 503, {"status": "failed", "message": f"the server failed to start: {self.startup_error}"}
-        if self.draining:
-            return 503, {"status": "stopping", "message": "the server is stopping"}
-        return 503, {"status": "starting", "message": self.startup_stage}
+        return health_answer(
+            self.model_states(), attached=self.backend is not None, draining=self.draining,
+            stage=self.startup_stage, startup_error=self.startup_error,
+        )  # fmt: skip
 
 
 def error_response(exc: EmberError) -> JSONResponse:
