@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 
@@ -24,6 +24,30 @@ class ModelInfo:
     tokenizer: Any  # a Hugging Face tokenizer (encode, decode, apply_chat_template)
     max_model_len: int
     created: int  # unix seconds, for /v1/models
+
+
+# A served model's state: "importing" (the first run's import into the store),
+# "starting" (no instance ready yet, or retrying a failed start), "ready" (it can
+# serve), "failed" (it cannot start, for a reason no retry can fix).
+ModelStateName = Literal["starting", "importing", "ready", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Whether one model can serve, for /health and `ember status`."""
+
+    state: ModelStateName
+    reason: str | None = None  # failed: why; starting: why the last start failed, if one did
+    progress: int | None = None  # importing: percent done (None until the sizes are known)
+    retry_in_s: float | None = None  # starting after a failed start: seconds to the next try
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that are set, as /health and `ember status --json` show them."""
+        out: dict[str, Any] = {"state": self.state}
+        for key in ("reason", "progress", "retry_in_s"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 class ModelBackend(Protocol):

@@ -18,6 +18,7 @@ EMBER_HOME = "EMBER_HOME"  # root of everything Ember stores (default ~/.ember)
 EMBER_REGISTRY = "EMBER_REGISTRY"  # remote registry: a directory or an http(s) URL
 EMBER_URL = "EMBER_URL"  # server the CLI talks to
 EMBER_API_KEY = "EMBER_API_KEY"  # bearer key the server requires and the CLI sends
+EMBER_ADMIN_KEY = "EMBER_ADMIN_KEY"  # the /admin routes' key, when the server has one
 EMBER_NUM_THREADS = "EMBER_NUM_THREADS"  # torch's CPU threads per process (default: the CPUs it may use)
 
 # Variables Ember sets rather than reads: how torch's OpenMP threads wait while idle.

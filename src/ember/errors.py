@@ -20,6 +20,7 @@ EmberError                      base; carries an HTTP status for the server
 │   └── ClusterStateError       503: the control plane's database failed (locked, I/O); nothing changed
 ├── CheckpointError             422: a checkpoint on disk is unusable
 │   ├── CorruptCheckpointError  422: checksum mismatch, truncated file, bad bounds
+│   │   └── CorruptCacheCopyError 422: a node's cached copy was bad and is dropped; a retry refetches
 │   ├── FormatVersionError      422: index written by an unknown format version
 │   ├── UnsupportedDtypeError   422: a dtype the format cannot hold
 │   ├── UnsupportedModelError   422: an architecture or config option the engine cannot run
@@ -28,17 +29,23 @@ EmberError                      base; carries an HTTP status for the server
 │   └── RegistryUnavailableError 502: it failed part-way (5xx, connection lost); a retry resumes
 ├── InternalError               500: something inside Ember failed serving one request; the server goes on
 ├── MissingDependencyError      500: an optional package is not installed (says how)
-└── StorageFullError            507: no space left while writing
+├── StorageFullError            507: no space left while writing
+└── StartFailedError            503: a model that cannot start, for a reason no retry can fix
 
 What a client may read and what only the server's operator may: `message` says what
 went wrong in words fit for an API client; `detail` carries the specifics that belong
 to the server (a path under EMBER_HOME, a registry URL). `str(exc)` has both, for the
 log and for the local CLI; the server sends `exc.public`, the message with any path or
 URL still in it (one quoted from a wrapped error, say) cut to its last part.
+
+A failed start of an instance is retried (with a backoff) unless `is_permanent`
+says no retry can fix it: a missing or corrupt checkpoint, a full disk, a bad
+setting. The classification is by type, here, next to the tree it reads.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 
 # A URL, or an absolute, home or dot-relative path: a quoted one to its closing quote
@@ -65,6 +72,12 @@ def redact(text: str) -> str:
     ("/home/u/.ember/store/m/part-00000.bin" -> "part-00000.bin"), hosts and
     credentials dropped."""
     return _LOCATION.sub(_last_part, text)
+
+
+def public_text(exc: BaseException) -> str:
+    """What a client may read of any exception: an EmberError's `public`, else its
+    text with paths and URLs redacted."""
+    return exc.public if isinstance(exc, EmberError) else redact(str(exc))
 
 
 class EmberError(Exception):
@@ -205,6 +218,11 @@ class CorruptCheckpointError(CheckpointError):
     pass
 
 
+class CorruptCacheCopyError(CorruptCheckpointError):
+    """A node's cached copy (not the source) failed its checksums; the node dropped it,
+    so the next start fetches a fresh one: a failure a retry can fix."""
+
+
 class FormatVersionError(CheckpointError):
     pass
 
@@ -238,3 +256,35 @@ class MissingDependencyError(EmberError):
 class StorageFullError(EmberError):
     status = 507
     type = "storage_full"
+
+
+class StartFailedError(EmberError):
+    """A model that cannot start, for a reason no retry can fix: `ember serve` exits
+    with it when one of its `--model`s fails so."""
+
+    status = 503
+    type = "start_failed"
+
+
+# Failures of a start that no retry can fix (RETRYABLE lists the exceptions among them).
+PERMANENT: tuple[type[EmberError], ...] = (
+    CheckpointNotFoundError,  # nothing of that name in the store or the registry
+    CheckpointError,  # corrupt, unknown format version, unsupported model or dtype
+    RegistryError,  # the registry sent bad bytes or refused (4xx)
+    StorageFullError,
+    MissingDependencyError,
+    InvalidRequestError,  # a setting the engine cannot run with
+)
+RETRYABLE: tuple[type[EmberError], ...] = (RegistryUnavailableError, CorruptCacheCopyError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a failed start would fail the same way however often it were retried.
+    Anything else (a node that died, no free slot, a registry that is down, an
+    unexpected exception) is worth a retry."""
+    if isinstance(exc, RETRYABLE):
+        return False
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return True  # a full disk that no Ember code turned into StorageFullError
+    return isinstance(exc, PERMANENT)

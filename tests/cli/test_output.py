@@ -21,8 +21,12 @@ def test_status_piped_shows_whole_names(monkeypatch: pytest.MonkeyPatch) -> None
     status = {
         "deployments": [
             {"name": LONG, "model": LONG + "-model", "min_instances": 0, "max_instances": 4,
-             "target_concurrency": 16, "keep_alive_s": 120.0, "waiting_requests": 5,
+             "target_concurrency": 16, "keep_alive_s": 120.0, "waiting_requests": 5, "state": "ready",
+             "reason": None,
              "instances": [{"id": "i1", "node": "node0", "state": "ready", "in_flight": 3}]},
+            {"name": "bad", "model": "bad", "min_instances": 1, "max_instances": 4,
+             "target_concurrency": 16, "keep_alive_s": 120.0, "state": "failed",
+             "reason": "CorruptCheckpointError: index is not valid JSON", "instances": []},
         ],
         "nodes": [{"id": "node0", "slots": 2, "free_slots": 1, "dram": {LONG: 123_000_000}, "disk": [LONG]}],
     }  # fmt: skip
@@ -31,9 +35,22 @@ def test_status_piped_shows_whole_names(monkeypatch: pytest.MonkeyPatch) -> None
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "deployments"
-    header = ["name", "model", "ready", "instances", "target", "keep-alive", "in", "flight", "waiting"]
+    header = [
+        "name",
+        "model",
+        "state",
+        "ready",
+        "instances",
+        "target",
+        "keep-alive",
+        "in",
+        "flight",
+        "waiting",
+    ]
     assert lines[1].split() == header
-    assert lines[2].split() == [LONG, LONG + "-model", "1/1", "0-4", "16", "120s", "3", "5"]
+    assert lines[2].split() == [LONG, LONG + "-model", "ready", "1/1", "0-4", "16", "120s", "3", "5"]
+    assert lines[3].split() == ["bad", "bad", "failed", "0/0", "1-4", "16", "120s", "0", "-"]
+    assert "bad: CorruptCheckpointError: index is not valid JSON" in lines
     assert f"{LONG} (123.0 MB)" in result.stdout
 
 

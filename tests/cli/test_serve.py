@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,35 @@ def test_a_bad_scheduler_fails_before_the_port_is_bound(busy_port: int, ember_ho
 def test_every_setting_has_its_flag() -> None:
     params = set(inspect.signature(serve_cmd).parameters)
     assert params == {*SETTINGS, "config"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [("index.json", "not valid JSON"), ("part-00000.bin", "checksum mismatch")],
+)
+def test_a_corrupt_model_stops_the_server_and_it_exits_1_with_the_reason(
+    tiny_llama: tuple[Path, Any], ember_home: Path, corrupt: str, reason: str
+) -> None:
+    import shutil
+
+    from ember.store.local import LocalStore
+
+    store = LocalStore(ember_home)
+    shutil.copytree(tiny_llama[0], store.path_for("tiny"))
+    store.register("tiny")
+    path = store.path_for("tiny") / corrupt
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(b"{not json" if corrupt == "index.json" else bytes(data))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "ember", "serve", "--model", "tiny", "--port", str(port),
+         "--kv-cache-bytes", str(8 << 20), "--max-model-len", "256", "--log-level", "warning"],
+        env={**os.environ, "EMBER_HOME": str(ember_home)}, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model 'tiny' failed: ") and reason in last, done.stderr

@@ -46,7 +46,8 @@ class FlakyNode:
     dead, every call and every open stream raises NodeFailedError. `die_after_tokens`:
     it dies once its streams delivered that many tokens. `broken`: the calls named
     there raise NodeFailedError while the rest work. `hang_status`: status() never
-    answers (the health check's timeout)."""
+    answers (the health check's timeout). `start_errors`: what the next start_instance
+    calls raise, one each, before they work again; `starts` counts the calls."""
 
     def __init__(self, inner: NodeRuntime, *, die_after_tokens: int | None = None) -> None:
         self.inner = inner
@@ -56,6 +57,8 @@ class FlakyNode:
         self.broken: set[str] = set()
         self.hang_status = False
         self.streamed = 0
+        self.start_errors: list[BaseException] = []
+        self.starts = 0
 
     def _check(self, call: str) -> None:
         if self.dead or call in self.broken:
@@ -65,6 +68,9 @@ class FlakyNode:
         self, instance_id: str, deployment: str, model: str, *, cold: bool = False
     ) -> InstanceInfo:
         self._check("start_instance")
+        self.starts += 1
+        if self.start_errors:
+            raise self.start_errors.pop(0)
         return await self.inner.start_instance(instance_id, deployment, model, cold=cold)
 
     async def instance_loaded(self, instance_id: str) -> InstanceInfo:

@@ -65,7 +65,8 @@ def test_deploy_status_delete_and_a_request_to_a_scaled_from_zero_deployment(
         assert set(status) == {"deployments", "nodes"}
         tiny, cold = status["deployments"]
         policy = {"min_instances", "max_instances", "target_concurrency", "keep_alive_s"}
-        assert set(cold) == {"name", "model", "instances", "waiting_requests", *policy}
+        assert set(cold) == {"name", "model", "instances", "waiting_requests", "state", "reason", *policy}
+        assert [(d["state"], d["reason"]) for d in (tiny, cold)] == [("ready", None)] * 2
         assert (cold["name"], cold["model"], cold["min_instances"]) == ("cold", "tiny2", 0)
         assert cold["waiting_requests"] == 0
         assert cold["instances"] == []

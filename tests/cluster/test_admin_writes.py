@@ -103,6 +103,7 @@ def test_every_write_is_all_or_nothing_across_a_failed_commit(
             assert "nothing was changed" in json.loads(response.text)["error"]["message"]
             await c.settle()
             assert await views(c, state) == before
+            clock.advance(1)  # the failed start's backoff (1 s): the next request starts one
             assert len(await collect(c, "tiny", request("served"))) == 8
             [(_, instances)] = (await agree()).values()
             assert [s for _, _, s in instances] == ["ready"]

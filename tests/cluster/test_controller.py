@@ -188,6 +188,7 @@ def test_a_start_whose_weights_fail_their_checksums_is_dropped_and_the_next_refe
         await c.settle()
         assert (await c.status())["deployments"][0]["instances"] == []
         assert (await c.status())["nodes"][0]["free_slots"] == 1
+        clock.advance(1)  # the next start waits out the first failure's backoff
         assert await collect(c, "tiny", request("again")) == want  # fetched afresh from the registry
         assert [load.tier for load in c.state.loads()] == ["registry", "registry"]
         await c.close()

@@ -474,3 +474,34 @@ def test_a_stream_on_a_node_that_dies_finishes_elsewhere_with_exact_tokens(
             assert tokens == expected
 
     run(main)
+
+
+def test_ember_serve_ray_reports_a_model_with_corrupt_weights_failed_and_stops(
+    cluster: Cluster, ember_home: Path, models: list[str]
+) -> None:
+    """The same states and the same stop as embedded: the controller actor fails the
+    model after the fetch's checksum error; RayBackend carries its state to /health."""
+    part = LocalStore(ember_home).path_for("wide") / "part-00000.bin"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    settings = ServeSettings(
+        models=["tiny", "wide"], ray=cluster.address, start_timeout_s=60, log_level="warning", swap="off",
+        kv_cache_bytes=ENGINE["kv_cache_bytes"], max_model_len=ENGINE["max_model_len"],
+        max_num_seqs=ENGINE["max_num_seqs"],
+    )  # fmt: skip
+    stopped = threading.Event()
+    sock = _free_socket()
+    server = uvicorn.Server(uvicorn.Config(build_app(settings, on_failed=stopped.set), log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    host, port = sock.getsockname()
+    try:
+        assert stopped.wait(120), "the failed model did not stop the server"
+        health = httpx.get(f"http://{host}:{port}/health")
+        assert health.status_code == 503
+        wide = health.json()["models"]["wide"]
+        assert wide["state"] == "failed" and "checksum mismatch" in wide["reason"]
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -38,19 +38,28 @@ class GatedImport:
 def test_503s_during_the_first_run_import_say_how_far_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = GatedImport()
     monkeypatch.setattr(importer, "ensure_default_model", fake)
-    app = build_app(ServeSettings())
+    stopped = threading.Event()
+    app = build_app(ServeSettings(), on_failed=stopped.set)
     with TestClient(app) as client:
         try:
             assert fake.started.wait(30)
             health = client.get("/health")
             assert health.status_code == 503
-            assert health.json() == {"status": "starting", "message": "importing the model"}
+            assert health.json() == {
+                "status": "starting",
+                "message": "importing the model",
+                "models": {"smollm2-135m-instruct": {"state": "importing"}},
+            }
 
             fake.go_on.set()
             assert fake.halfway.wait(30)
             health = client.get("/health")
             assert health.status_code == 503
-            assert health.json() == {"status": "starting", "message": "importing the model, 42% done"}
+            assert health.json() == {
+                "status": "starting",
+                "message": "importing the model, 42% done",
+                "models": {"smollm2-135m-instruct": {"state": "importing", "progress": 42}},
+            }
             chat = client.post(
                 "/v1/chat/completions",
                 json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}]},
@@ -59,9 +68,15 @@ def test_503s_during_the_first_run_import_say_how_far_it_is(monkeypatch: pytest.
             for r in (chat, models):
                 assert r.status_code == 503 and "retry-after" in r.headers
                 assert r.json()["error"]["message"] == "the server is starting: importing the model, 42% done"
+
+            fake.finish.set()  # the import fails: the server says so, and stops
+            assert stopped.wait(30)
+            health = client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["message"] == "the server failed to start: the fake import ends here"
+            state = health.json()["models"]["smollm2-135m-instruct"]
+            assert state["state"] == "failed" and "the fake import ends here" in state["reason"]
+            assert app.state.ember.exit_reason == "the server failed to start: the fake import ends here"
         finally:
             fake.go_on.set()
-            fake.finish.set()  # the loader thread then fails the start-up; the lifespan joins it
-    status, body = app.state.ember.health()
-    assert status == 503 and body["status"] == "failed"
-    assert "the fake import ends here" in body["message"]
+            fake.finish.set()

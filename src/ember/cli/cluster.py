@@ -1,5 +1,6 @@
 """`ember deploy`, `ember delete`, `ember status`: the control plane's admin API from
-the command line, against --url / EMBER_URL, sending EMBER_API_KEY when set."""
+the command line, against --url / EMBER_URL, sending the admin key (--admin-key or
+EMBER_ADMIN_KEY) or else EMBER_API_KEY when set."""
 
 from __future__ import annotations
 
@@ -25,10 +26,21 @@ UrlOption = Annotated[
 ]
 
 
-def _call(method: str, path: str, url: str | None, body: dict[str, Any] | None = None) -> Any:
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"The server's admin key (or {env.EMBER_ADMIN_KEY}); unset, {env.EMBER_API_KEY} is sent.",
+        show_default=False,
+    ),
+]
+
+
+def _call(
+    method: str, path: str, url: str | None, body: dict[str, Any] | None = None, admin_key: str | None = None
+) -> Any:
     base = env.server_url(url)
     headers = {}
-    if key := os.environ.get(env.EMBER_API_KEY):
+    if key := admin_key or os.environ.get(env.EMBER_ADMIN_KEY) or os.environ.get(env.EMBER_API_KEY):
         headers["Authorization"] = f"Bearer {key}"
     try:
         response = httpx.request(
@@ -62,6 +74,7 @@ def deploy_cmd(
         float, typer.Option(help="Seconds an idle instance stays before it goes.")
     ] = DEFAULT_KEEP_ALIVE_S,
     url: UrlOption = None,
+    admin_key: AdminKeyOption = None,
 ) -> None:
     """Create (or update) a deployment: MODEL served as NAME, scaled by requests in flight."""
     # Checked here as the server checks it (the same messages), before any request:
@@ -73,22 +86,23 @@ def deploy_cmd(
         "model": model, "name": name, "min_instances": min_instances, "max_instances": max_instances,
         "target_concurrency": target_concurrency, "keep_alive_s": keep_alive,
     }  # fmt: skip
-    dep = _call("POST", "/admin/deployments", url, body)
+    dep = _call("POST", "/admin/deployments", url, body, admin_key)
     typer.echo(f"deployed {dep['model']} as {dep['name']}")
 
 
 def delete_cmd(
     name: Annotated[str, typer.Argument(help="The deployment.")],
     url: UrlOption = None,
+    admin_key: AdminKeyOption = None,
 ) -> None:
     """Delete a deployment: it takes no new requests; its instances go once drained."""
-    _call("DELETE", f"/admin/deployments/{name}", url)
+    _call("DELETE", f"/admin/deployments/{name}", url, admin_key=admin_key)
     typer.echo(f"deleted {name}")
 
 
-def status_cmd(url: UrlOption = None, as_json: bool = JsonOption) -> None:
+def status_cmd(url: UrlOption = None, admin_key: AdminKeyOption = None, as_json: bool = JsonOption) -> None:
     """Deployments with their live instances, and nodes with what they hold."""
-    data = _call("GET", "/admin/status", url)
+    data = _call("GET", "/admin/status", url, admin_key=admin_key)
     if as_json:
         print_json(data)
         return
@@ -97,12 +111,15 @@ def status_cmd(url: UrlOption = None, as_json: bool = JsonOption) -> None:
         ready = sum(i["state"] == "ready" for i in d["instances"])
         in_flight = sum(i["in_flight"] for i in d["instances"])
         rows.append([
-            d["name"], d["model"], f"{ready}/{len(d['instances'])}",
+            d["name"], d["model"], d.get("state", "-"), f"{ready}/{len(d['instances'])}",
             f"{d['min_instances']}-{d['max_instances']}", d["target_concurrency"], f"{d['keep_alive_s']:g}s",
             in_flight, d.get("waiting_requests", "-"),  # "-": a server from before the field
         ])  # fmt: skip
-    columns = ["name", "model", "ready", "instances", "target", "keep-alive", "in flight", "waiting"]
+    columns = ["name", "model", "state", "ready", "instances", "target", "keep-alive", "in flight", "waiting"]
     print_table("deployments", columns, rows)
+    for d in data["deployments"]:  # why a deployment failed, or why its last start did
+        if d.get("reason"):
+            typer.echo(f"{d['name']}: {d['reason']}")
     nodes = [
         [
             n["id"], f"{n['free_slots']}/{n['slots']}",

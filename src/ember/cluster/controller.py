@@ -7,6 +7,8 @@ Relay (a stream the controller can move between instances: live migration, node
 failure), scales with requests in flight, and lets idle instances go after
 keep-alive. A request for a deployment with no ready instance waits while one
 starts (at most `start_timeout_s`, then OverloadedError: 503 with Retry-After).
+A failed start is retried with a backoff, or never when no retry can fix it
+(ember.cluster.start_failures): the deployment is then failed (model_states).
 
 Nodes are NodeRuntimes: every call is a coroutine or an async stream of picklable
 messages, so nodes in this process and Ray actors look the same from here. Every
@@ -26,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ember.backend import ModelInfo
+from ember.backend import ModelInfo, ModelState
 from ember.cluster.autoscaler import Autoscaler
 from ember.cluster.config import ControllerConfig as ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
@@ -39,6 +41,7 @@ from ember.cluster.placement import PlacementPolicy, make_policy
 from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
+from ember.cluster.start_failures import StartFailures
 from ember.cluster.state import ClusterState, Deployment
 from ember.cluster.status import cluster_status
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
@@ -50,6 +53,7 @@ from ember.errors import (
     ModelNotFoundError,
     NodeFailedError,
     OverloadedError,
+    is_permanent,
 )
 
 log = logging.getLogger(__name__)
@@ -89,12 +93,14 @@ class Controller:
         self.router = Router(clock)
         self._deps: dict[str, Deployment] = {}
         self._info: dict[str, ModelInfo] = {}
+        self.starts = StartFailures(clock)  # each deployment's failed starts: backoff, failed for good
+        self._unusable: dict[str, Deployment] = {}  # its model could not even be read: failed
         self._waiting: Counter[str] = Counter()
         self._stats: dict[str, EngineStats] = {}  # instance id -> its engine's, at the last collection
         self.instances = Instances(
             self.nodes, router=self.router, state=self.state, estimator=self.estimator, policy=self.policy,
             cost=self.migration_cost, autoscaler=self.autoscaler, events=self.events, config=self.config,
-            deployment=self._deps.get,
+            deployment=self._deps.get, starts=self.starts,
         )  # fmt: skip
         self._changed = self.instances.changed
         self._ticker: asyncio.Task[None] | None = None
@@ -107,28 +113,40 @@ class Controller:
         for probe in await asyncio.gather(*(n.probe_bandwidth() for n in self.nodes.values())):
             self.estimator.calibrate(probe)
         for dep in self.state.deployments():
-            self._install(dep, await self._model_info(dep))
+            await self._adopt_or_fail(dep, store=False)
         for dep in deployments:
-            if dep.name not in self._deps:
-                await self.deploy(dep)
+            if dep.name not in self._deps and dep.name not in self._unusable:
+                await self._adopt_or_fail(dep, store=True)
         self.reconcile()
         if self.config.tick_s is not None:
             self._ticker = asyncio.create_task(self._tick(self.config.tick_s))
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Until every deployment has its minimum instances ready (or one failed to start)."""
-        failures = self.instances.failures
+        """Until every deployment has its minimum instances ready or has failed for good
+        (a failed start that will be retried is waited for); TimeoutError after `timeout_s`."""
 
         def done() -> bool:
             return all(
-                name in failures or sum(r.ready for r in self.router.routes(name)) >= dep.min_instances
+                self.starts.permanent(name) is not None
+                or sum(r.ready for r in self.router.routes(name)) >= dep.min_instances
                 for name, dep in self._deps.items()
             )
 
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(done), timeout_s)
-        for name, exc in failures.items():
-            log.error("deployment %s failed to start: %s", name, exc)
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Every deployment's state: ready (an instance is, or it is scaled to zero),
+        starting (with the last failure and the next try, if a start failed) or failed."""
+        states = {
+            name: self.starts.state(
+                name, ready=any(r.ready for r in self.router.routes(name)), min_instances=dep.min_instances
+            )
+            for name, dep in self._deps.items()
+        }
+        for name in self._unusable:
+            states[name] = self.starts.state(name, ready=False, min_instances=1)
+        return states
 
     async def settle(self) -> None:
         """Until no instance is starting, moving or stopping (for tests and shutdown)."""
@@ -180,15 +198,24 @@ class Controller:
         info = await self._model_info(dep)
         self.state.put_deployment(dep)  # the database first; from here on nothing can fail
         self._install(dep, info)
+        self.starts.forget(dep.name)  # deployed again: whatever failed may be fixed
+        self._unusable.pop(dep.name, None)
         self.reconcile(dep.name)
         return dep
 
     async def delete(self, name: str) -> None:
         """Stop taking requests for `name`; its instances go once their requests finish.
         All or nothing, as deploy()."""
+        if name in self._unusable:  # failed at start-up: never ran
+            with contextlib.suppress(ModelNotFoundError):  # a --model that was never stored
+                self.state.delete_deployment(name)
+            del self._unusable[name]
+            self.starts.forget(name)
+            return
         if name not in self._deps:
             raise ModelNotFoundError(f"no deployment named {name!r}", param="name")
         self.state.delete_deployment(name)
+        self.starts.forget(name)
         del self._deps[name], self._info[name]
         self.instances.failures.pop(name, None)
         for route in self.router.routes(name):
@@ -212,9 +239,26 @@ class Controller:
         created = old.created if old is not None else int(time.time())
         return await asyncio.to_thread(model_info, dep.name, model_dir, created, self.config.max_model_len)
 
+    async def _adopt(self, dep: Deployment) -> None:
+        """Serve `dep` (a deployment the database already has) from here on."""
+        self._install(dep, await self._model_info(dep))
+
     def _install(self, dep: Deployment, info: ModelInfo) -> None:
         self._info[dep.name] = info
         self._deps[dep.name] = dep
+
+    async def _adopt_or_fail(self, dep: Deployment, *, store: bool) -> None:
+        """Adopt (and with `store`, deploy) `dep` at start-up; a model that cannot be
+        read for good (a missing or corrupt checkpoint) leaves `dep` failed, not the
+        controller unstarted."""
+        try:
+            await (self.deploy(dep) if store else self._adopt(dep))
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+            log.error("deployment %s cannot start: %s", dep.name, exc)
+            self._unusable[dep.name] = dep
+            self.starts.failed(dep.name, exc, began=self.clock())
 
     def _set_context(self, name: str, max_model_len: int) -> None:
         info = self._info.get(name)
@@ -229,6 +273,9 @@ class Controller:
     def model(self, name: str) -> ModelInfo:
         info = self._info.get(name)
         if info is None:
+            failure = self.starts.permanent(name) if name in self._unusable else None
+            if failure is not None:
+                raise failure
             raise ModelNotFoundError(f"the model '{name}' does not exist", param="model")
         return info
 
@@ -280,7 +327,8 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         """What `ember status --json` prints: deployments with live instances, live nodes."""
         statuses = await self.instances.statuses()
-        return cluster_status(self.deployments(), self.router.routes(), statuses, self._waiting)
+        deployments = self.deployments() + list(self._unusable.values())
+        return cluster_status(deployments, self.router.routes(), statuses, self._waiting, self.model_states())
 
     # -- relays (ember.cluster.relay.RelayHost) ---------------------------------------
 
@@ -354,7 +402,8 @@ class Controller:
         for dep in [self._deps[name]] if name in self._deps else self.deployments():
             starting = self.instances.placing[dep.name]
             plan = self.autoscaler.plan(dep, self.router.loads(dep.name), self._waiting[dep.name], starting)
-            for _ in range(plan.start):
+            # a failed start is retried once its backoff has passed (a later tick), or never
+            for _ in range(plan.start if self.starts.may_start(dep.name) else 0):
                 # Counted as starting before any await, so a second request sees it and waits.
                 start = self.instances.scale_up(dep, functools.partial(self._wants_more, dep.name))
                 self.instances.spawn(self._start(start))

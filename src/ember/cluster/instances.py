@@ -37,6 +37,7 @@ from ember.cluster.placement import NodeView, Placement, PlacementPolicy, Runnin
 from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
+from ember.cluster.start_failures import StartFailures
 from ember.cluster.state import ClusterState, Deployment, InstanceRecord, LoadRecord
 from ember.errors import ClusterStateError, InstanceFailedError, NodeFailedError, OverloadedError
 
@@ -59,6 +60,7 @@ class Instances:
         events: ClusterEvents,
         config: ControllerConfig,
         deployment: Callable[[str], Deployment | None],
+        starts: StartFailures | None = None,
     ) -> None:
         self.nodes = nodes
         self.router = router
@@ -73,6 +75,7 @@ class Instances:
         self.failures: dict[str, BaseException] = {}  # deployment -> why its last start failed
         self.placing: Counter[str] = Counter()  # deployment -> its starts not placed yet (no route)
         self.stopping: set[str] = set()  # instance ids a stop() is under way for
+        self.starts = starts if starts is not None else StartFailures()  # backoff; failed for good
         self.relays: dict[str, set[Relay]] = {}  # instance id -> the requests it serves
         self.down: set[str] = set()
         self.changed = asyncio.Condition()
@@ -179,6 +182,7 @@ class Instances:
 
     async def _scale_up(self, dep: Deployment, wanted: Callable[[], bool]) -> InstanceInfo | None:
         route = placement = None
+        began = self.starts.clock()
         try:
             placement = await self.place(dep, await self.size(dep.model), wanted)
             if placement is not None:
@@ -187,6 +191,7 @@ class Instances:
             log.error("placing an instance of %s failed: %s", dep.name, exc)
             if not self.router.loads(dep.name):  # else its requests have instances: no failure
                 self.failures[dep.name] = exc
+                self._start_failed(dep.name, exc, began)
         finally:
             self.placing[dep.name] -= 1
             if self.placing[dep.name] <= 0:
@@ -211,6 +216,7 @@ class Instances:
         on route.node (a migration's destination); on failure record why, drop the
         route and return None."""
         self.failures.pop(dep.name, None)
+        began = self.starts.clock()
         self.events.scaled(dep.name, "up")
         token = None
         started = False
@@ -244,6 +250,7 @@ class Instances:
                 route.instance_id, dep.name, info.node, info.tier, observed.actual_s, observed.estimated_s,
             )  # fmt: skip
             self.router.set_ready(route.instance_id)
+            self.starts.succeeded(dep.name)
             if route.draining:  # deleted while it loaded
                 self.spawn(self.stop(route))
             return info
@@ -258,9 +265,16 @@ class Instances:
                 self.spawn(self._discard(route.node, route.instance_id))
             self.router.remove(route.instance_id)
             self.failures[dep.name] = exc
+            self._start_failed(dep.name, exc, began)
             return None
         finally:
             await self.notify()
+
+    def _start_failed(self, name: str, exc: BaseException, began: float) -> None:
+        if self.deployment(name) is not None:  # before anyone wakes: no start in its backoff
+            self.starts.failed(name, exc, began)
+            if self.starts.permanent(name) is not None:
+                log.error("deployment %s failed for good; no start is retried", name)
 
     async def place(
         self, dep: Deployment, nbytes: int, wanted: Callable[[], bool] = lambda: True

@@ -29,7 +29,16 @@ from ember.engine.async_engine import AsyncEngine
 from ember.engine.config import EngineConfig
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput, RequestSnapshot
 from ember.env import ember_home
-from ember.errors import EmberError, EngineDeadError, InstanceFailedError, ModelNotFoundError, OverloadedError
+from ember.errors import (
+    CheckpointNotFoundError,
+    CorruptCacheCopyError,
+    CorruptCheckpointError,
+    EmberError,
+    EngineDeadError,
+    InstanceFailedError,
+    ModelNotFoundError,
+    OverloadedError,
+)
 from ember.store.dram_pool import PoolLease
 from ember.store.format import read_index
 from ember.store.local import LocalStore
@@ -45,6 +54,7 @@ class _Instance:
     engine: AsyncEngine
     lease: PoolLease
     began: float  # perf_counter when its load began
+    cached: bool  # its weights come from the node's disk cache (dropped if they are corrupt)
     loaded: asyncio.Future[InstanceInfo] | None = None
 
 
@@ -118,6 +128,9 @@ class EmbeddedNode:
         lease, path, report = self.store.acquire(model, device=str(self.config.torch_device), stream=True)
         try:
             engine = load_engine(path, self.config, weights=lease.tensors, loading=lease.loading)
+        except CheckpointNotFoundError as exc:  # the copy it leased went away meanwhile (a failed load)
+            lease.release()
+            raise OverloadedError(f"node {self.node_id}: the copy of {model!r} went away ({exc})") from exc
         except BaseException:
             lease.release()
             raise
@@ -126,14 +139,21 @@ class EmbeddedNode:
             instance_id, deployment, model, self.node_id, tier, report.nbytes, report.seconds,
             time.perf_counter() - start, engine.max_model_len, loading=lease.loading is not None,
         )  # fmt: skip
-        return _Instance(info, AsyncEngine(engine), lease, start)
+        return _Instance(info, AsyncEngine(engine), lease, start, cached=report.tier in ("disk", "registry"))
 
     async def _arrived(self, inst: _Instance) -> InstanceInfo:
         """Once the instance's weights are all in: its final info; frees the loading queue."""
         try:
             loading = inst.lease.loading
             if loading is not None:
-                await asyncio.to_thread(loading.wait)
+                try:
+                    await asyncio.to_thread(loading.wait)
+                except CorruptCheckpointError as exc:
+                    if not inst.cached:
+                        raise
+                    raise CorruptCacheCopyError(
+                        f"{exc} (node {self.node_id} dropped its copy: the next start fetches a fresh one)"
+                    ) from exc
                 assert loading.finished is not None
                 load_s = loading.finished - inst.began
                 inst.info = dataclasses.replace(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.backend import ModelInfo
+from ember.backend import ModelInfo, ModelState
 from ember.cluster.controller import Controller, ControllerConfig
 from ember.cluster.estimator import Observation
 from ember.cluster.events import ClusterEvents, Direction
@@ -145,6 +145,9 @@ class ControllerActor:
     async def gauges(self) -> dict[str, EngineStats]:
         return await (await self._ready()).collect_gauges()
 
+    async def model_states(self) -> dict[str, ModelState]:
+        return (await self._ready()).model_states()
+
     async def take_events(self) -> list[tuple[str, tuple[Any, ...]]]:
         events, self._events.pending = self._events.pending, []
         return events
@@ -175,6 +178,7 @@ class RayBackend:
         self._info: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Any] = {}
         self._gauges: dict[str, EngineStats] = {}
+        self._states: dict[str, ModelState] = {}
         self._refresher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -204,10 +208,12 @@ class RayBackend:
             raise OverloadedError(f"the controller is restarting: {exc}", retry_after_s=2.0) from exc
 
     async def start(self, timeout_s: float) -> None:
-        """Until the minimum instances are ready; then keep the local copies fresh."""
+        """Keep the local copies fresh (each model's state while they start, too); return
+        once the minimum instances are ready or failed for good (TimeoutError after
+        `timeout_s`: the starts go on)."""
+        self._refresher = asyncio.create_task(self._refresh_forever())
         await self._call("wait_ready", timeout_s)
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever())
 
     async def refresh(self) -> None:
         """Copy the deployments' ModelInfo and gauges, and replay scale events."""
@@ -222,6 +228,7 @@ class RayBackend:
             info[e.name] = ModelInfo(e.name, base.tokenizer, e.max_model_len, e.created)
         self._info = info
         self._gauges = await self._call("gauges")
+        self._states = await self._call("model_states")
         for name, args in await self._call("take_events"):
             if self.events is not None:
                 getattr(self.events, name)(*args)
@@ -258,6 +265,10 @@ class RayBackend:
 
     def gauges(self) -> dict[str, EngineStats]:
         return dict(self._gauges)
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Each deployment's state, as of the last refresh (every second)."""
+        return dict(self._states)
 
     # -- admin ------------------------------------------------------------------------
 

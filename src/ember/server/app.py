@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible routes, health, metrics, errors in OpenAI's shape.
 
 The app starts answering at once: /health is 503 until a backend is attached (the
-first-run import and load happen after the socket is open), then 200. While it is
+first-run import and load happen after the socket is open) and every model it serves
+can serve, then 200 (server/health.py: each model's state in the body). While it is
 starting, every 503 says what the start-up is doing ("importing the model, 42% done").
 """
 
@@ -13,8 +14,8 @@ import hmac
 import json
 import re
 import uuid
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ember.backend import ModelBackend
+from ember.backend import ModelBackend, ModelState
 from ember.errors import (
     AuthenticationError,
     EmberError,
@@ -36,6 +37,7 @@ from ember.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from ember.server.health import health_answer, model_states
 from ember.server.in_flight import Slot, SlotStream, internal_error
 from ember.server.metrics import ServerMetrics
 from ember.server.openapi import ERRORS, declare_schemas, json_body, streamed
@@ -62,11 +64,17 @@ class ServerState:
     max_body_bytes: int
     max_in_flight: int
     backend: ModelBackend | None = None
+    admin_key: str | None = None  # when set, the /admin routes take it and only it
     in_flight: int = 0
     draining: bool = False
     startup_error: BaseException | None = None
     # what the start-up is doing, set by the loader thread: "importing the model, 42% done"
     startup_stage: str = STARTING
+    models: list[str] = field(default_factory=list)  # what /health answers for (none: the backend's)
+    # each model's state as the control plane sees it, once there is one (the runner sets it)
+    live_states: Callable[[], Mapping[str, ModelState]] | None = None
+    imports: dict[str, ModelState] = field(default_factory=dict)  # first-run imports under way
+    exit_reason: str | None = None  # why `ember serve` stops and exits non-zero (a model failed)
 
     def admit(self) -> Slot:
         """A place in flight for one more request; OverloadedError past the limit."""
@@ -88,15 +96,21 @@ class ServerState:
             raise OverloadedError(f"the server is starting: {self.startup_stage}", retry_after_s=2.0)
         return self.backend
 
-    def health(self) -> tuple[int, dict[str, str]]:
+    def model_states(self) -> dict[str, ModelState]:
+        """Each served model's state (starting, importing, ready, failed)."""
+        live = dict(self.live_states()) if self.live_states is not None else {}
+        models = self.models
+        if not models and self.backend is not None:  # an app given no model list: the backend's
+            models = [m.name for m in self.backend.models()]
+            live = {name: live.get(name, ModelState("ready")) for name in models}
+        return model_states(models, live, self.imports, self.startup_error)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
         """/health's status code and body."""
-        if self.backend is not None and not self.draining:
-            return 200, {"status": "ok"}
-        if self.startup_error is not None:
-            return 503, {"status": "failed", "message": f"the server failed to start: {self.startup_error}"}
-        if self.draining:
-            return 503, {"status": "stopping", "message": "the server is stopping"}
-        return 503, {"status": "starting", "message": self.startup_stage}
+        return health_answer(
+            self.model_states(), attached=self.backend is not None, draining=self.draining,
+            stage=self.startup_stage, startup_error=self.startup_error,
+        )  # fmt: skip
 
 
 def error_response(exc: EmberError) -> JSONResponse:
@@ -200,8 +214,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[BaseModel]) -> 
 
 
 class ApiKeyGuard:
-    """The API key, on every route but /health and /metrics: a pure ASGI middleware.
-    (Not `@app.middleware("http")`: BaseHTTPMiddleware hands the routes a receive that
+    """The API key, on every route but /health and /metrics, and the admin key (when
+    there is one) on every /admin route, where the API key does not do: a pure ASGI
+    middleware. (Not `@app.middleware("http")`: BaseHTTPMiddleware hands the routes a receive that
     swallows the client's http.disconnect, so a non-streaming request whose client
     had gone kept generating.)"""
 
@@ -210,27 +225,38 @@ class ApiKeyGuard:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.authorised(scope):
-            error = AuthenticationError("a missing or wrong API key (send 'Authorization: Bearer KEY')")
-            await error_response(error)(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            admin = self.state.admin_key is not None and _is_admin(scope["path"])
+            key = self.state.admin_key if admin else self.state.api_key
+            if key and scope["path"] not in _OPEN_PATHS and not _bearer_is(scope, key):
+                which = "admin key" if admin else "API key"
+                error = AuthenticationError(f"a missing or wrong {which} (send 'Authorization: Bearer KEY')")
+                await error_response(error)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
-    def authorised(self, scope: Scope) -> bool:
-        key = self.state.api_key
-        if not key or scope["path"] in _OPEN_PATHS:
-            return True
-        header = Headers(scope=scope).get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(token.encode(), key.encode())
+
+def _is_admin(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
+
+
+def _bearer_is(scope: Scope, key: str) -> bool:
+    header = Headers(scope=scope).get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else ""
+    return hmac.compare_digest(token.encode(), key.encode())
 
 
 def create_app(
-    *, api_key: str | None = None, max_body_bytes: int = 2 << 20, max_in_flight: int = 256
+    *,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    max_body_bytes: int = 2 << 20,
+    max_in_flight: int = 256,
 ) -> FastAPI:
     """The ASGI app. Attach a backend with `app.state.ember.backend = ...` once the
-    models are ready; until then /health answers 503."""
-    state = ServerState(api_key, max_body_bytes, max_in_flight)
+    models are ready; until then /health answers 503. `admin_key`: the key of the
+    /admin routes (server/admin.py); unset, they take `api_key` as every route does."""
+    state = ServerState(api_key, max_body_bytes, max_in_flight, admin_key=admin_key)
     metrics = ServerMetrics(lambda: state.backend.gauges() if state.backend else {}, lambda: state.in_flight)
     app = FastAPI(title="Ember", docs_url=None, redoc_url=None)
     app.state.ember = state

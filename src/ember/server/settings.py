@@ -75,6 +75,15 @@ class ServeSettings:
     api_key: Annotated[
         str | None, Help("Require 'Authorization: Bearer KEY' on every route but /health and /metrics.")
     ] = None
+    api_key_file: Annotated[
+        str | None, Help("Read api_key from this file (its first line), so it need not appear in `ps`.")
+    ] = None
+    admin_key: Annotated[
+        str | None,
+        Help("Require this key (and only it: not api_key) on every /admin route, /admin/status "
+             "included (unset: the admin routes take api_key)."),
+    ] = None  # fmt: skip
+    admin_key_file: Annotated[str | None, Help("Read admin_key from this file (its first line).")] = None
     scheduler: Annotated[
         SchedulerName,
         Help("Scheduling policy of every engine: mlfq (skip-join MLFQ), fcfs, or srpt (an oracle, for "
@@ -138,6 +147,12 @@ class ServeSettings:
              "or its address; one node per Ray node, --slots per CPU-only node."),
     ] = None  # fmt: skip
 
+    def keys(self) -> tuple[str | None, str | None]:
+        """The API key and the admin key, each given or read from its file (whose first
+        line is the key). InvalidRequestError for a key given both ways, a file that
+        cannot be read, or an empty key."""
+        return _key(self, "api_key"), _key(self, "admin_key")
+
     def engine_options(self) -> dict[str, Any]:
         """The EngineConfig fields these settings give every engine."""
         opts: dict[str, Any] = {
@@ -153,6 +168,24 @@ class ServeSettings:
 
 
 SETTINGS = {f.name: f for f in fields(ServeSettings)}
+
+
+def _key(settings: ServeSettings, name: str) -> str | None:
+    key: str | None = getattr(settings, name)
+    path: str | None = getattr(settings, f"{name}_file")
+    if path is None:
+        return key
+    if key is not None:
+        raise InvalidRequestError(f"give {name} or {name}_file, not both", param=name)
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read {name}_file {path}: {exc}", param=f"{name}_file") from exc
+    if not lines or not lines[0].strip():
+        raise InvalidRequestError(
+            f"{name}_file {path} is empty: its first line is the key", param=f"{name}_file"
+        )
+    return lines[0].strip()
 
 
 @functools.cache
@@ -197,9 +230,11 @@ def load_settings(
     from pydantic import TypeAdapter, ValidationError
 
     try:
-        return TypeAdapter(ServeSettings).validate_python(values)
+        settings = TypeAdapter(ServeSettings).validate_python(values)
     except ValidationError as exc:
         raise _explain(exc, values, origin) from None
+    settings.keys()  # a key file that cannot be read fails here, before anything starts
+    return settings
 
 
 def _read_toml(config: Path) -> dict[str, Any]:
