@@ -71,3 +71,17 @@ def test_model_files_are_read_alone_and_checked_without_fetching_the_weights(
                 registry.read_files("m", prefix="model/")
             with pytest.raises(CheckpointNotFoundError):
                 registry.read_files("other")
+
+
+def test_a_store_served_to_the_nodes_calls_itself_the_store_when_a_checkpoint_is_missing(
+    server: RegistryServer,
+) -> None:
+    """Ray mode serves the head's store when no --registry is given: a missing model is
+    "not in the store", as embedded, with no URL of the server's in the message."""
+    missing = CheckpointNotFoundError
+    with HttpRegistry(server.url, described="the store") as store, pytest.raises(missing) as caught:
+        store.size("ghost")
+    assert caught.value.public.startswith("checkpoint 'ghost' is not in the store")
+    assert "http" not in caught.value.public
+    with HttpRegistry(server.url) as registry, pytest.raises(missing, match="not in the registry"):
+        registry.size("ghost")

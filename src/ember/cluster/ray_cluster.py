@@ -17,10 +17,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from ember.cluster.ray_node import AgentOptions, RayNode, import_ray
 from ember.cluster.runtime import NodeRuntime
+from ember.store.local import is_store_root
 from ember.store.registry_server import RegistryServer
 
 log = logging.getLogger(__name__)
@@ -88,11 +90,16 @@ class RayCluster:
         if not ray.is_initialized():
             ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
         server = None
+        described = "the registry"
         if not registry.startswith(("http://", "https://")):
-            server = RegistryServer(registry.removeprefix("file://"), host=ray.util.get_node_ip_address())
+            root = registry.removeprefix("file://")
+            described = "the store" if is_store_root(Path(root)) else described
+            server = RegistryServer(root, host=ray.util.get_node_ip_address())
             registry = server.url
-            log.info("serving the registry to the Ray nodes at %s", registry.rsplit("/", 1)[0])
-        options = AgentOptions(registry, engine_options=engine_options or {}, home=home)
+            log.info("serving %s to the Ray nodes at %s", described, registry.rsplit("/", 1)[0])
+        options = AgentOptions(
+            registry, registry_described=described, engine_options=engine_options or {}, home=home
+        )
         cluster = cls(options, default_slots=default_slots, registry_server=server)
         cluster.sync()
         return cluster

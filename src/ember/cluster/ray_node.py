@@ -48,6 +48,7 @@ class AgentOptions:
     (None: that machine's own EMBER_HOME, from the environment `ray start` ran in)."""
 
     registry: str  # a directory or http(s) URL every machine can read
+    registry_described: str = "the registry"  # "the store": the head's store, served over HTTP
     engine_options: dict[str, Any] = field(default_factory=dict)
     home: str | None = None
     dram_budget: int = DEFAULT_DRAM_BUDGET
@@ -65,7 +66,7 @@ class NodeAgent:
 
         self.node = EmbeddedNode(
             node_id,
-            open_registry(options.registry),
+            open_registry(options.registry, described=options.registry_described),
             slots=slots,
             home=Path(options.home) if options.home is not None else None,
             engine_options=options.engine_options,

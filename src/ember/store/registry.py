@@ -170,8 +170,11 @@ class HttpRegistry:
         range_bytes: int = DEFAULT_RANGE_BYTES,
         retries: int = 3,
         backoff_s: float = 0.5,
+        described: str = "the registry",
     ) -> None:
         self.location = url.rstrip("/")
+        # what errors call it: "the store" when it serves a store (Ray mode's default)
+        self.described = described
         self.connections, self.range_bytes = connections, range_bytes
         self.retries, self.backoff_s = retries, backoff_s
         self._client = make_client(connections)
@@ -180,7 +183,7 @@ class HttpRegistry:
         return HttpSource(self._client, f"{self.location}/{quote(check_name(name))}")
 
     def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
-        with _in_registry("the registry", shown_url(self.location), name):
+        with _in_registry(self.described, shown_url(self.location), name):
             return copy_checkpoint(
                 self._source(name),
                 dest,
@@ -200,11 +203,11 @@ class HttpRegistry:
         return self._source(name).exists()
 
     def size(self, name: str) -> int:
-        with _in_registry("the registry", shown_url(self.location), name):
+        with _in_registry(self.described, shown_url(self.location), name):
             return _index(self._source(name)).stored_bytes
 
     def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
-        with _in_registry("the registry", shown_url(self.location), name):
+        with _in_registry(self.described, shown_url(self.location), name):
             return _read_files(self._source(name), prefix)
 
     def close(self) -> None:
@@ -245,10 +248,11 @@ def _read_files(source: CheckpointSource, prefix: str) -> dict[str, bytes]:
     return out
 
 
-def open_registry(location: str) -> Registry:
-    """A registry from a directory path (or file:// URL) or an http(s):// base URL."""
+def open_registry(location: str, *, described: str = "the registry") -> Registry:
+    """A registry from a directory path (or file:// URL) or an http(s):// base URL.
+    `described`: what an http one's errors call it (a directory says for itself)."""
     if location.startswith(("http://", "https://")):
-        return HttpRegistry(location)
+        return HttpRegistry(location, described=described)
     return DirectoryRegistry(location.removeprefix("file://"))
 
 
