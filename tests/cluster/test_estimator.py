@@ -61,3 +61,22 @@ def test_the_loading_queue_adds_the_remaining_time_of_each_queued_load() -> None
     assert est.queue_wait("a") == pytest.approx(load)
     est.cancel(second)
     assert est.queue_wait("a") == 0
+
+
+def test_a_small_load_calibrates_the_overhead_but_not_the_bandwidth() -> None:
+    """A few-MB copy that took half a second (a busy machine) says nothing about DRAM's
+    bandwidth: the node holding the model in DRAM still beats a download elsewhere."""
+    clock = FakeClock()
+    est = StartupTimeEstimator(clock=clock)
+    est.calibrate(BandwidthProbe("a", {"dram": 8 * GB, "registry": 0.1 * GB}))
+    est.calibrate(BandwidthProbe("b", {"dram": 8 * GB, "registry": 0.1 * GB}))
+    small = 4 << 20
+    for _ in range(3):
+        token = est.begin(est.estimate(status("a", dram=("m",)), "m", small))
+        clock.advance(0.5)
+        est.finish(token, loaded("a", "dram", small, 0.5, overhead_s=0.2))
+    assert est.bandwidth("a", "dram") == pytest.approx(8 * GB)
+    assert est.overhead("a") > 0.1
+    in_dram = est.estimate(status("a", dram=("m",)), "m", small)
+    download = est.estimate(status("b"), "m", small)
+    assert in_dram.total_s < download.total_s

@@ -13,7 +13,9 @@ c: the node's fixed cost of building a model and engine once the weights are in
 b starts from a short probe of each node (or conservative priors) and, like c, is
 recalibrated from every finished load by an exponentially weighted average of
 seconds per byte: a wrong estimate (a throttled disk) halves its error per load
-with the default alpha of 0.5.
+with the default alpha of 0.5. A load under MIN_BANDWIDTH_SAMPLE_BYTES measures
+latency (thread hand-offs, a scheduler's time slice), not bandwidth: it leaves b as
+it was, or a DRAM copy of a small model could look slower than a download.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ember.cluster.messages import TIERS, BandwidthProbe, InstanceInfo, LoadTier
 # bytes/s assumed for a node that was not probed, until its first load says better
 PRIOR_BYTES_PER_S: dict[LoadTier, float] = {"dram": 8e9, "disk": 1e9, "registry": 100e6}
 PRIOR_OVERHEAD_S = 0.05
+MIN_BANDWIDTH_SAMPLE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ class StartupTimeEstimator:
         with self._lock:
             pending = self._pop(token)
             node, tier = info.node, info.tier
-            if info.nbytes > 0:
+            if info.nbytes >= MIN_BANDWIDTH_SAMPLE_BYTES:
                 observed = max(info.load_s, 1e-9) / info.nbytes
                 key = (node, tier)
                 self._s_per_byte[key] = (1 - self.alpha) * self._spb(node, tier) + self.alpha * observed

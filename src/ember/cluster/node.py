@@ -126,20 +126,24 @@ class EmbeddedNode:
             self.store.disk.evict(model)
         _prefetch_tokenizer(self.store.nearest_dir(model))
         lease, path, report = self.store.acquire(model, device=str(self.config.torch_device), stream=True)
+        cached = report.tier in ("disk", "registry")
         try:
             engine = load_engine(path, self.config, weights=lease.tensors, loading=lease.loading)
-        except CheckpointNotFoundError as exc:  # the copy it leased went away meanwhile (a failed load)
+        except BaseException as exc:
             lease.release()
-            raise OverloadedError(f"node {self.node_id}: the copy of {model!r} went away ({exc})") from exc
-        except BaseException:
-            lease.release()
+            streamed = lease.loading.error if lease.loading is not None else None
+            if isinstance(streamed, CorruptCheckpointError):  # its stream failed and dropped the copy
+                raise (self._dropped(streamed) if cached else streamed) from exc
+            if isinstance(exc, CheckpointNotFoundError):  # the copy it leased went away meanwhile
+                gone = f"node {self.node_id}: the copy of {model!r} went away ({exc})"
+                raise OverloadedError(gone) from exc
             raise
         tier: LoadTier = "disk" if report.tier == "store" else report.tier
         info = InstanceInfo(
             instance_id, deployment, model, self.node_id, tier, report.nbytes, report.seconds,
             time.perf_counter() - start, engine.max_model_len, loading=lease.loading is not None,
         )  # fmt: skip
-        return _Instance(info, AsyncEngine(engine), lease, start, cached=report.tier in ("disk", "registry"))
+        return _Instance(info, AsyncEngine(engine), lease, start, cached=cached)
 
     async def _arrived(self, inst: _Instance) -> InstanceInfo:
         """Once the instance's weights are all in: its final info; frees the loading queue."""
@@ -151,9 +155,7 @@ class EmbeddedNode:
                 except CorruptCheckpointError as exc:
                     if not inst.cached:
                         raise
-                    raise CorruptCacheCopyError(
-                        f"{exc} (node {self.node_id} dropped its copy: the next start fetches a fresh one)"
-                    ) from exc
+                    raise self._dropped(exc) from exc
                 assert loading.finished is not None
                 load_s = loading.finished - inst.began
                 inst.info = dataclasses.replace(
@@ -162,6 +164,12 @@ class EmbeddedNode:
             return inst.info
         finally:
             self._loading.release()
+
+    def _dropped(self, exc: CorruptCheckpointError) -> CorruptCacheCopyError:
+        """A cached copy's streamed load failed its checksums: the copy is dropped, so a retry refetches."""
+        return CorruptCacheCopyError(
+            f"{exc} (node {self.node_id} dropped its copy: the next start fetches a fresh one)"
+        )
 
     async def instance_loaded(self, instance_id: str) -> InstanceInfo:
         inst = self._instances.get(instance_id)
