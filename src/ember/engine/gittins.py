@@ -54,37 +54,43 @@ REFRESH_EVERY = 16  # iterations between recomputations of the index with the ru
 
 
 class GittinsIndex:
-    """Gittins indices of a length with a per-token hazard constant within each bin.
-
-    edges: e_0 = 1 < ... < e_B (bin k holds lengths [e_k, e_{k+1})); hazards: [B],
-    P(token t is the last | token t was generated) for t in bin k. The index of a job
-    in bin k is computed at the bin's start (its job has generated e_k - 1 tokens) and
-    kept for the whole bin; the best quantum ends at a bin edge, as within a bin of
-    constant hazard the ratio moves monotonically.
+    """Gittins indices of a length given per bin (edges e_0 = 1 < ... < e_B; bin k holds
+    lengths [e_k, e_{k+1})) by P(pass bin k | reach it) and E[tokens generated in bin k
+    | reach it]. The index of a job in bin k is computed at the bin's start (the job has
+    generated e_k - 1 tokens) and kept for the whole bin; quanta end at bin edges.
     """
 
-    def __init__(self, edges: Seq[int] | np.ndarray, hazards: Seq[float] | np.ndarray) -> None:
+    def __init__(
+        self, edges: Seq[int] | np.ndarray, stay: Seq[float] | np.ndarray, inside: Seq[float] | np.ndarray
+    ) -> None:
         self.edges = np.asarray(edges, dtype=np.int64)
-        h = np.clip(np.asarray(hazards, dtype=float), 0.0, 1.0 - 1e-12)
-        widths = np.diff(self.edges).astype(float)
-        b = len(widths)
-        log_pass = widths * np.log1p(-h)  # log P(pass bin i | reach it)
-        log_reach = np.concatenate([[0.0], np.cumsum(log_pass)])  # log P(reach e_i), [B+1]
-        inside = np.where(
-            h > 0, -np.expm1(log_pass) / np.maximum(h, 1e-300), widths
-        )  # E[tokens in i | reach]
+        stay_ = np.clip(np.asarray(stay, dtype=float), 0.0, 1.0)
+        inside_ = np.asarray(inside, dtype=float)
+        b = len(stay_)
         later = np.triu(np.ones((b, b), dtype=bool))  # [k, i]: i >= k; the rest is masked
-        reach = np.exp(np.where(later, log_reach[None, :b] - log_reach[:b, None], -np.inf))  # of e_i from e_k
-        past = np.where(later, log_reach[None, 1:] - log_reach[:b, None], 0.0)  # log, of e_{i+1} from e_k
+        # [k, i]: P(reach e_{i+1} | reach e_k) and P(reach e_i | reach e_k), 0 where i < k
+        past = np.where(later, np.cumprod(np.where(later, stay_[None, :], 1.0), axis=1), 0.0)
+        reach = np.eye(b) + np.pad(past[:, :-1], ((0, 0), (1, 0)))
         # a quantum that ends at e_{j+1}, for a job at e_k: P(done by then), E[tokens run by then]
-        self.done = np.where(later, -np.expm1(past), 0.0)  # [B, B]
+        self.done = np.where(later, 1.0 - past, 0.0)  # [B, B]
         self.done[:, -1] = 1.0  # nothing is longer than the cap
-        self.tokens = np.where(later, np.cumsum(reach * inside[None, :], axis=1), np.inf)  # [B, B]
-        self.table = (self.done / self.tokens).max(axis=1)  # [B], the index at each bin's start
+        self.tokens = np.where(later, np.cumsum(reach * inside_[None, :], axis=1), np.inf)  # [B, B]
+        self.table = (self.done / np.maximum(self.tokens, 1e-300)).max(axis=1)  # [B], at each bin's start
 
     @classmethod
     def of(cls, lengths: OutputLengths, running: Seq[int] = ()) -> GittinsIndex:
-        return cls(lengths.edges, lengths.hazards(running))
+        stay, inside = lengths.bins(running)
+        return cls(lengths.edges, stay, inside)
+
+    @classmethod
+    def from_hazards(cls, edges: Seq[int] | np.ndarray, hazards: Seq[float] | np.ndarray) -> GittinsIndex:
+        """A length whose per-token hazard P(token t is the last | t was generated) is
+        constant within each bin (geometric inside it)."""
+        h = np.clip(np.asarray(hazards, dtype=float), 0.0, 1.0)
+        w = np.diff(np.asarray(edges, dtype=float))
+        stay = np.power(1.0 - h, w)
+        inside = np.where(h > 0, (1.0 - stay) / np.maximum(h, 1e-300), w)
+        return cls(edges, stay, inside)
 
     def bin_of(self, generated: int) -> int:
         """The bin of the next length a job that generated `generated` tokens may have."""

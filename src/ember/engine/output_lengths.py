@@ -2,22 +2,23 @@
 
 The Gittins policy ranks a job by how likely it is to finish soon given the tokens it
 has already generated, so the instance needs the distribution of output lengths
-(tokens, 1..cap) on its own workload. It is kept as a per-token hazard that is
-constant within each of ~50 geometric bins: h_k = P(token t is the last | token t was
-generated), t in bin k, estimated as
+(tokens, 1..cap) on its own workload. It is kept as a life table over ~50 geometric
+bins (bin k: lengths [e_k, e_{k+1})), per bin the weighted counts of
 
-    h_k = deaths_k / exposure_k
+    reached_k   jobs known to have generated token e_k (at risk in the bin)
+    deaths_k    jobs that ended in the bin
+    tail_k      tokens generated in the bin by the jobs that ended in it
 
-where a finished job of length S adds one death in S's bin and one unit of exposure
-for every token 1..S, and a job still running (or aborted) with a tokens generated adds
-exposure for tokens 1..a and no death: a censored observation, as in Kaplan-Meier, so
-the long jobs still running are not missing from the estimate. This is the maximum
-likelihood fit of a piecewise-constant hazard, and a geometric length has the same
-hazard in every bin.
+so that P(pass bin k | reach it) = 1 - deaths_k / reached_k and the expected tokens
+generated in the bin follow without assuming a shape inside it. A job seen while it
+still runs (aborted, or running now) with `a` tokens generated is a censored
+observation, as in Kaplan-Meier: it counts as reaching every bin it passed, and as the
+fraction of its current bin it covered (the actuarial life table), and never as a
+death, so long jobs that have not finished yet are not missing from the estimate.
 
 A fixed prior of `prior_weight` pseudo-jobs of a geometric length with mean
 `prior_mean` is added to the counts: it sets the estimate before any job finished, and
-in bins no job has reached. Observed counts decay by `decay` per new observation, so the
+in bins no job reached. Observed counts decay by `decay` per new observation, so the
 last ~1/decay jobs dominate and a change of workload shows. The counts are saved as JSON
 beside the prefill profile (EMBER_HOME/profiles/, per model, device and dtype) every
 `save_every` observations; an unreadable file falls back to the prior with a warning.
@@ -38,6 +39,7 @@ from ember.engine.prefill_profile import profile_path
 log = logging.getLogger(__name__)
 
 _VERSION = 1
+_FIELDS = ("reached", "deaths", "tail")
 DEFAULT_CAP = 32768  # longest length the bins tell apart (tokens); longer counts as the cap
 DEFAULT_NUM_BINS = 50
 
@@ -45,12 +47,10 @@ DEFAULT_NUM_BINS = 50
 def geometric_edges(cap: int = DEFAULT_CAP, num_bins: int = DEFAULT_NUM_BINS) -> np.ndarray:
     """Bin edges e_0 = 1 < e_1 < ... < e_B = cap + 1: bin k holds lengths [e_k, e_{k+1}).
     Geometric, with the first bins one token wide where rounding would merge them."""
-    raw = np.geomspace(1, cap + 1, num_bins + 1)
     edges = [1]
-    for x in raw[1:]:
+    for x in np.geomspace(1, cap + 1, num_bins + 1)[1:]:
         edges.append(max(round(float(x)), edges[-1] + 1))
-    edges[-1] = cap + 1
-    return np.array(sorted(set(e for e in edges if e <= cap + 1)), dtype=np.int64)
+    return np.array([e for e in edges if e < cap + 1] + [cap + 1], dtype=np.int64)
 
 
 def lengths_path(model_key: str, device: str, dtype: str) -> Path:
@@ -76,16 +76,15 @@ class OutputLengths:
         self.widths = np.diff(self.edges)  # tokens per bin
         if self.edges.ndim != 1 or len(self.widths) < 1 or self.edges[0] != 1 or (self.widths <= 0).any():
             raise ValueError(f"edges must rise from 1: {self.edges!r}")
-        self.decay = decay
-        self.save_every = save_every
         if not prior_mean >= 1 or not prior_weight > 0 or not 0 <= decay < 1:
             raise ValueError(f"bad prior or decay: {prior_mean=}, {prior_weight=}, {decay=}")
         self.prior_mean = prior_mean
-        self._prior_deaths, self._prior_exposure = self._geometric_counts(prior_mean, prior_weight)
-        self.deaths = np.zeros(len(self.widths))  # decayed observed counts per bin
-        self.exposure = np.zeros(len(self.widths))
+        self.decay = decay
+        self.save_every = save_every
+        self._prior = self._geometric(prior_mean, prior_weight)  # [3, B]: reached, deaths, tail
+        self.counts = np.zeros((3, len(self.widths)))  # observed, decayed; rows as _FIELDS
         self.count = 0  # observations seen (finished or censored), undecayed
-        self.version = 0  # changes with every observation: a cached index is stale
+        self.version = 0  # changes with every observation: an index computed before is stale
         self._since_save = 0
         if path is not None and path.is_file():
             self._load(path)
@@ -109,71 +108,78 @@ class OutputLengths:
 
     def bin_of(self, length: int) -> int:
         """The bin holding `length` (lengths past the cap fall in the last)."""
-        k = int(np.searchsorted(self.edges, min(max(length, 1), self.cap), side="right")) - 1
-        return k
+        return int(np.searchsorted(self.edges, min(max(length, 1), self.cap), side="right")) - 1
 
     # -- observations ---------------------------------------------------------------
 
-    def _exposure_of(self, generated: int) -> np.ndarray:
-        """Tokens 1..generated at risk, per bin."""
-        g = min(max(generated, 0), self.cap)
-        return np.clip(g + 1 - self.edges[:-1], 0, self.widths).astype(float)
+    def _covered(self, generated: np.ndarray) -> np.ndarray:
+        """[jobs, B]: the fraction of each bin that jobs still running have generated."""
+        g = np.minimum(generated, self.cap)[:, None]
+        covered: np.ndarray = np.clip((g + 1 - self.edges[None, :-1]) / self.widths[None, :], 0.0, 1.0)
+        return covered
 
     def observe(self, length: int, *, finished: bool = True) -> None:
         """A job left with `length` output tokens: its full length if it finished, a
         lower bound (censored) if it was aborted."""
         if length <= 0 and not finished:
             return  # an abort before any output says nothing about lengths
-        keep = 1.0 - self.decay
-        self.deaths *= keep
-        self.exposure *= keep
-        self.exposure += self._exposure_of(length)
-        if finished and length >= 1:
-            self.deaths[self.bin_of(length)] += 1.0
+        self.counts *= 1.0 - self.decay
+        if finished:
+            n = min(max(length, 1), self.cap)
+            k = self.bin_of(n)
+            self.counts[0, : k + 1] += 1.0
+            self.counts[1, k] += 1.0
+            self.counts[2, k] += n - self.edges[k] + 1
+        else:
+            self.counts[0] += self._covered(np.array([length]))[0]
         self.count += 1
         self.version += 1
         self._since_save += 1
         if self.path is not None and self._since_save >= self.save_every:
             self.save()
 
-    def hazards(self, running: Iterable[int] = ()) -> np.ndarray:
-        """Per-token hazard per bin; `running`: tokens generated by the jobs still
-        running, counted as censored observations (weight 1, not kept)."""
-        exposure = self._prior_exposure + self.exposure
-        g = np.minimum(np.fromiter(running, dtype=np.int64), self.cap)  # [running jobs]
+    def bins(self, running: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Per bin, P(pass it | reach it) and E[tokens generated in it | reach it].
+        `running`: tokens generated by the jobs still running, counted as censored
+        observations (weight 1 each, not kept)."""
+        reached, deaths, tail = self._prior + self.counts
+        g = np.fromiter(running, dtype=np.int64)
         if len(g):
-            exposure = exposure + np.clip(g[:, None] + 1 - self.edges[None, :-1], 0, self.widths).sum(axis=0)
-        deaths = self._prior_deaths + self.deaths
-        safe = np.maximum(exposure, 1e-300)
-        h = np.where(exposure > 0, deaths / safe, 1.0 / self.prior_mean)  # unreached: the prior's
-        return np.clip(h, 0.0, 1.0 - 1e-12)
+            reached = reached + self._covered(g).sum(axis=0)
+        p = 1.0 / self.prior_mean  # bins where even the prior underflows: the prior's own values
+        known = reached > 1e-200
+        at_risk = np.where(known, reached, 1.0)
+        stay = np.where(known, np.clip(1.0 - deaths / at_risk, 0.0, 1.0), np.power(1.0 - p, self.widths))
+        inside = np.where(
+            known, stay * self.widths + tail / at_risk, -np.expm1(self.widths * np.log1p(-p)) / p
+        )
+        return stay, np.minimum(inside, self.widths)
 
     def survival(self, running: Iterable[int] = ()) -> np.ndarray:
         """P(length >= e_k) for every edge (the last: past the cap, 0)."""
-        h = self.hazards(running)
-        log_pass = self.widths * np.log1p(-h)
-        out: np.ndarray = np.exp(np.concatenate([[0.0], np.cumsum(log_pass)]))
+        stay, _ = self.bins(running)
+        out: np.ndarray = np.concatenate([[1.0], np.cumprod(stay)])
         out[-1] = 0.0
         return out
 
     def mean(self) -> float:
         """The expected output length (tokens) under the current estimate."""
-        h = self.hazards()
-        surv = self.survival()[:-1]
-        ratio = np.where(h > 0, -np.expm1(self.widths * np.log1p(-h)) / np.maximum(h, 1e-300), self.widths)
-        return float((surv * ratio).sum())
+        _, inside = self.bins()
+        return float((self.survival()[:-1] * inside).sum())
 
-    def _geometric_counts(self, mean: float, weight: float) -> tuple[np.ndarray, np.ndarray]:
-        """Deaths and exposure per bin of `weight` jobs of a geometric length with this mean."""
+    def _geometric(self, mean: float, weight: float) -> np.ndarray:
+        """The counts of `weight` jobs of a geometric length with this mean."""
         p = 1.0 / mean
         if p >= 1.0:  # every job is one token long
             first = weight * (np.arange(self.num_bins) == 0)
-            return first, first.copy()
-        start = np.power(1.0 - p, self.edges[:-1] - 1.0)  # P(length >= e_k); may underflow to 0
-        leave = -np.expm1(self.widths * np.log1p(-p))  # P(ends in the bin | reached it)
-        deaths = weight * start * leave
-        exposure = weight * start * leave / p  # sum over the bin's tokens of P(length >= t)
-        return deaths, exposure
+            return np.stack([first, first, first])
+        q = 1.0 - p
+        w = self.widths.astype(float)
+        reach = weight * np.power(q, self.edges[:-1] - 1.0)  # may underflow to 0 far out
+        end = -np.expm1(w * np.log1p(-p))  # P(end in the bin | reach it)
+        # E[tokens in the bin; end in it | reach it] = sum_{m=1..w} m p q^(m-1)
+        tail = (1.0 - np.power(q, w) * (1.0 + w * p)) / p
+        return np.stack([reach, reach * end, reach * tail])
 
     # -- persistence ----------------------------------------------------------------
 
@@ -182,13 +188,8 @@ class OutputLengths:
         if self.path is None:
             return
         self._since_save = 0
-        data = {
-            "version": _VERSION,
-            "edges": self.edges.tolist(),
-            "deaths": self.deaths.tolist(),
-            "exposure": self.exposure.tolist(),
-            "count": self.count,
-        }
+        data = {"version": _VERSION, "edges": self.edges.tolist(), "count": self.count}
+        data.update({name: row.tolist() for name, row in zip(_FIELDS, self.counts, strict=True)})
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
@@ -202,17 +203,13 @@ class OutputLengths:
             data = json.loads(path.read_text())
             if data.get("version") != _VERSION or data.get("edges") != self.edges.tolist():
                 raise ValueError("written with other bins or by another version")
-            deaths = np.array(data["deaths"], dtype=float)
-            exposure = np.array(data["exposure"], dtype=float)
-            shape = (self.num_bins,)
-            if deaths.shape != shape or exposure.shape != shape:
+            counts = np.array([data[name] for name in _FIELDS], dtype=float)
+            if counts.shape != self.counts.shape:
                 raise ValueError("counts of the wrong shape")
-            if not (np.isfinite(deaths).all() and np.isfinite(exposure).all()):
-                raise ValueError("counts that are not finite")
-            if (deaths < 0).any() or (exposure < 0).any():
-                raise ValueError("negative counts")
+            if not np.isfinite(counts).all() or (counts < 0).any():
+                raise ValueError("counts that are negative or not finite")
             count = int(data.get("count", 0))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("ignoring the unreadable output lengths %s, starting from the prior: %s", path, e)
             return
-        self.deaths, self.exposure, self.count = deaths, exposure, count
+        self.counts, self.count = counts, count
