@@ -216,11 +216,20 @@ def tiny_alone(tiny_llama: tuple[Path, Any]) -> dict[str, list[int]]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("swap", ["proactive", "reactive", "off"])
+@pytest.mark.parametrize(
+    ("scheduler", "swap"),
+    [("mlfq", "proactive"), ("mlfq", "reactive"), ("mlfq", "off"), ("gittins", "proactive")],
+)
 def test_the_tiny_llama_resumes_exactly_after_swaps(
-    tiny_llama: tuple[Path, Any], tiny_alone: dict[str, list[int]], swap: str
+    tiny_llama: tuple[Path, Any], tiny_alone: dict[str, list[int]], scheduler: str, swap: str
 ) -> None:
-    e = tiny_engine(tiny_llama[0], swap=swap, max_num_seqs=3, kv_cache_bytes=14 * 4 * 2 * 2 * 2 * 16 * 8)
+    e = tiny_engine(
+        tiny_llama[0],
+        scheduler=scheduler,
+        swap=swap,
+        max_num_seqs=3,
+        kv_cache_bytes=14 * 4 * 2 * 2 * 2 * 16 * 8,
+    )
     assert e.blocks.num_blocks == 14
     assert replay(e, [(i, r) for i, r in enumerate(TINY_REQUESTS)]) == tiny_alone
     stats = e.stats()

@@ -93,6 +93,17 @@ def test_a_new_workload_replaces_the_old_within_a_few_hundred_jobs() -> None:
     assert lengths.survival()[lengths.bin_of(20) + 1] < 0.05  # P(length >= 23)
 
 
+def test_past_the_longest_job_seen_the_estimate_continues_at_the_datas_rate() -> None:
+    lengths = OutputLengths.prior()
+    for i in range(300):
+        lengths.observe(10 + i % 21)  # 10-30 tokens, mean 20
+    assert 20 < lengths.prior_mean_now() < 25  # the prior's 4 pseudo-jobs of 128 are outweighed
+    stay, _ = lengths.bins()
+    k = lengths.bin_of(1000)  # no job got there
+    per_token = 1 - stay[k] ** (1 / lengths.widths[k])
+    assert per_token == pytest.approx(1 / lengths.prior_mean_now(), rel=1e-6)
+
+
 def test_an_abort_before_any_output_teaches_nothing() -> None:
     lengths = OutputLengths.prior()
     lengths.observe(0, finished=False)
