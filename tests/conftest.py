@@ -14,6 +14,17 @@ from typing import Any
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_ember_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """EMBER_HOME for fixtures made once per module or session, set up before the
+    per-test one: an engine they load writes its profile and output lengths here, not
+    into the user's home."""
+    home = tmp_path_factory.mktemp("session-ember-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBER_HOME", str(home))
+        yield home
+
+
 @pytest.fixture(autouse=True)
 def ember_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home = tmp_path / "ember-home"

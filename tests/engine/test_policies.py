@@ -14,7 +14,7 @@ from ember.errors import InvalidRequestError
 
 def test_an_unknown_policy_is_a_clear_error_naming_the_known_ones() -> None:
     with pytest.raises(
-        InvalidRequestError, match="unknown scheduler 'lottery'; known: mlfq, fcfs, srpt"
+        InvalidRequestError, match="unknown scheduler 'lottery'; known: mlfq, fcfs, srpt, gittins$"
     ) as err:
         EngineConfig(scheduler="lottery")
     assert err.value.param == "scheduler"

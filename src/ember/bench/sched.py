@@ -170,6 +170,7 @@ def run_sched_bench(cfg: SchedBenchConfig, *, progress: Progress | None = None) 
     """Run every policy on the trace; the JSON report (workload, then per-policy results)."""
     from ember.engine.config import EngineConfig
     from ember.engine.loader import load_engine, resolve_checkpoint
+    from ember.engine.output_lengths import OutputLengths
     from ember.engine.policies import POLICY_NAMES, is_policy_name
     from ember.store import load_tensors
 
@@ -192,7 +193,10 @@ def run_sched_bench(cfg: SchedBenchConfig, *, progress: Progress | None = None) 
     weights = load_tensors(checkpoint, device=base.torch_device)
 
     def engine(policy: str) -> Any:
-        e = load_engine(checkpoint, base.replace(scheduler=policy), weights=weights)
+        # every run learns output lengths from the prior, in memory: nothing carries over
+        e = load_engine(
+            checkpoint, base.replace(scheduler=policy), weights=weights, lengths=OutputLengths.prior()
+        )
         _warm_up(e)
         return e
 

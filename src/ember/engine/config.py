@@ -50,9 +50,12 @@ class EngineConfig:
     device: "cuda" when available, else "cpu" (None picks).
     scheduler: "mlfq" (FastServe's skip-join multi-level feedback queue: short jobs
         overtake long ones, so mean completion time drops), "fcfs" (first come first
-        served, continuous batching, what vLLM does) or "srpt" (shortest remaining
-        processing time from each request's max_tokens: an oracle for evaluation).
-    swap: what happens to the KV cache of a job pushed off the device (mlfq, srpt):
+        served, continuous batching, what vLLM does), "srpt" (shortest remaining
+        processing time from each request's max_tokens: an oracle for evaluation) or
+        "gittins" (each job's Gittins index under the output lengths the instance
+        learns from its own requests: FCFS-like for similar lengths, MLFQ-like for
+        heavy tails).
+    swap: what happens to the KV cache of a job pushed off the device (mlfq, srpt, gittins):
         "proactive" (FastServe: swap the last-to-run jobs out to host memory before
         blocks run short, keep a reserve free for arrivals, and swap the next-to-run
         back in ahead of time, overlapped with computation), "reactive" (swap out only
@@ -69,7 +72,8 @@ class EngineConfig:
         128 decode iterations, past most outputs, so only the long tail shares it).
     mlfq_starvation_s: a job that waited this long is promoted to the top queue (None:
         twice the bottom queue's quantum, so a long job is delayed at most about two
-        rounds of the longest quantum).
+        rounds of the longest quantum); gittins runs such a job next (None: 256 decode
+        iterations, the same time).
     num_threads: torch's CPU threads (None: EMBER_NUM_THREADS, else the CPUs the process
         may use: its affinity capped by its cgroup's quota). One setting per process,
         applied when an engine loads (ember.engine.threads).

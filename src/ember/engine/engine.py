@@ -22,6 +22,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
 from ember.engine.detokenizer import IncrementalDetokenizer, Tokenizer
 from ember.engine.model_runner import CausalLMLike, KVCacheLike, ModelRunner
+from ember.engine.output_lengths import OutputLengths
 from ember.engine.policies import PolicyOptions, policy
 from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.request import (
@@ -50,6 +51,8 @@ class Engine:
     """Runs requests to completion, one iteration per step(); not thread-safe.
 
     `tokenizer` may be None (token ids in, token ids out, no text, no stop strings).
+    `lengths`: the output lengths this instance learns from its finished (and, censored,
+    aborted) requests, which the gittins policy ranks by (None: the prior, in memory).
     """
 
     park_ttl_s = PARK_TTL_S
@@ -64,6 +67,7 @@ class Engine:
         eos_token_ids: Iterable[int] = (),
         clock: Clock = time.monotonic,
         profile: PrefillProfile | None = None,
+        lengths: OutputLengths | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -75,6 +79,7 @@ class Engine:
             model.spec.max_position_embeddings, self.blocks.capacity_tokens
         )
         self.profile = profile or PrefillProfile()
+        self.lengths = lengths if lengths is not None else OutputLengths.prior()
         scheduling = policy(config.scheduler)
         host_blocks = self._host_blocks(config, kv_cache) if scheduling.swaps else 0
         self.swapper = KVSwapper(self.blocks, kv_cache if host_blocks else None, host_blocks)
@@ -85,6 +90,7 @@ class Engine:
                 clock=clock, profile=self.profile, swap=config.swap,
                 reserve_fraction=config.swap_reserve_fraction, base_quantum_s=config.mlfq_base_quantum_s,
                 num_queues=config.mlfq_num_queues, starvation_s=config.mlfq_starvation_s,
+                lengths=self.lengths,
             ),
         )  # fmt: skip
         self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
@@ -248,11 +254,13 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Finish the swap transfers in flight and save the iteration-time profile."""
+        """Finish the swap transfers in flight; save the iteration-time profile and the
+        output lengths."""
         for rid in list(self._parked):
             self._release_parked(rid)
         self.swapper.close()
         self.profile.save()
+        self.lengths.save()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -364,6 +372,7 @@ class Engine:
         seq.stop_reason = stop_reason
         seq.metrics.finish_time = self.clock()
         self._seqs.pop(seq.request_id, None)
+        self.lengths.observe(seq.num_generated, finished=reason != "abort")  # an abort: censored
 
     def _logprobs(self, seq: Sequence, sample: SampleResult) -> list[TokenLogprobs]:
         if sample.logprob is None:

@@ -23,6 +23,7 @@ import torch
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
+from ember.engine.output_lengths import OutputLengths
 from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.scheduler import Clock
 from ember.engine.threads import apply_num_threads
@@ -159,11 +160,15 @@ def load_engine(
     weights: Mapping[str, torch.Tensor] | None = None,
     loading: LoadProgress | None = None,
     clock: Clock = time.monotonic,
+    lengths: OutputLengths | None = None,
 ) -> Engine:
     """Build the model, KV cache and tokenizer of a checkpoint and an Engine over them.
 
     `loading`: `weights` are still arriving (a streaming acquire); the engine serves
     at once and each forward waits for every layer's weights just before using them.
+    `lengths`: the output lengths the engine starts from and learns into (None: those
+    saved for this model, device and dtype under EMBER_HOME, which it keeps updating;
+    `OutputLengths.prior()` starts afresh and writes nothing).
 
     Raises CheckpointNotFoundError, UnsupportedModelError (an unknown architecture),
     CheckpointError, or InvalidRequestError for a config that cannot work.
@@ -196,8 +201,13 @@ def load_engine(
     kv = KVCache(spec, num_blocks, config.block_size, dtype, device)
     tokenizer = load_tokenizer(checkpoint / MODEL_DIR)
     eos = eos_token_ids(spec.eos_token_ids, checkpoint / MODEL_DIR, tokenizer)
-    profile = PrefillProfile.for_model(model_key(checkpoint), str(device), str(dtype).removeprefix("torch."))
-    return Engine(lm, kv, config, tokenizer=tokenizer, eos_token_ids=eos, clock=clock, profile=profile)
+    key, dtype_name = model_key(checkpoint), str(dtype).removeprefix("torch.")
+    profile = PrefillProfile.for_model(key, str(device), dtype_name)
+    if lengths is None:
+        lengths = OutputLengths.for_model(key, str(device), dtype_name)
+    return Engine(
+        lm, kv, config, tokenizer=tokenizer, eos_token_ids=eos, clock=clock, profile=profile, lengths=lengths
+    )
 
 
 def model_key(checkpoint: Path) -> str:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # mlfq: FastServe's skip-join multi-level feedback queue; fcfs: first come first
-# served (what vLLM does); srpt: shortest remaining processing time, an oracle.
-SchedulerName = Literal["mlfq", "fcfs", "srpt"]
+# served (what vLLM does); srpt: shortest remaining processing time, an oracle;
+# gittins: the Gittins index of each job under the output lengths the instance learnt.
+SchedulerName = Literal["mlfq", "fcfs", "srpt", "gittins"]
 # What happens to a preempted job's KV cache: swapped to host memory ahead of need,
 # swapped when space runs out, or dropped and recomputed (as vLLM does).
 SwapMode = Literal["proactive", "reactive", "off"]

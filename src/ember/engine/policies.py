@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 from ember.engine.block_manager import SwapKVAllocator
+from ember.engine.gittins import GittinsScheduler
 from ember.engine.mlfq import SkipJoinMLFQ
 from ember.engine.options import SCHEDULERS, SchedulerName
+from ember.engine.output_lengths import OutputLengths
 from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.scheduler import Clock, FCFSScheduler, Scheduler
 from ember.engine.srpt import SRPTScheduler
@@ -34,12 +36,13 @@ class PolicyOptions:
     max_num_seqs: int
     max_num_batched_tokens: int
     clock: Clock = time.monotonic
-    profile: PrefillProfile | None = None  # mlfq, srpt: predicted iteration times
-    swap: str = "proactive"  # mlfq, srpt: proactive, reactive or off
-    reserve_fraction: float = 0.05  # mlfq, srpt: device blocks kept free (proactive)
+    profile: PrefillProfile | None = None  # mlfq, srpt, gittins: predicted iteration times
+    swap: str = "proactive"  # mlfq, srpt, gittins: proactive, reactive or off
+    reserve_fraction: float = 0.05  # mlfq, srpt, gittins: device blocks kept free (proactive)
     base_quantum_s: float | None = None  # mlfq
     num_queues: int = 8  # mlfq
-    starvation_s: float | None = None  # mlfq
+    starvation_s: float | None = None  # mlfq, gittins
+    lengths: OutputLengths | None = None  # gittins: the learnt output lengths (None: the prior)
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,19 @@ def _srpt(kv: SwapKVAllocator, o: PolicyOptions) -> Scheduler:
     )  # fmt: skip
 
 
+def _gittins(kv: SwapKVAllocator, o: PolicyOptions) -> Scheduler:
+    return GittinsScheduler(
+        kv, max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens, clock=o.clock,
+        lengths=o.lengths, profile=o.profile, starvation_s=o.starvation_s, swap=o.swap,
+        reserve_fraction=o.reserve_fraction,
+    )  # fmt: skip
+
+
 POLICIES: dict[PolicyName, Policy] = {
     "mlfq": Policy(_mlfq, swaps=True),  # FastServe's skip-join MLFQ
     "fcfs": Policy(_fcfs, swaps=False),  # vLLM's continuous batching
     "srpt": Policy(_srpt, swaps=True),  # an oracle: reads each job's max_tokens
+    "gittins": Policy(_gittins, swaps=True),  # learns output lengths; never reads max_tokens
 }
 
 

@@ -86,8 +86,8 @@ class ServeSettings:
     admin_key_file: Annotated[str | None, Help("Read admin_key from this file (its first line).")] = None
     scheduler: Annotated[
         SchedulerName,
-        Help("Scheduling policy of every engine: mlfq (skip-join MLFQ), fcfs, or srpt (an oracle, for "
-             "evaluation)."),
+        Help("Scheduling policy of every engine: mlfq (skip-join MLFQ), fcfs, srpt (an oracle, for "
+             "evaluation), or gittins (Gittins index under the output lengths each instance learns)."),
     ] = DEFAULT_SCHEDULER  # fmt: skip
     swap: Annotated[
         SwapMode, Help("KV swapping of preempted jobs: proactive, reactive, or off (recompute, as vLLM).")
