@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ember.engine.nnls import nonnegative_lstsq
 from ember.env import ember_home
 
 log = logging.getLogger(__name__)
@@ -111,22 +112,11 @@ class PrefillProfile:
         return self._decode_s
 
     def _fit(self) -> np.ndarray:
-        """Least squares with non-negative costs: a negative coefficient (too few distinct
-        iterations to separate the terms) is dropped and the rest refitted."""
-        if self._coef is not None:
-            return self._coef
-        active = [0, 1, 2]
-        coef = np.zeros(3)
-        while active:
-            a = self._xtx[np.ix_(active, active)] + 1e-9 * np.eye(len(active))
-            sol = np.linalg.lstsq(a, self._xty[active], rcond=None)[0]
-            if (sol[1:] >= 0).all() or len(active) == 1:
-                coef[:] = 0
-                coef[active] = sol
-                break
-            active = [i for i, v in zip(active, sol, strict=True) if i == 0 or v >= 0]
-        self._coef = coef
-        return coef
+        """Least squares with non-negative costs (the intercept may take any sign): too
+        few distinct iterations to separate the terms must not give a negative cost."""
+        if self._coef is None:
+            self._coef = nonnegative_lstsq(self._xtx, self._xty, free=(0,))
+        return self._coef
 
     # -- persistence ----------------------------------------------------------------
 
