@@ -30,6 +30,9 @@ def nonnegative_lstsq(xtx: np.ndarray, xty: np.ndarray, free: Iterable[int] = ()
     c[i] >= 0 for every i not in `free` (those may take any sign)."""
     n = len(xty)
     unconstrained = set(free)
+    everything = _solve(xtx, xty, list(range(n)))
+    if all(everything[i] >= 0 for i in range(n) if i not in unconstrained):
+        return everything  # the unconstrained optimum is feasible: it is the answer
     active = sorted(unconstrained)  # the coefficients allowed off zero
     coef = _solve(xtx, xty, active)
     tol = 1e-12 * max(1.0, float(np.abs(xty).max(initial=0.0)))

@@ -59,6 +59,7 @@ class PrefillProfile:
         self._count = 0
         self._decode_s: float | None = None  # moving average of decode-only iterations
         self._coef: np.ndarray | None = None
+        self._unit: tuple[np.ndarray, tuple[float, float, float]] | None = None  # _per_unit's cache
         self._since_save = 0
         if path is not None and path.is_file():
             self._load(path)
@@ -103,8 +104,16 @@ class PrefillProfile:
             return 0.0
         tokens = sum(query_lens)
         pairs = sum(q * (c + q) for q, c in zip(query_lens, context_lens, strict=True))
-        x = np.array([1.0, tokens, pairs]) * _SCALE
-        return max(0.0, float(x @ self._fit()))
+        a, b, c = self._per_unit()
+        return max(0.0, a + b * tokens + c * pairs)  # plain floats: schedulers call it per job
+
+    def _per_unit(self) -> tuple[float, float, float]:
+        """The fit's seconds per iteration, per token and per pair."""
+        coef = self._fit()
+        if self._unit is None or self._unit[0] is not coef:
+            a, b, c = (float(v) for v in coef * _SCALE)
+            self._unit = (coef, (a, b, c))
+        return self._unit[1]
 
     @property
     def decode_iteration_s(self) -> float | None:
