@@ -107,3 +107,29 @@ def test_a_bad_cost_file_is_a_clear_error(tmp_path: Path, text: str) -> None:
 def test_negative_coefficients_are_refused() -> None:
     with pytest.raises(InvalidRequestError):
         CostModel((0.0, -1.0, 0.0, 0.0, 0.0), swap_bytes_per_s=1.0, kv_bytes_per_token=1)
+
+
+def test_calibration_times_every_iteration_of_the_grid(
+    tiny_llama: tuple[Path, object], tmp_path: Path
+) -> None:
+    import torch
+
+    from ember.bench.sched_calibrate import Scenario, calibrate
+    from ember.engine.loader import read_hf_config
+    from ember.engine.model import ModelSpec
+
+    path = tiny_llama[0]
+    grid = [
+        Scenario("prefill", ((0, 8, 3),)),  # a prefill, then 2 decodes: 3 iterations
+        Scenario("decode", ((0, 4, 4), (0, 4, 4), (1, 6, 2))),  # 1 + 3 iterations, one joined
+        Scenario("too long for the model", ((0, 300, 2),)),  # 256 positions: left out
+    ]
+    result = calibrate(str(path), seconds=0, grid=grid)
+    assert result.passes == 1 and result.samples == 7
+    cost = result.cost
+    spec = ModelSpec.from_hf_config(read_hf_config(path))
+    assert cost.kv_bytes_per_token == spec.kv_bytes_per_token(torch.float64)
+    assert cost.max_position_embeddings == 256 and cost.swap_bytes_per_s > 0
+    assert cost.fit_error is not None and cost.fit_error.samples == 1  # the 5th iteration
+    cost.save(tmp_path / "cost.json")
+    assert CostModel.load(tmp_path / "cost.json") == cost

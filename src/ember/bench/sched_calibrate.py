@@ -23,6 +23,7 @@ from typing import Any
 from ember.bench.sched_cost import CostModel, IterationSample
 from ember.bench.workload import synthetic_prompt
 from ember.engine.prefill_profile import PrefillProfile
+from ember.errors import InvalidRequestError
 
 Progress = Callable[[str, int, int], None]
 HOLD_OUT_EVERY = 5  # every 5th timed iteration is kept out of the fit, to test it
@@ -121,6 +122,9 @@ def calibrate(
     config = EngineConfig(scheduler="fcfs", max_num_seqs=64, max_num_batched_tokens=2048)
     engine = load_engine(model, config)
     engine.profile = _Recorder()  # FCFS reads no profile: only the engine reports to it
+    grid = [s for s in grid if _fits(s, engine.max_model_len, engine.blocks.capacity_tokens)]
+    if not grid:
+        raise InvalidRequestError(f"no calibration scenario fits {model}'s context", param="model")
     run_scenario(engine, Scenario("warm-up", ((0, 16, 2),)), "warm-up")
     start = time.perf_counter()
     samples: list[IterationSample] = []
@@ -150,6 +154,12 @@ def calibrate(
     cost = dataclasses.replace(fitted, fit_error=fitted.errors(test), notes=notes)
     engine.close()
     return Calibration(cost, len(samples), passes, elapsed)
+
+
+def _fits(scenario: Scenario, max_model_len: int, kv_tokens: int) -> bool:
+    """Whether every request fits the model's context, and all of them the KV cache."""
+    sizes = [prompt + output for _, prompt, output in scenario.requests]
+    return max(sizes) <= max_model_len and sum(sizes) <= kv_tokens
 
 
 def _threads() -> int:
