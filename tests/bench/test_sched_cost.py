@@ -133,3 +133,36 @@ def test_calibration_times_every_iteration_of_the_grid(
     assert cost.fit_error is not None and cost.fit_error.samples == 1  # the 5th iteration
     cost.save(tmp_path / "cost.json")
     assert CostModel.load(tmp_path / "cost.json") == cost
+
+
+@pytest.mark.slow  # the whole default grid, on the tiny model
+@pytest.mark.timeout(300)
+def test_bench_cost_cli_writes_a_cost_model(tiny_llama: tuple[Path, object], tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ember.cli import app
+
+    out = tmp_path / "cost.json"
+    result = CliRunner().invoke(
+        app, ["bench", "cost", "--model", str(tiny_llama[0]), "--out", str(out), "--seconds", "0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == json.loads(out.read_text())
+    cost = CostModel.load(out)
+    assert cost.fit_error is not None and cost.fit_error.samples > 0
+    assert cost.iteration_s([512], [0]) > cost.iteration_s([1], [16]) > 0
+
+
+def test_bench_cost_cli_refuses_a_bad_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ember.cli import app
+
+    result = CliRunner().invoke(
+        app, ["bench", "cost", "--model", "no-such-model", "--out", str(tmp_path / "c.json")]
+    )
+    assert result.exit_code == 1
+    assert "error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c.json").exists()
