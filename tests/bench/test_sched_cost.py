@@ -56,6 +56,23 @@ def test_fit_with_noise_stays_close_and_scores_held_out_iterations() -> None:
     assert err.samples == 100 and err.median <= err.p90 <= 0.1
 
 
+def test_a_plain_fit_keeps_the_total_of_noisy_iterations() -> None:
+    rng = random.Random(5)
+    noisy = [  # mostly on time, one in ten three times slower: a slow tail
+        IterationSample(s.query_lens, s.context_lens, s.seconds * (3.0 if rng.random() < 0.1 else 1.0))
+        for s in samples_of(TRUE, 300, noise=0.0)
+    ]
+    total = sum(s.seconds for s in noisy)
+
+    def predicted(model: CostModel) -> float:
+        return sum(model.iteration_s(s.query_lens, s.context_lens) for s in noisy)
+
+    plain = CostModel.fit(noisy, swap_bytes_per_s=1.0, kv_bytes_per_token=1, relative=False)
+    relative = CostModel.fit(noisy, swap_bytes_per_s=1.0, kv_bytes_per_token=1)
+    assert predicted(plain) == pytest.approx(total, rel=1e-3)
+    assert predicted(relative) < 0.95 * total  # it follows the typical iteration
+
+
 def test_a_cost_the_data_lacks_is_zero_not_negative() -> None:
     truth = CostModel((0.01, 2e-4, 0.05, 0.0, 0.01), swap_bytes_per_s=1.0, kv_bytes_per_token=1)
     fitted = CostModel.fit(samples_of(truth, 300, noise=0.05), swap_bytes_per_s=1.0, kv_bytes_per_token=1)

@@ -97,16 +97,19 @@ class CostModel:
         *,
         swap_bytes_per_s: float,
         kv_bytes_per_token: int,
+        relative: bool = True,
         **kw: Any,
     ) -> CostModel:
-        """Least squares, every coefficient >= 0, over the samples' seconds. Iterations are
-        weighted by 1 / seconds, so the fit minimises relative error: a 20 ms decode
-        counts as much as a 2 s prefill."""
+        """Least squares, every coefficient >= 0, over the samples' seconds. `relative`:
+        iterations are weighted by 1 / seconds, so the fit minimises relative error (a
+        20 ms decode counts as much as a 2 s prefill); else plain least squares, whose
+        predictions sum to the measured total over the samples (what a completion time
+        adds up) when iteration times are noisy with a slow tail."""
         if not samples:
             raise InvalidRequestError("no timed iterations to fit a cost model to")
         x = np.array([features(s.query_lens, s.context_lens) for s in samples])
         y = np.array([s.seconds for s in samples])
-        w = 1.0 / np.maximum(y, 1e-6)
+        w = 1.0 / np.maximum(y, 1e-6) if relative else np.ones_like(y)
         xw, yw = x * w[:, None], y * w
         coef = nonnegative_lstsq(xw.T @ xw, xw.T @ yw)
         return cls(
