@@ -48,7 +48,8 @@ def ember(*args: str, home: Path, url: str | None = None) -> subprocess.Complete
 @pytest.mark.parametrize(
     "args",
     [["--help"], ["status", "--help"], ["deploy", "--help"], ["store", "ls", "--help"], ["serve", "--help"],
-     ["chat", "--help"], ["bench", "cold", "--help"], ["bench", "cli", "--help"]],
+     ["chat", "--help"], ["bench", "cold", "--help"], ["bench", "cli", "--help"],
+     ["bench", "cost", "--help"]],
     ids=" ".join,
 )  # fmt: skip
 def test_help_imports_no_heavy_package(args: list[str], ember_home: Path) -> None:

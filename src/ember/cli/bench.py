@@ -19,11 +19,13 @@ bench_app = EmberTyper(help="Benchmarks.")
 def _register() -> None:
     from ember.cli.bench_cli import cli_command
     from ember.cli.bench_cold import cold_command
+    from ember.cli.bench_cost import cost_command
     from ember.cli.bench_engine import engine_command
     from ember.cli.bench_sched import sched_command
     from ember.cli.bench_serve import bench_serve_cmd
 
     bench_app.command("sched")(sched_command)
+    bench_app.command("cost")(cost_command)
     bench_app.command("engine")(engine_command)
     bench_app.command("cold")(cold_command)
     bench_app.command("cli")(cli_command)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 PARK_TTL_S = 60.0  # a parked sequence nobody took over by then is freed
 
+# Stands in for the model forward and sampling (a replay of the schedulers with a
+# cost-model clock, ember.bench.sched_replay): the sampled token of each sequence of
+# the batch that samples, in batch order.
+RunBatch = Callable[[SchedulerOutput], list[int]]
+
 
 class Engine:
     """Runs requests to completion, one iteration per step(); not thread-safe.
@@ -68,7 +73,12 @@ class Engine:
         clock: Clock = time.monotonic,
         profile: PrefillProfile | None = None,
         lengths: OutputLengths | None = None,
+        run_batch: RunBatch | None = None,
+        timer: Clock = time.perf_counter,
     ) -> None:
+        """`run_batch`: replaces the model forward and sampling (the model and cache then
+        only give their sizes). `timer`: what times an iteration for the profile (a
+        virtual clock in a replay, like `clock`)."""
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -94,6 +104,8 @@ class Engine:
             ),
         )  # fmt: skip
         self.runner = ModelRunner(model, kv_cache, self.blocks, config.torch_device)
+        self.run_batch = run_batch
+        self.timer = timer
         self._seqs: dict[str, Sequence] = {}
         self._parked: dict[str, tuple[Sequence, float]] = {}  # id -> (sequence, parked at)
         self._newly_parked: list[tuple[str, int]] = []  # (id, tokens cached) since take_parked()
@@ -284,13 +296,16 @@ class Engine:
     def _execute(self, batch: SchedulerOutput) -> list[SampleResult]:
         self.swapper.prepare(s.seq.request_id for s in batch.scheduled)
         loading = getattr(self.runner.model, "loading", None) is not None
-        start = time.perf_counter()
-        samples = self.runner.execute(batch)
+        start = self.timer()
+        if self.run_batch is not None:
+            samples = [SampleResult(token) for token in self.run_batch(batch)]
+        else:
+            samples = self.runner.execute(batch)
         if not loading:  # an iteration that waited for weights to arrive is no sample of its cost
             self.profile.observe(
                 [s.num_new_tokens for s in batch.scheduled],
                 [s.start for s in batch.scheduled],
-                time.perf_counter() - start,
+                self.timer() - start,
             )
         return samples
 

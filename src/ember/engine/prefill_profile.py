@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ember.engine.nnls import nonnegative_lstsq
 from ember.env import ember_home
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class PrefillProfile:
         self._count = 0
         self._decode_s: float | None = None  # moving average of decode-only iterations
         self._coef: np.ndarray | None = None
+        self._unit: tuple[np.ndarray, tuple[float, float, float]] | None = None  # _per_unit's cache
         self._since_save = 0
         if path is not None and path.is_file():
             self._load(path)
@@ -102,8 +104,16 @@ class PrefillProfile:
             return 0.0
         tokens = sum(query_lens)
         pairs = sum(q * (c + q) for q, c in zip(query_lens, context_lens, strict=True))
-        x = np.array([1.0, tokens, pairs]) * _SCALE
-        return max(0.0, float(x @ self._fit()))
+        a, b, c = self._per_unit()
+        return max(0.0, a + b * tokens + c * pairs)  # plain floats: schedulers call it per job
+
+    def _per_unit(self) -> tuple[float, float, float]:
+        """The fit's seconds per iteration, per token and per pair."""
+        coef = self._fit()
+        if self._unit is None or self._unit[0] is not coef:
+            a, b, c = (float(v) for v in coef * _SCALE)
+            self._unit = (coef, (a, b, c))
+        return self._unit[1]
 
     @property
     def decode_iteration_s(self) -> float | None:
@@ -111,22 +121,11 @@ class PrefillProfile:
         return self._decode_s
 
     def _fit(self) -> np.ndarray:
-        """Least squares with non-negative costs: a negative coefficient (too few distinct
-        iterations to separate the terms) is dropped and the rest refitted."""
-        if self._coef is not None:
-            return self._coef
-        active = [0, 1, 2]
-        coef = np.zeros(3)
-        while active:
-            a = self._xtx[np.ix_(active, active)] + 1e-9 * np.eye(len(active))
-            sol = np.linalg.lstsq(a, self._xty[active], rcond=None)[0]
-            if (sol[1:] >= 0).all() or len(active) == 1:
-                coef[:] = 0
-                coef[active] = sol
-                break
-            active = [i for i, v in zip(active, sol, strict=True) if i == 0 or v >= 0]
-        self._coef = coef
-        return coef
+        """Least squares with non-negative costs (the intercept may take any sign): too
+        few distinct iterations to separate the terms must not give a negative cost."""
+        if self._coef is None:
+            self._coef = nonnegative_lstsq(self._xtx, self._xty, free=(0,))
+        return self._coef
 
     # -- persistence ----------------------------------------------------------------
 

@@ -167,7 +167,12 @@ class PriorityScheduler(Scheduler):
         need = self.kv.blocks_needed(seq_id, target) - self.kv.num_free_blocks
         if need <= 0:
             return True
-        admitting = self.kv.num_device_blocks(seq_id) == 0
+        held_here = self.kv.num_device_blocks(seq_id)
+        kv = self.kv
+        in_use = kv.num_blocks - kv.num_free_blocks - held_here
+        if need > in_use - sum(kv.num_device_blocks(c) for c in chosen):
+            return False  # even every unchosen job's blocks would not do: skip the scan below
+        admitting = held_here == 0
         host = self.kv.host_free_blocks if self.swap != "off" else 0
         victims: list[Sequence] = []
         freed = 0
