@@ -36,11 +36,13 @@ def engine_command(
 ) -> None:
     """Prefill and decode tokens/s at several batch sizes, side by side with transformers'
     forward on the same weights and dtype; the batch-1 decode step against the
-    memory-bandwidth floor; resident memory; start-up time from a DRAM-pool hit; end to
-    end, LLM.generate against transformers' generate (each in its own process, greedy,
-    EOS ignored) and the parts of Ember's iterations outside the model forward. With
-    --background-load N, decode tokens/s beside N busy processes: Ember's thread count and
-    wait policy against torch's defaults, interleaved, medians."""
+    memory-bandwidth floor; resident memory; start-up time from a DRAM-pool hit.
+
+    End to end, LLM.generate against transformers' generate (each in its own process,
+    greedy, EOS ignored) and the parts of Ember's iterations outside the model forward.
+
+    With --background-load N, decode tokens/s beside N busy processes: Ember's thread
+    count and wait policy against torch's defaults, interleaved, medians."""
     sizes, e2e_sizes = _sizes(batches, "--batches"), _sizes(e2e_batches, "--e2e-batches")
     from ember.bench.engine import run_engine_bench
     from ember.store.importer import ensure_default_model
