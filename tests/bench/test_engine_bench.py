@@ -26,7 +26,8 @@ def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_h
     result = CliRunner().invoke(
         app,
         ["bench", "engine", "tiny", "--batches", "1,2", "--prompt-len", "16", "--rounds", "1",
-         "--background-load", "1", "--json"],
+         "--background-load", "1", "--e2e-batches", "1,2", "--e2e-prompt-len", "4",
+         "--e2e-new-tokens", "2", "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -34,7 +35,17 @@ def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_h
     assert all(r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in report["rows"])
     assert report["startup_from_dram_s"] > 0 and len(report["startup_samples_s"]) == 3
     assert report["floor_step_s"] > 0 and report["rss_bytes"] > 0
-    assert {t["name"] for t in report["targets"]} >= {"batch-1 decode step / bandwidth floor"}
+    assert report["device"] == "cpu" and report["floor_ratio"] > 0  # reported, no target on a CPU
+    assert [t["name"] for t in report["targets"]] == [
+        "prefill 16: ours / transformers tokens/s", "decode b1: ours / transformers tokens/s",
+        "decode b2: ours / transformers tokens/s", "resident / (weights + KV budget + 300 MB)",
+        "generate b1: LLM.generate / transformers generate tokens/s",
+        "generate b2: LLM.generate / transformers generate tokens/s",
+    ]  # fmt: skip
+    # end to end: each side in its own worker, Ember's iterations split into parts
+    assert [r["case"] for r in report["e2e_rows"]] == ["generate b1", "generate b2"]
+    for r in report["e2e_rows"]:
+        assert r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["step_parts"]["iterations"] == 2
     # beside one busy process: Ember's settings and torch's, each in its own worker process
     assert [r["case"] for r in report["load_rows"]] == ["decode b1", "decode b8"]
     for r in report["load_rows"]:
@@ -42,3 +53,10 @@ def test_bench_engine_reports_every_figure(tiny_llama: tuple[Path, Any], ember_h
         assert r["ember_tok_s"] > 0 and r["torch_tok_s"] > 0
         if omp_wait_policy_set_by_ember():
             assert r["ember_wait"] == "OMP_WAIT_POLICY=PASSIVE" and r["torch_wait"].startswith("unset")
+
+
+@pytest.mark.parametrize("flag", ["--e2e-batches", "--batches"])
+def test_bench_engine_refuses_bad_batch_sizes(flag: str, ember_home: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "engine", "tiny", flag, "1,x"])
+    assert result.exit_code == 1
+    assert f"{flag}: expected positive integers separated by commas, got '1,x'" in result.stderr

@@ -63,11 +63,12 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Metadata from per-sequence block lists (each must cover context + new
         tokens); computes slot_mapping."""
-        width = max((len(b) for b in block_tables), default=0)
-        table = torch.full((len(block_tables), max(width, 1)), -1, dtype=torch.int32)
+        width = max(1, max((len(b) for b in block_tables), default=0))
+        # one tensor from padded lists: a tensor per row costs more than the rows (~5 us each)
+        padded = [[*blocks, *[-1] * (width - len(blocks))] for blocks in block_tables] or [[-1]]
+        table = torch.tensor(padded, dtype=torch.int32)[: len(block_tables)]
         slots: list[int] = []
-        for i, (blocks, q, c) in enumerate(zip(block_tables, query_lens, context_lens, strict=True)):
-            table[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+        for blocks, q, c in zip(block_tables, query_lens, context_lens, strict=True):
             slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(c, c + q))
         return cls(
             query_lens=list(query_lens),
@@ -89,10 +90,15 @@ class _Group:
     q_len: int
     token_index: Tensor | None  # [seqs * q_len] rows of the batch (None: every row, in order)
     block_table: Tensor | None  # [seqs, blocks] int64; None when nothing is cached: keys = new tokens
+    # keys attended: the longest sequence's cached + new tokens (its last block's unwritten
+    # tail is never read)
+    key_len: int
     # (first block, key count) when the group is one sequence whose blocks are consecutive
     # ids (the usual case at batch 1): its keys are then a view of the cache, not a gather
     block_run: tuple[int, int] | None = None
-    # window -> [seqs, 1, rows, keys] bool; none for a plain causal prefill (nothing cached, no window)
+    # window -> [seqs, 1, rows, keys] bool; none where every key is visible to every row: a
+    # plain causal prefill (nothing cached, no window), or decodes of one context length
+    # (LLM.generate's equal prompts) within the window
     masks: dict[int | None, Tensor] = field(default_factory=dict)
 
 
@@ -137,19 +143,23 @@ class AttentionPlan:
                 index = torch.tensor(rows, dtype=torch.int64, device=device)
             ctx = [meta.context_lens[s] for s in seqs]
             table = None
-            key_len = q_len
+            key_len = max(ctx) + q_len
             if max(ctx) > 0:
-                blocks = -(-(max(ctx) + q_len) // block_size)
+                blocks = -(-key_len // block_size)
                 sel = tables if whole else tables[torch.tensor(seqs, device=device)]
                 table = sel[:, :blocks]
-                key_len = blocks * block_size
-            group = _Group(len(seqs), q_len, index, table)
+            group = _Group(len(seqs), q_len, index, table, key_len)
             if table is not None and len(seqs) == 1:
-                group.block_run = _run(meta.block_tables[seqs[0], : table.shape[1]].tolist(), ctx[0] + q_len)
+                group.block_run = _run(meta.block_tables[seqs[0], : table.shape[1]].tolist(), key_len)
             ctx_t = torch.tensor(ctx, dtype=torch.int64, device=device)
+            # one new token after equal contexts sees every key (within the window)
+            every_key = q_len == 1 and min(ctx) == max(ctx)
             for window in set(windows):
-                if table is not None or window is not None:  # else plain causal: no mask
-                    group.masks[window] = _mask(ctx_t, q_len, key_len, gqa_group, window)
+                if table is None and window is None:
+                    continue  # plain causal: the fused kernel, no mask
+                if every_key and (window is None or key_len <= window):
+                    continue
+                group.masks[window] = _mask(ctx_t, q_len, key_len, gqa_group, window)
             groups.append(group)
         slots = meta.slot_mapping.to(device)
         fresh = None
@@ -208,7 +218,7 @@ def _group_attention(
     kv_heads = k.shape[1]
     g = heads // kv_heads
     mask = group.masks.get(window)
-    if mask is None:
+    if group.block_table is None and mask is None:
         # a prefill with nothing cached and no window: the fused causal kernel, no mask
         o = F.scaled_dot_product_attention(
             q.view(n, q_len, heads, dim).transpose(1, 2),
@@ -226,17 +236,15 @@ def _group_attention(
     if group.block_table is None:
         keys = k.view(n, q_len, kv_heads, dim).transpose(1, 2)
         values = v.view(n, q_len, kv_heads, dim).transpose(1, 2)
-    elif group.block_run is not None:
-        first, length = group.block_run
-        blocks = group.block_table.shape[1]
-        both = cache[first : first + blocks].view(1, -1, 2, kv_heads, dim)
-        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
-        if q_len == 1 and window is None:
-            # one decoding token sees every cached key: no mask, only the written ones
-            keys, values, mask = keys[:, :, :length], values[:, :, :length], None
     else:
-        length = group.block_table.shape[1] * cache.shape[1]
-        both = cache.index_select(0, group.block_table.reshape(-1)).view(n, length, 2, kv_heads, dim)
+        blocks = group.block_table.shape[1]
+        if group.block_run is not None:  # a view of the cache
+            first = group.block_run[0]
+            both = cache[first : first + blocks].view(1, -1, 2, kv_heads, dim)
+        else:  # gathered as rows of whole blocks (2-D: one copy per block, not per element)
+            rows = cache.view(cache.shape[0], -1).index_select(0, group.block_table.reshape(-1))
+            both = rows.view(n, blocks * cache.shape[1], 2, kv_heads, dim)
+        both = both[:, : group.key_len]  # [n, keys, 2, kv_heads, d]
         keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
     o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask)
     if q_len == 1:
