@@ -170,6 +170,7 @@ def test_a_fixed_rate_needs_no_capacity_probe(tmp_path: Path) -> None:
         ({"loads": (0.5,), "rate_scale": 2.0}, "fractions of FCFS's capacity"),
         ({"arrivals": "gamma", "request_rate": 2.0, "load": 0.5}, "fractions of FCFS's capacity"),
         ({"arrivals": "gamma", "burstiness": 0.0}, "burstiness"),
+        ({"arrivals": "gamma", "request_rate": 0.0}, "request-rate"),
         ({"swaps": ("sideways",)}, "unknown swap mode"),
         ({"slo_x": 0.0}, "slo-x"),
         ({"repeats": 0}, "repeats"),

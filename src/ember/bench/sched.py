@@ -74,7 +74,7 @@ class SchedBenchConfig:
         if self.arrivals not in ("trace", "gamma"):
             raise InvalidRequestError(f"arrivals are 'trace' or 'gamma', got {self.arrivals!r}")
         if self.arrivals == "gamma":
-            check_arrival_params(self.request_rate or 1.0, self.burstiness)
+            check_arrival_params(1.0 if self.request_rate is None else self.request_rate, self.burstiness)
         if self.rate_scale is not None and not self.rate_scale > 0:
             raise InvalidRequestError("--rate-scale must be positive", param="rate_scale")
         if self.load is not None:
@@ -186,6 +186,8 @@ def run_sched_bench(
     unit = seeded_arrivals(len(requests), 1.0, cfg.burstiness, cfg.seed) if cfg.arrivals == "gamma" else []
     capacity = None
     if cfg.auto_rate:
+        if progress is not None:
+            progress("measuring FCFS's capacity (every request at once)", 0, 0)
         burst = with_arrivals(requests, [0.0] * len(requests))
         saturated = run_case(burst, Case("capacity", REFERENCE))
         capacity = len(requests) / saturated.makespan_s  # requests per second, all arriving at once

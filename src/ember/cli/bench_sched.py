@@ -144,7 +144,7 @@ def sched_command(
     from ember.bench.sched import SchedBenchConfig, run_sched_bench
     from ember.bench.sched_cases import parse_policies
     from ember.cli.bench_sched_output import print_report, write_plots
-    from ember.cli.output import stage_progress
+    from ember.cli.output import err_console, stage_progress
 
     prompt, output = _scales(length_scale, prompt_scale, output_scale)
     if request_rate is not None and rate_scale != "auto":
@@ -182,8 +182,13 @@ def sched_command(
         kv_budget=kv_budget,
         swap_bytes=swap_bytes,
     )
-    with stage_progress({}) as progress:
-        report = run_sched_bench(cfg, progress=progress)
+    if err_console().is_terminal:
+        with stage_progress({}) as progress:
+            report = run_sched_bench(cfg, progress=progress)
+    else:  # a log (nohup, CI): one line per case, for runs that take an hour
+        report = run_sched_bench(
+            cfg, progress=lambda what, done, total: typer.echo(f"[{done}/{total}] {what}", err=True)
+        )
     jcts = report.pop("_jcts")
     print_report(report)
     if json_path is not None:
