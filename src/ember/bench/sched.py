@@ -229,8 +229,14 @@ def _run_cases(
             progress(f"{case.label} at load {case.load}, repeat {case.repeat + 1}", i, len(cases))
         result = summarise(run_case(workloads[case.load][0], case))
         runs.setdefault(case.label, {}).setdefault(case.load, []).append(result)
-    if progress is not None:
-        progress("done", len(cases), len(cases))
+        if progress is not None:  # each case's headline as it ends: a long run's log says something
+            r = result
+            progress(
+                f"{case.label} at load {case.load}, repeat {case.repeat + 1}: mean JCT {r.mean_jct_s:.2f} s, "
+                f"iteration P50/P99 {r.p50_iteration_s * 1000:.0f}/{r.p99_iteration_s * 1000:.0f} ms",
+                i + 1,
+                len(cases),
+            )
     medians = {p: {x: median_result(rs) for x, rs in by_load.items()} for p, by_load in runs.items()}
     return medians, {x: w[1] for x, w in workloads.items()}
 
