@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ember.bench.arrivals import gamma_arrivals
 from ember.bench.serve import ServeTarget, run_serve_bench, split_gaps
 from ember.bench.serve_metrics import RequestResult, compute_metrics, result_block
-from ember.bench.serve_workload import WorkloadSpec, build_workload, gamma_arrivals
+from ember.bench.serve_workload import WorkloadSpec, build_workload
 from ember.cli import app
 from tests.bench.conftest import API_KEY, LiveServer
 

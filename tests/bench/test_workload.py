@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ember.bench.workload import mean_rate, read_trace, synthetic_prompt, with_rate_scale
+from ember.bench.workload import (
+    TraceRequest,
+    mean_rate,
+    read_trace,
+    synthetic_prompt,
+    with_arrivals,
+    with_length_scales,
+    with_rate_scale,
+)
 from ember.errors import InvalidRequestError
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -50,3 +58,13 @@ def test_synthetic_prompts_are_reproducible_and_distinct() -> None:
     assert synthetic_prompt(3, 20, 1000) == synthetic_prompt(3, 20, 1000)
     assert synthetic_prompt(3, 20, 1000) != synthetic_prompt(4, 20, 1000)
     assert all(100 <= t < 1000 for t in synthetic_prompt(5, 50, 1000))
+
+
+def test_prompt_and_output_lengths_scale_apart() -> None:
+    reqs = [TraceRequest(0.0, 2000, 4), TraceRequest(1.0, 30, 300)]
+    got = with_length_scales(reqs, 0.1, 1.0)
+    assert [(r.prompt_tokens, r.output_tokens) for r in got] == [(200, 4), (3, 300)]
+    assert [r.prompt_tokens for r in with_length_scales(reqs, 0.001, 1.0)] == [2, 1]  # at least 1 token
+    assert [r.arrival_s for r in with_arrivals(got, [5.0, 6.0])] == [5.0, 6.0]
+    with pytest.raises(InvalidRequestError):
+        with_length_scales(reqs, 0.0, 1.0)

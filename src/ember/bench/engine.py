@@ -29,12 +29,18 @@ import psutil
 import torch
 
 from ember.bench.engine_e2e import run_e2e_case
-from ember.bench.engine_model import Comparison, compare, measure_bandwidth_floor, time_decode, weight_bytes
+from ember.bench.engine_model import (
+    Comparison,
+    compare,
+    hf_model,
+    measure_bandwidth_floor,
+    time_decode,
+    weight_bytes,
+)
 from ember.bench.engine_threads import run_threads_case
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.loader import load_engine
-from ember.store.format import MODEL_DIR
 from ember.store.node import NodeStore
 
 RSS_SLACK_BYTES = 300 << 20  # the target: resident <= weights + KV budget + 300 MB
@@ -132,20 +138,6 @@ def startup_from_dram(
     lease.release()
     assert engine is not None
     return engine, samples
-
-
-def hf_model(path: Path, weights: dict[str, torch.Tensor]) -> Any:
-    """transformers' model over the very same tensors (assign=True: no copy)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path / MODEL_DIR)
-    # Built on the CPU (not meta) so its computed buffers (rotary frequencies) exist;
-    # then every parameter is replaced by our tensor itself.
-    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(weights.values())).dtype)
-    model.load_state_dict(weights, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.eval()
 
 
 def run_engine_bench(

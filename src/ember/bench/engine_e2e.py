@@ -177,7 +177,7 @@ class _EmberSide:
 
 class _TransformersSide:
     def __init__(self, checkpoint: Path, prompt_len: int, new_tokens: int) -> None:
-        from ember.bench.engine import hf_model
+        from ember.bench.engine_model import hf_model
         from ember.store.loader import load_tensors
 
         self.model = hf_model(checkpoint, load_tensors(checkpoint))

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from ember.engine.attention import AttentionMetadata
 from ember.engine.kv_cache import KVCache
 from ember.engine.model import CausalLM
+from ember.store.format import MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -185,3 +187,17 @@ def compare(
             hf_t.append(theirs())
         results.append(Comparison(label, tokens, statistics.median(ours_t), statistics.median(hf_t)))
     return results
+
+
+def hf_model(path: Path, weights: dict[str, torch.Tensor]) -> Any:
+    """transformers' model over the very same tensors (assign=True: no copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path / MODEL_DIR)
+    # Built on the CPU (not meta) so its computed buffers (rotary frequencies) exist;
+    # then every parameter is replaced by our tensor itself.
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(weights.values())).dtype)
+    model.load_state_dict(weights, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ember.bench.sched import RequestTiming
+from ember.bench.sched_cases import RequestTiming
 from ember.bench.sched_cost import CostModel
 from ember.bench.workload import TraceRequest
 from ember.engine.config import EngineConfig

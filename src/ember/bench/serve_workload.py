@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.bench.arrivals import gamma_arrivals
 from ember.bench.workload import read_trace
 from ember.errors import InvalidRequestError
 
@@ -55,22 +56,6 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
     low = min(1000, vocab_size // 4)
     high = vocab_size - 1 - min(256, vocab_size // 8)
     return [rng.randint(low, high) for _ in range(length)]
-
-
-def gamma_arrivals(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
-    """Arrival times of `n` requests from a gamma process, as vLLM's benchmark draws them:
-    intervals with shape `burstiness` and mean 1/`rate` (burstiness 1 = Poisson; lower is
-    burstier). rate = inf sends everything at time 0."""
-    if not rate > 0:
-        raise InvalidRequestError("--request-rate must be positive (inf: all at once)")
-    if not burstiness > 0:
-        raise InvalidRequestError("--burstiness must be positive")
-    times, now = [], 0.0
-    for _ in range(n):
-        times.append(now)
-        if not math.isinf(rate):
-            now += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
-    return times
 
 
 def _random_lengths(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, int]]:

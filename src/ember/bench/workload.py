@@ -75,6 +75,29 @@ def with_rate_scale(requests: Sequence[TraceRequest], factor: float) -> list[Tra
     return [TraceRequest(r.arrival_s / factor, r.prompt_tokens, r.output_tokens) for r in requests]
 
 
+def with_length_scales(
+    requests: Sequence[TraceRequest], prompt_scale: float, output_scale: float
+) -> list[TraceRequest]:
+    """The same requests with prompt and output lengths scaled separately (at least 1
+    token each): a trace with long prompts and short heavy-tailed outputs keeps its tail
+    when only prompts shrink."""
+    if not (prompt_scale > 0 and output_scale > 0):
+        raise InvalidRequestError("length scales must be positive", param="length_scale")
+    return [
+        TraceRequest(
+            r.arrival_s,
+            max(1, round(r.prompt_tokens * prompt_scale)),
+            max(1, round(r.output_tokens * output_scale)),
+        )
+        for r in requests
+    ]
+
+
+def with_arrivals(requests: Sequence[TraceRequest], times: Sequence[float]) -> list[TraceRequest]:
+    """The same lengths with other arrival times (one per request)."""
+    return [TraceRequest(t, r.prompt_tokens, r.output_tokens) for r, t in zip(requests, times, strict=True)]
+
+
 def mean_rate(requests: Sequence[TraceRequest]) -> float:
     """Requests per second over the trace's span (inf when they all arrive at once)."""
     span = requests[-1].arrival_s - requests[0].arrival_s if requests else 0.0
