@@ -23,7 +23,7 @@ from ember.store.catalog import check_name
 from ember.store.checksum import digest
 from ember.store.disk_cache import DiskCache
 from ember.store.dram_pool import DramPool, PoolLease
-from ember.store.format import INDEX_FILE, read_index
+from ember.store.format import INDEX_FILE, CheckpointIndex, read_index
 from ember.store.loader import LoadProgress, load_tensors, stream_tensors
 from ember.store.local import LocalStore
 from ember.store.registry import Registry, open_registry
@@ -246,7 +246,13 @@ class NodeStore:
             self.catalog.set_location(name, self.node_id, "dram", nbytes)
             return lease
         tensors, loading = stream_tensors(path, verify=True, index=index, clock=self.clock)
-        self._dirs[name] = path
+        # a cached copy that fails its checksums is evicted, maybe before the engine has
+        # read its config: hand out a copy of the small files that outlives it
+        self._dirs[name] = (
+            self._model_files(name, (path / INDEX_FILE).read_text(), _stored_files(path, index))
+            if cached
+            else path
+        )
         lease = self.pool.insert(name, tensors, nbytes, loading=loading)
 
         loading.add_done_callback(lambda done: self._arrived(name, done, nbytes, cached=cached, hold=hold))
@@ -278,6 +284,11 @@ class NodeStore:
     def _name_lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._loading.setdefault(name, threading.Lock())
+
+
+def _stored_files(path: Path, index: CheckpointIndex) -> dict[str, bytes]:
+    """A checkpoint's stored files (config, tokenizer) by relative path."""
+    return {rel: (path / rel).read_bytes() for rel in index.files}
 
 
 def _copy_to_device(lease: PoolLease, device: torch.device) -> PoolLease:
