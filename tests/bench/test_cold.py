@@ -48,9 +48,27 @@ def test_each_row_loaded_from_its_tier(cold_report: dict[str, Any]) -> None:
 @pytest.mark.timeout(120)
 def test_targets_compare_tiers_with_the_baseline(cold_report: dict[str, Any]) -> None:
     targets = {t["tier"]: t for t in cold_report["targets"]}
-    assert set(targets) == {"dram", "disk"}
+    assert {"dram", "disk", "registry", "wire RegistryServer"} <= set(targets)
     assert targets["dram"]["goal"] == pytest.approx(1 / 20) and targets["disk"]["goal"] == 0.5
+    assert targets["registry"]["goal"] == 1.0
+    wire = targets.pop("wire RegistryServer")
+    assert wire["at_least"] and wire["goal"] == 0.9 and wire["met"] == (wire["ratio"] >= 0.9)
+    targets.pop("wire nginx", None)
     rows = {r["tier"]: r for r in cold_report["models"][0]["rows"]}
     for tier, t in targets.items():
         assert t["ratio"] == pytest.approx(rows[tier]["overhead_s"] / rows[BASELINE]["overhead_s"])
         assert t["met"] == (t["ratio"] <= t["goal"])
+
+
+@pytest.mark.timeout(120)
+def test_the_wire_rows_compare_the_raw_limit_with_embers_download(cold_report: dict[str, Any]) -> None:
+    (model,) = cold_report["models"]
+    by_server: dict[str, set[str]] = {}
+    for w in model["wire"]:
+        assert w["median_s"] > 0 and len(w["samples_s"]) == cold_report["repeats"]
+        by_server.setdefault(w["server"], set()).add(w["method"])
+    assert "RegistryServer" in by_server
+    for methods in by_server.values():
+        assert "ember into DRAM" in methods and len([m for m in methods if m.startswith("raw")]) >= 2
+    early, starts = model["first_token_before_last_byte"]
+    assert starts == cold_report["repeats"] and 0 <= early <= starts

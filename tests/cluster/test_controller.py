@@ -42,6 +42,8 @@ def test_scales_from_zero_and_back_to_zero_then_restarts_from_dram(
         clock.advance(2)
         c.reconcile()
         await c.settle()
+        [runtime] = c.nodes.values()  # the disk copy written behind the registry download
+        assert await asyncio.to_thread(runtime.store.settle, "tiny") is None  # type: ignore[attr-defined]
         status = await c.status()
         assert status["deployments"][0]["instances"] == []
         [node] = status["nodes"]
@@ -180,6 +182,7 @@ def test_a_start_whose_weights_fail_their_checksums_is_dropped_and_the_next_refe
         await c.settle()
         [node] = c.instances.nodes.values()
         store = node.store  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(store.settle, "tiny") is None  # the disk copy, written behind
         assert store.evict("tiny")
         part = store.disk.path("tiny") / "part-00000.bin"
         part.write_bytes(part.read_bytes()[:-64] + bytes(64))  # the disk copy's tail goes bad

@@ -241,8 +241,15 @@ def test_two_models_stream_from_agents_on_other_nodes_with_exact_tokens(
             assert len(on) == 2 and on <= {n.node_id for n in rc.nodes()}
             # The nodes fetched the models from the head's store over HTTP into their caches.
             assert "registry" in {load.tier for load in c.state.loads()}
-            disks = {n["id"]: n["disk"] for n in status["nodes"]}
-            assert all(m in disks[instances(status, m)[0]["node"]] for m in models)
+            # each disk copy is written behind its download: poll the status until both are in
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                disks = {n["id"]: n["disk"] for n in status["nodes"]}
+                if all(m in disks[instances(status, m)[0]["node"]] for m in models):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, f"no disk copies: {disks}"
+                await asyncio.sleep(0.05)
+                status = await c.status()
 
     run(main)
 

@@ -102,6 +102,7 @@ def test_corrupt_weights_fail_the_model_after_the_loads_checksum_error_and_are_n
         c, node, clock = _flaky(ember_home)
         await c.start([Deployment("tiny", "tiny", min_instances=1)])
         await c.wait_ready(30)
+        await c.settle()  # a registry start serves while its weights arrive: it fails as they do
         state = c.model_states()["tiny"]
         assert state.state == "failed" and "checksum mismatch" in (state.reason or "")
         for _ in range(3):
@@ -128,6 +129,7 @@ def test_a_bad_cached_copy_is_retried_and_fetched_again_but_a_bad_source_fails_t
         async def cold_start_on_a_corrupt_cached_copy() -> None:
             clock.advance(11)
             await _tick(c)  # idle past its keep-alive: stopped
+            assert node.inner.store.settle("tiny") is None  # type: ignore[attr-defined]
             assert node.inner.store.evict("tiny")  # type: ignore[attr-defined]
             _rewrite(node.inner.store.disk.path("tiny") / "part-00000.bin")  # type: ignore[attr-defined]
             with pytest.raises(EmberError, match="checksum mismatch"):  # it served as its weights came

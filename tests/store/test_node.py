@@ -11,6 +11,7 @@ import torch
 
 import ember.store.node as node_module
 from ember.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ember.store import verify_checkpoint
 from ember.store.local import LocalStore
 from ember.store.node import NodeStore, _copy_to_device
 from ember.store.registry import DirectoryRegistry, HttpRegistry
@@ -62,8 +63,9 @@ def test_registry_to_disk_to_dram(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     lease, path, report = node.acquire("r", progress=lambda d, t: seen.append((d, t)))
     assert report.tier == "registry" and seen[-1][0] == seen[-1][1]
-    assert path == node.root / "disk" / "r"
+    assert path.name == "r" and (path / "model" / "config.json").read_bytes() == b'{"seed": 0}'
     assert_same_tensors(lease.tensors, want)
+    assert node.settle("r") is None  # the disk copy, written behind the download
     assert node.holds("r") == {"dram", "disk"} == _tiers(node, "r")
     lease.release()
     assert node.evict("r") and node.holds("r") == {"disk"} == _tiers(node, "r")
@@ -138,7 +140,9 @@ def test_fetch_through_nginx(nginx: NginxServer, tmp_path: Path) -> None:
         node = NodeStore("n1", registry=registry)
         with node.acquire("web")[0] as lease:
             assert_same_tensors(lease.tensors, want)
+        assert node.settle("web") is None
     assert node.holds("web") == {"dram", "disk"}
+    verify_checkpoint(node.root / "disk" / "web")
 
 
 def test_device_copy_keeps_tied_tensors_tied() -> None:
@@ -193,8 +197,8 @@ def test_a_streaming_acquire_returns_before_its_bytes_and_records_dram_after(
 ) -> None:
     want = write_checkpoint(tmp_path / "reg" / "r", mib=20)
     node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
-    node.acquire("r")[0].release()  # registry -> disk (and DRAM)
-    assert node.evict("r")
+    node.acquire("r")[0].release()  # registry -> DRAM, and disk behind it
+    assert node.settle("r") is None and node.evict("r")
     held_reads.clear()
     lease, _, report = node.acquire("r", stream=True)
     assert report.tier == "disk" and report.loading is lease.loading is not None
@@ -214,7 +218,7 @@ def test_a_corrupt_streamed_copy_leaves_the_pool_and_the_disk_cache(
     want = write_checkpoint(tmp_path / "reg" / "r", mib=20)
     node = NodeStore("n1", registry=DirectoryRegistry(tmp_path / "reg"))
     node.acquire("r")[0].release()
-    assert node.evict("r")
+    assert node.settle("r") is None and node.evict("r")
     part = node.root / "disk" / "r" / "part-00000.bin"
     data = bytearray(part.read_bytes())
     data[-100] ^= 0xFF

@@ -104,11 +104,28 @@ def _print(report: ColdReport) -> None:
         ["model", "from", "cold TTFT", "warm TTFT", "overhead", "load", "/ baseline"],
         rows,
     )
+    wire = [
+        [m["model"], w["server"], w["method"], f"{w['median_s']:.3f}", f"{w['gbps']:.2f}"]
+        for m in data["models"]
+        for w in m["wire"]
+    ]
+    if wire:
+        print_table(
+            "the registry's download over loopback HTTP: raw limit (plain ranged GETs into touched "
+            "memory) and Ember's (need order, every chunk checksummed)",
+            ["model", "server", "method", "seconds", "GB/s"],
+            wire,
+        )
     print_table(
         "targets",
         ["target line", "value", "goal", "status"],
         [
-            [t.name, f"{t.ratio:.3f}", f"<= {t.goal:.3f}", "met" if t.met else "NOT MET"]
+            [
+                t.name,
+                f"{t.ratio:.3f}",
+                f"{'>=' if t.at_least else '<='} {t.goal:.3f}",
+                "met" if t.met else "NOT MET",
+            ]
             for t in report.targets()
         ],
     )

@@ -42,8 +42,9 @@ class Router:
 
     def set_ready(self, instance_id: str) -> None:
         route = self._routes[instance_id]
+        if not route.ready:  # ready again once its streamed weights are all in: idle as it was
+            route.idle_since = self.clock()
         route.ready = True
-        route.idle_since = self.clock()
 
     def drain(self, instance_id: str) -> None:
         """Take no new requests; the ones in flight go on."""

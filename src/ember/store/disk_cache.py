@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.env import ember_home
 from ember.errors import CheckpointNotFoundError, StorageFullError
@@ -22,6 +23,10 @@ from ember.store.format import INDEX_FILE, read_index
 from ember.store.registry import Registry
 from ember.store.scratch import remove_orphans, trash_for
 from ember.store.transfer import Progress, file_lock
+
+if TYPE_CHECKING:
+    from ember.store.registry_stream import RegistryStream
+    from ember.store.write_behind import WriteBehind
 
 TIER = "disk"
 
@@ -105,6 +110,39 @@ class DiskCache:
             path = registry.fetch(name, self.root / name, progress=progress)
             self.catalog.set_location(name, self.node, TIER, size, last_used=self.clock())
             return path
+
+    def write_behind(self, name: str, stream: RegistryStream) -> WriteBehind:
+        """The entry's copy, written from `stream`'s buffer as its chunks arrive (call
+        its `start(loading)`): under the entry's lock, after making room, published
+        once every chunk is in. StorageFullError now if it can never fit."""
+        from ember.store.write_behind import WriteBehind
+
+        size = stream.index.stored_bytes
+        if size > self.budget_bytes:
+            raise StorageFullError(
+                f"checkpoint {name!r} ({size} bytes) is larger than the disk cache budget "
+                f"of node {self.node!r} ({self.budget_bytes} bytes)"
+            )
+
+        @contextmanager
+        def locked() -> Iterator[object]:
+            with file_lock(self._lock_path(name)):
+                if self.path(name) is None:
+                    self.make_room(size)
+                yield None
+
+        def published() -> None:
+            self.catalog.set_location(name, self.node, TIER, size, last_used=self.clock())
+
+        return WriteBehind(
+            self.root / check_name(name),
+            stream.index_text,
+            stream.index,
+            stream.files,
+            stream.buf,
+            locks=locked,
+            published=published,
+        )
 
     def make_room(self, nbytes: int) -> list[str]:
         """Evict least recently used entries until `nbytes` more fit in the budget.

@@ -18,15 +18,18 @@ from typing import Literal
 import torch
 
 from ember.env import registry_location
-from ember.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ember.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageFullError
 from ember.store.catalog import check_name
+from ember.store.checksum import digest
 from ember.store.disk_cache import DiskCache
 from ember.store.dram_pool import DramPool, PoolLease
-from ember.store.format import read_index
+from ember.store.format import INDEX_FILE, CheckpointIndex, read_index
 from ember.store.loader import LoadProgress, load_tensors, stream_tensors
 from ember.store.local import LocalStore
 from ember.store.registry import Registry, open_registry
+from ember.store.scratch import temporary_dir
 from ember.store.transfer import Progress
+from ember.store.write_behind import WriteBehind
 
 DEFAULT_DRAM_BUDGET = 16 << 30
 DEFAULT_DISK_BUDGET = 200 << 30
@@ -78,6 +81,7 @@ class NodeStore:
         self.clock = clock
         self._dirs: dict[str, Path] = {}  # name -> the directory its DRAM copy came from
         self._loading: dict[str, threading.Lock] = {}
+        self._writes: dict[str, WriteBehind] = {}  # name -> its disk copy being written behind a download
         self._guard = threading.Lock()
 
     def acquire(
@@ -90,10 +94,12 @@ class NodeStore:
         non-CPU `device` the DRAM copy is copied there once (shared storage stays
         shared) and the returned lease owns that copy, outside the pool.
 
-        `stream` (CPU only): a load from disk returns as soon as it has started, its
-        tensors still arriving; `lease.loading` tracks them (see LoadProgress). A
-        registry download still completes to disk first."""
+        `stream` (CPU only): a load returns as soon as it has started, its tensors
+        still arriving; `lease.loading` tracks them (see LoadProgress). A registry
+        download goes straight into the pool, in need order; the disk cache's copy
+        is written behind it (see `settle`)."""
         start = self.clock()
+        pinned = torch.device(device).type == "cuda"
         stream = stream and torch.device(device).type == "cpu"
         lease = self.pool.acquire(name)
         tier: Tier = "dram"
@@ -101,7 +107,7 @@ class NodeStore:
             with self._name_lock(name):  # one load per name at a time; the rest hit DRAM after it
                 lease = self.pool.acquire(name)
                 if lease is None:
-                    lease, tier = self._load(name, progress, stream)
+                    lease, tier = self._load(name, progress, stream, pinned)
         path = self._dirs[name]
         if lease.loading is not None and not stream:
             try:  # a streaming load by another caller: wait for its end before any use or copy
@@ -142,30 +148,81 @@ class NodeStore:
         """Drop `name` from this node's DRAM pool (False if absent or leased)."""
         return self.pool.evict(name)
 
-    def _load(self, name: str, progress: Progress | None, stream: bool) -> tuple[PoolLease, Tier]:
+    def _load(
+        self, name: str, progress: Progress | None, stream: bool, pinned: bool
+    ) -> tuple[PoolLease, Tier]:
         rec = self.local.catalog.find(name)
         if rec is not None and Path(rec.path).is_dir():
             nothing_to_hold = contextlib.ExitStack()
             return self._into_dram(name, Path(rec.path), stream, nothing_to_hold, cached=False), "store"
-        tier: Tier = "disk"
-        for _ in range(3):  # an entry evicted between fetch and read is fetched again
-            hold = contextlib.ExitStack()  # the disk entry stays ours until its bytes are in
-            path = hold.enter_context(self.disk.reading(name))
-            if path is not None:
-                try:
-                    return self._into_dram(name, path, stream, hold, cached=True), tier
-                except BaseException:
-                    hold.close()
-                    raise
-            hold.close()
-            if self.registry is None:
-                raise CheckpointNotFoundError(
-                    f"checkpoint {name!r} is not in the store or node {self.node_id!r}'s disk cache "
-                    "(see `ember store ls`), and no registry is configured (--registry / EMBER_REGISTRY)"
-                )
-            self.disk.fetch(name, self.registry, progress=progress)
-            tier = "registry"
-        raise CheckpointNotFoundError(f"checkpoint {name!r} kept leaving the disk cache while loading")
+        hold = contextlib.ExitStack()  # the disk entry stays ours until its bytes are in
+        path = hold.enter_context(self.disk.reading(name))
+        if path is not None:
+            try:
+                return self._into_dram(name, path, stream, hold, cached=True), "disk"
+            except BaseException:
+                hold.close()
+                raise
+        hold.close()
+        if self.registry is None:
+            raise CheckpointNotFoundError(
+                f"checkpoint {name!r} is not in the store or node {self.node_id!r}'s disk cache "
+                "(see `ember store ls`), and no registry is configured (--registry / EMBER_REGISTRY)"
+            )
+        return self._from_registry(name, progress, pinned), "registry"
+
+    def _from_registry(self, name: str, progress: Progress | None, pinned: bool) -> PoolLease:
+        """Download `name` straight into the pool, in need order, serving as it arrives;
+        the disk cache's copy is written from the same buffer behind it."""
+        assert self.registry is not None
+        download = self.registry.open_stream(name, pinned=pinned)
+        try:
+            writer: WriteBehind | None = self.disk.write_behind(name, download)
+        except StorageFullError:  # it will never fit on disk: serve it from DRAM alone
+            writer = None
+        self._dirs[name] = self._model_files(name, download.index_text, download.files)
+        lease = self.pool.insert(name, download.tensors, download.nbytes, loading=download.progress)
+        loading = download.progress
+        loading.add_done_callback(lambda done: self._arrived(name, done, download.nbytes, cached=False))
+        if writer is None:
+            download.start(progress=progress)
+            return lease
+        with self._guard:
+            self._writes[name] = writer
+        writer.start(loading)
+        download.start(on_chunk=writer.chunk, progress=progress)
+        return lease
+
+    def _model_files(self, name: str, index_text: str, files: dict[str, bytes]) -> Path:
+        """A directory named `name` with the index and stored files (config, tokenizer)
+        of a checkpoint still downloading: what the engine reads while the disk copy is
+        unwritten. Kept per index version, written once."""
+        final = self.root / "meta" / digest(index_text.encode()) / name
+        if (final / INDEX_FILE).is_file():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with temporary_dir(final) as tmp:
+            for rel, data in files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            (tmp / INDEX_FILE).write_text(index_text)
+            with contextlib.suppress(OSError):  # another process wrote it first: the same bytes
+                tmp.rename(final)
+        return final
+
+    def settle(self, name: str, timeout: float | None = None) -> BaseException | None:
+        """Wait for the disk copy being written behind a download of `name` (if any);
+        returns why it was not published, None if it was or there was none."""
+        with self._guard:
+            writer = self._writes.get(name)
+        if writer is None:
+            return None
+        if not writer.done.wait(timeout):
+            raise TimeoutError(f"the disk copy of {name!r} is still being written")
+        with self._guard:
+            if self._writes.get(name) is writer:
+                del self._writes[name]
+        return writer.error
 
     def _into_dram(
         self, name: str, path: Path, stream: bool, hold: contextlib.ExitStack, *, cached: bool
@@ -189,20 +246,37 @@ class NodeStore:
             self.catalog.set_location(name, self.node_id, "dram", nbytes)
             return lease
         tensors, loading = stream_tensors(path, verify=True, index=index, clock=self.clock)
-        self._dirs[name] = path
+        # a cached copy that fails its checksums is evicted, maybe before the engine has
+        # read its config: hand out a copy of the small files that outlives it
+        self._dirs[name] = (
+            self._model_files(name, (path / INDEX_FILE).read_text(), _stored_files(path, index))
+            if cached
+            else path
+        )
         lease = self.pool.insert(name, tensors, nbytes, loading=loading)
 
-        def arrived(done: LoadProgress) -> None:
-            hold.close()
-            if done.error is None:
-                self.catalog.set_location(name, self.node_id, "dram", nbytes)
-            else:  # nobody may lease a half-read or corrupt copy again
-                self.pool.discard(name, loading)
-                if cached and isinstance(done.error, CorruptCheckpointError):
-                    self.disk.evict(name)
-
-        loading.add_done_callback(arrived)
+        loading.add_done_callback(lambda done: self._arrived(name, done, nbytes, cached=cached, hold=hold))
         return lease
+
+    def _arrived(
+        self,
+        name: str,
+        done: LoadProgress,
+        nbytes: int,
+        *,
+        cached: bool,
+        hold: contextlib.ExitStack | None = None,
+    ) -> None:
+        """A streaming load ended: record it in DRAM, or drop the failed copy from the
+        pool (and a corrupt one from the disk cache)."""
+        if hold is not None:
+            hold.close()
+        if done.error is None:
+            self.catalog.set_location(name, self.node_id, "dram", nbytes)
+            return
+        self.pool.discard(name, done)  # nobody may lease a half-read or corrupt copy again
+        if cached and isinstance(done.error, CorruptCheckpointError):
+            self.disk.evict(name)
 
     def _dropped_from_dram(self, name: str) -> None:
         self.catalog.drop_location(name, self.node_id, "dram")
@@ -210,6 +284,11 @@ class NodeStore:
     def _name_lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._loading.setdefault(name, threading.Lock())
+
+
+def _stored_files(path: Path, index: CheckpointIndex) -> dict[str, bytes]:
+    """A checkpoint's stored files (config, tokenizer) by relative path."""
+    return {rel: (path / rel).read_bytes() for rel in index.files}
 
 
 def _copy_to_device(lease: PoolLease, device: torch.device) -> PoolLease:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from ember.errors import (
@@ -31,8 +31,12 @@ from ember.store.transfer import (
     DEFAULT_THREADS,
     CheckpointSource,
     Progress,
+    StreamSettings,
     copy_checkpoint,
 )
+
+if TYPE_CHECKING:  # torch is imported only once a download into memory starts
+    from ember.store.registry_stream import RegistryStream
 
 PIECE = 4 << 20  # bytes read from a file at a time
 
@@ -58,6 +62,12 @@ class Registry(Protocol):
     def read_files(self, name: str, prefix: str = "") -> dict[str, bytes]:
         """The checkpoint's stored files (config, tokenizer; never its tensors) whose
         paths start with `prefix`, by path, each checked against the index."""
+        ...
+
+    def open_stream(self, name: str, *, pinned: bool = False) -> RegistryStream:
+        """Checkpoint `name` as a download into one host buffer (pinned for CUDA):
+        its index and stored files fetched and checked, its tensors not yet (see
+        RegistryStream.start)."""
         ...
 
 
@@ -117,10 +127,13 @@ class DirectoryRegistry:
     store's own directory is one (`ember serve` without --registry): its errors then
     say "the store"."""
 
-    def __init__(self, root: str | Path, *, threads: int = DEFAULT_THREADS) -> None:
+    def __init__(
+        self, root: str | Path, *, threads: int = DEFAULT_THREADS, stream: StreamSettings | None = None
+    ) -> None:
         self.root = Path(root).expanduser()
         self.location = str(self.root)
         self.threads = threads
+        self.stream_settings = stream or StreamSettings(connections=threads)
         self.described = "the store" if is_store_root(self.root) else "the registry"
 
     def _source(self, name: str) -> DirectorySource:
@@ -132,6 +145,12 @@ class DirectoryRegistry:
     def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
         with self._in(name):
             return copy_checkpoint(self._source(name), dest, progress=progress, threads=self.threads)
+
+    def open_stream(self, name: str, *, pinned: bool = False) -> RegistryStream:
+        from ember.store.registry_stream import RegistryStream
+
+        with self._in(name):
+            return RegistryStream(self._source(name), self.stream_settings, pinned=pinned)
 
     def push(self, src: Path, name: str) -> None:
         """Copy checkpoint directory `src` to `<root>/<name>/`, checking every chunk
@@ -171,13 +190,15 @@ class HttpRegistry:
         retries: int = 3,
         backoff_s: float = 0.5,
         described: str = "the registry",
+        stream: StreamSettings | None = None,
     ) -> None:
         self.location = url.rstrip("/")
         # what errors call it: "the store" when it serves a store (Ray mode's default)
         self.described = described
         self.connections, self.range_bytes = connections, range_bytes
         self.retries, self.backoff_s = retries, backoff_s
-        self._client = make_client(connections)
+        self.stream_settings = stream or StreamSettings(retries=retries, backoff_s=backoff_s)
+        self._client = make_client(max(connections, self.stream_settings.connections))
 
     def _source(self, name: str) -> HttpSource:
         return HttpSource(self._client, f"{self.location}/{quote(check_name(name))}")
@@ -193,6 +214,12 @@ class HttpRegistry:
                 retries=self.retries,
                 backoff_s=self.backoff_s,
             )
+
+    def open_stream(self, name: str, *, pinned: bool = False) -> RegistryStream:
+        from ember.store.registry_stream import RegistryStream
+
+        with _in_registry(self.described, shown_url(self.location), name):
+            return RegistryStream(self._source(name), self.stream_settings, pinned=pinned)
 
     def push(self, src: Path, name: str) -> None:
         raise RegistryError(
