@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,28 @@ def test_run_batch_schedules_like_the_model(policy: str) -> None:
     )
     assert drive(replayed, requests) == (batches, tokens)
     assert stand_in.calls == []  # no forward ran
+
+
+def test_bench_sched_on_a_cost_model_replays_every_case_the_same_way_twice(tmp_path: Path) -> None:
+    from ember.bench.sched import SchedBenchConfig, run_sched_bench
+    from ember.bench.sched_cases import parse_policies
+
+    rows = heavy_tailed(40, rate=1.0)
+    trace = tmp_path / "trace.csv"
+    trace.write_text(
+        "arrived_at,num_prefill_tokens,num_decode_tokens\n"
+        + "".join(f"{r.arrival_s},{r.prompt_tokens},{r.output_tokens}\n" for r in rows)
+    )
+    cost = tmp_path / "cost.json"
+    COST.save(cost)
+    cfg = SchedBenchConfig(
+        model="unused: a replay loads no weights", trace=str(trace), num_requests=40,
+        prompt_scale=1.0, output_scale=1.0, policies=parse_policies("fcfs,mlfq,gittins,srpt,fcfs@64"),
+        loads=(0.5, 0.9), max_num_seqs=8, kv_budget=48 * 16 * KV_PER_TOKEN, cost_model=str(cost),
+    )  # fmt: skip
+    first, again = run_sched_bench(cfg), run_sched_bench(cfg)
+    assert first == again
+    assert first["workload"]["clock"] == f"cost model {cost}"
+    assert set(first["curve"]) == {"fcfs", "mlfq", "gittins", "srpt", "fcfs@64"}
+    assert all(p["mean_jct_s"] > 0 for points in first["curve"].values() for p in points)
+    assert first["policies"]["srpt"]["mean_jct_s"] <= first["policies"]["fcfs"]["mean_jct_s"]

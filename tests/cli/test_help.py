@@ -66,5 +66,5 @@ def test_defaults_written_in_help_text_are_shown() -> None:
     # "[default: ...]" in help is also rich markup; it must show, not vanish as a tag
     assert "[default: http://127.0.0.1:8000]" in help_of("deploy")
     serve = help_of("serve")
-    for shown in ("[default: 8000]", "[default: mlfq]", "[default: smollm2-135m-instruct]"):
+    for shown in ("[default: 8000]", "[default: gittins]", "[default: smollm2-135m-instruct]"):
         assert shown in serve

@@ -57,7 +57,8 @@ def test_a_bad_scheduler_fails_before_the_port_is_bound(busy_port: int, ember_ho
     done = serve("--port", str(busy_port), "--scheduler", "mflq", home=ember_home)
     assert done.returncode == 1
     assert messages(done.stderr) == [
-        "error: bad setting scheduler='mflq' (from --scheduler): Input should be 'mlfq', 'fcfs' or 'srpt'"
+        "error: bad setting scheduler='mflq' (from --scheduler): "
+        "Input should be 'mlfq', 'fcfs', 'srpt' or 'gittins'"
     ]
 
 

@@ -134,7 +134,7 @@ def test_bad_swap_settings_are_clear_errors() -> None:
         EngineConfig(swap="sometimes")
     with pytest.raises(InvalidRequestError, match="mlfq_base_quantum_s"):
         EngineConfig(mlfq_base_quantum_s=0)
-    assert EngineConfig().scheduler == "mlfq" and EngineConfig().swap == "proactive"
+    assert EngineConfig().scheduler == "gittins" and EngineConfig().swap == "proactive"
 
 
 request_shapes = st.tuples(

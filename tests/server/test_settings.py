@@ -23,7 +23,7 @@ def test_each_layer_overrides_the_one_before(tmp_path: Path) -> None:
     s = load_settings(config, flags, environ)
     assert (s.scheduler, s.swap, s.port, s.nodes, s.models) == ("fcfs", "reactive", 9003, 2, ["c", "d"])
     assert s.max_num_seqs == EngineConfig().max_num_seqs  # untouched: the default
-    assert load_settings(None, {}, {}).scheduler == EngineConfig().scheduler == "mlfq"
+    assert load_settings(None, {}, {}).scheduler == EngineConfig().scheduler == "gittins"
 
 
 def test_the_api_key_home_and_registry_variables_are_settings(tmp_path: Path) -> None:

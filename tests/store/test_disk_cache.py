@@ -108,6 +108,23 @@ def test_an_entry_being_read_is_not_evicted(tmp_path: Path, registry: CountingRe
         assert gone is None
 
 
+def test_a_corrupt_entry_goes_even_while_read(tmp_path: Path, registry: CountingRegistry) -> None:
+    """A copy that failed its checksums must not serve the next start, however many
+    starts are still reading it: the next one refetches."""
+    cache = _cache(tmp_path, 4 * registry.size("a"))
+    cache.fetch("a", registry)
+    with cache.reading("a") as path:
+        assert path is not None
+        index = (path / "index.json").open()  # a reader keeps what it opened
+        assert not cache.evict("a")
+        assert cache.evict("a", corrupt=True)
+        assert index.read()
+        index.close()
+    assert cache.names() == []
+    with cache.reading("a") as gone:
+        assert gone is None
+
+
 def test_bigger_than_the_budget_is_refused(tmp_path: Path, registry: CountingRegistry) -> None:
     cache = _cache(tmp_path, registry.size("a") - 1)
     with pytest.raises(StorageFullError, match="larger than the disk cache budget"):

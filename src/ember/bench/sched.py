@@ -69,6 +69,7 @@ class SchedBenchConfig:
     kv_budget: int | None = None
     swap_bytes: int | None = None  # None: the engine's default (as large as the KV budget)
     engine_options: Mapping[str, Any] | None = None  # more EngineConfig fields
+    cost_model: str | None = None  # a CostModel JSON: replay on its clock; None: the real engine
 
     def __post_init__(self) -> None:
         if self.arrivals not in ("trace", "gamma"):
@@ -177,7 +178,12 @@ def run_sched_bench(
     """Run every case; the JSON report (workload, the `load` point per policy, and with
     `loads` the curve and max_rate_within_slo). `run_case` None: the real-clock engine
     (bench/sched_engine.py), which also sets max_model_len."""
-    if run_case is None:
+    if run_case is None and cfg.cost_model is not None:
+        from ember.bench.sched_replay import ReplayRunner
+
+        replayer = ReplayRunner.load(cfg.cost_model, cfg.engine_settings())
+        run_case, max_model_len = replayer, replayer.max_model_len
+    elif run_case is None:
         from ember.bench.sched_engine import EngineRunner
 
         runner = EngineRunner.load(cfg.model, cfg.engine_settings())
@@ -260,6 +266,7 @@ def _workload(
         "load": cfg.point_load,
         "loads": sorted(cfg.loads),
         "repeats": cfg.repeats,
+        "clock": "real" if cfg.cost_model is None else f"cost model {cfg.cost_model}",
         "measured_capacity_req_s": arrivals.capacity,
         "mean_prompt_tokens": statistics.fmean(r.prompt_tokens for r in requests),
         "mean_output_tokens": statistics.fmean(r.output_tokens for r in requests),

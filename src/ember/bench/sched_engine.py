@@ -52,13 +52,7 @@ class EngineRunner:
         return runner
 
     def config(self, case: Case) -> EngineConfig:
-        """The shared config with the case's policy, swap mode and token budget."""
-        changes: dict[str, Any] = {"scheduler": case.scheduler}
-        if case.swap is not None:
-            changes["swap"] = case.swap
-        if case.max_num_batched_tokens is not None:
-            changes["max_num_batched_tokens"] = case.max_num_batched_tokens
-        return self.base.replace(**changes)
+        return case_config(self.base, case)
 
     def build_case_engine(self, case: Case) -> Engine:
         """A fresh engine for one case, warmed up. The one place a case's engine is made."""
@@ -140,3 +134,13 @@ def _warm_up(engine: Engine) -> None:
     )
     while engine.has_unfinished():
         engine.step()
+
+
+def case_config(base: EngineConfig, case: Case) -> EngineConfig:
+    """The shared config with the case's policy, swap mode and token budget."""
+    changes: dict[str, Any] = {"scheduler": case.scheduler}
+    if case.swap is not None:
+        changes["swap"] = case.swap
+    if case.max_num_batched_tokens is not None:
+        changes["max_num_batched_tokens"] = case.max_num_batched_tokens
+    return base.replace(**changes)

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ember.bench.sched_cases import RequestTiming
+from ember.bench.sched_cases import Case, CaseResult, RequestTiming
 from ember.bench.sched_cost import CostModel
+from ember.bench.sched_engine import case_config
 from ember.bench.workload import TraceRequest
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
@@ -201,3 +202,30 @@ def _result(
     iterations = engine.run_batch.iterations
     engine.close()
     return ReplayResult(timings, iterations, counters, max(done.values(), default=start) - start)
+
+
+@dataclass(frozen=True)
+class ReplayRunner:
+    """`ember bench sched --cost-model FILE`: every case replayed on the cost model's
+    clock (the `RunCase` beside the real-clock EngineRunner). Deterministic, so one
+    repeat says what many real runs on a noisy machine only bracket."""
+
+    base: EngineConfig
+    cost: CostModel
+
+    @classmethod
+    def load(cls, path: str, options: dict[str, Any]) -> ReplayRunner:
+        return cls(EngineConfig(**options), CostModel.load(path))
+
+    @property
+    def max_model_len(self) -> int:
+        engine = replay_engine("fcfs", self.base, self.cost, VirtualClock())
+        try:
+            return engine.max_model_len
+        finally:
+            engine.close()
+
+    def __call__(self, requests: Sequence[TraceRequest], case: Case) -> CaseResult:
+        r = replay(requests, case.scheduler, case_config(self.base, case), self.cost)
+        counters = {name.removeprefix("num_"): r.counters[name] for name in COUNTERS}
+        return CaseResult(r.timings, r.iteration_s, counters, r.makespan_s)

@@ -132,6 +132,13 @@ def sched_command(
     swap_bytes: Annotated[
         int | None, typer.Option(help="Host swap space bytes (default: the engine's: the KV budget).")
     ] = None,
+    cost_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Replay on this cost model's clock (ember bench cost): deterministic, no forward; "
+            "default: the real engine in real time."
+        ),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the CDF of completion time (PNG) here.")] = None,
     curve_plot: Annotated[
@@ -181,6 +188,7 @@ def sched_command(
         max_num_seqs=max_num_seqs,
         kv_budget=kv_budget,
         swap_bytes=swap_bytes,
+        cost_model=None if cost_model is None else str(cost_model),
     )
     if err_console().is_terminal:
         with stage_progress({}) as progress:

@@ -307,6 +307,10 @@ def _prefetch_tokenizer(checkpoint: Path | None) -> None:
     Errors are left to load_engine's own call, which raises them."""
     if checkpoint is None:
         return
+    # transformers resolves its names lazily and not thread-safely: two threads' first
+    # imports can race ("cannot import name 'PreTrainedTokenizerFast'"), so the first
+    # one happens here, before the parse thread and the weights' load both need it.
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
 
     def parse() -> None:
         from ember.engine.loader import MODEL_DIR, load_tokenizer

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
 from ember.engine.loader import load_engine
+from ember.engine.options import DEFAULT_SCHEDULER
 from ember.engine.request import CompletionOutput, EngineRequest, RequestOutput, SamplingParams, offset_seed
 from ember.errors import InvalidRequestError
 
@@ -58,7 +59,7 @@ class LLM:
     def __init__(
         self,
         model: str | Path,
-        scheduler: str = "mlfq",
+        scheduler: str = DEFAULT_SCHEDULER,
         *,
         num_threads: int | None = None,
         **engine_config: Any,

@@ -17,7 +17,7 @@ SwapMode = Literal["proactive", "reactive", "off"]
 SCHEDULERS: tuple[SchedulerName, ...] = get_args(SchedulerName)
 SWAP_MODES: tuple[SwapMode, ...] = get_args(SwapMode)
 
-DEFAULT_SCHEDULER: SchedulerName = "mlfq"
+DEFAULT_SCHEDULER: SchedulerName = "gittins"
 DEFAULT_SWAP: SwapMode = "proactive"
 DEFAULT_MAX_NUM_SEQS = 32  # sequences in one batch
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # tokens computed in one iteration, prefill and decode

@@ -160,11 +160,14 @@ class DiskCache:
                 evicted.append(name)
         return evicted
 
-    def evict(self, name: str) -> bool:
-        """Remove an entry unless it is being read or fetched; True if removed."""
+    def evict(self, name: str, *, corrupt: bool = False) -> bool:
+        """Remove an entry unless it is being read or fetched; True if removed.
+        `corrupt`: it failed its checksums, so it goes even while read (a reader keeps
+        the files it opened; one that opens later finds none and refetches): a retry
+        must never read it again."""
         with file_lock(self._lock_path(name), blocking=False) as locked:
             path = self.path(name)
-            if not locked or path is None:
+            if not (locked or corrupt) or path is None:
                 return False
             trash = trash_for(path)
             path.rename(trash)

@@ -239,7 +239,7 @@ class NodeStore:
                     tensors = load_tensors(path, verify=True, index=index)
             except CorruptCheckpointError:
                 if cached:
-                    self.disk.evict(name)
+                    self.disk.evict(name, corrupt=True)
                 raise
             self._dirs[name] = path  # before the insert: a hit in another thread reads it
             lease = self.pool.insert(name, tensors, nbytes)
@@ -276,7 +276,7 @@ class NodeStore:
             return
         self.pool.discard(name, done)  # nobody may lease a half-read or corrupt copy again
         if cached and isinstance(done.error, CorruptCheckpointError):
-            self.disk.evict(name)
+            self.disk.evict(name, corrupt=True)
 
     def _dropped_from_dram(self, name: str) -> None:
         self.catalog.drop_location(name, self.node_id, "dram")
