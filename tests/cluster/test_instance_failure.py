@@ -65,6 +65,7 @@ def test_a_dead_engine_thread_stops_its_instance_and_its_streams_continue_elsewh
         reqs = [EngineRequest.make(f"r{i}", p, GREEDY) for i, p in enumerate([[1, 17, 42, 99], [5, 6, 7]])]
         expected = [await tokens_of(c, r) for r in reqs]
         dead, node = serving(c, nodes)
+        await c.settle()  # its start finished (weights all in): the failure is the engine's alone
         kill_after(node.engine(dead), steps=6)
         again = [dataclasses.replace(r, request_id=f"again-{r.request_id}") for r in reqs]
         assert list(await asyncio.gather(*(tokens_of(c, r) for r in again))) == expected
@@ -90,6 +91,7 @@ def test_with_no_instance_to_take_them_the_streams_of_a_dead_engine_get_a_503(
         await c.start([Deployment("tiny", "tiny", min_instances=1)])
         await c.wait_ready(30)
         dead, _ = serving(c, [node])
+        await c.settle()  # its start finished (weights all in): the failure is the engine's alone
 
         async def no_start(*args: Any, **kwargs: Any) -> Any:
             raise OverloadedError("no replacement can start", retry_after_s=5.0)
@@ -121,6 +123,8 @@ def test_an_idle_instance_whose_engine_died_is_stopped_by_the_gauge_collection(
         await c.start([Deployment("tiny", "tiny", min_instances=1)])
         await c.wait_ready(30)
         dead, _ = serving(c, [node])
+        await node.instance_loaded(dead)  # idle: its weights all in, its start finished
+        await c.settle()
         kill_after(node.engine(dead), steps=0)
         with pytest.raises(InstanceFailedError):  # straight to the node, past the controller
             async for _ in node.generate(dead, EngineRequest.make("x", [1, 2, 3], GREEDY)):
