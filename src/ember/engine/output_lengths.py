@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ember.engine.persist import save_json_atomic
 from ember.engine.prefill_profile import profile_path
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,7 @@ class OutputLengths:
         self._since_save = 0
         data = {"version": _VERSION, "edges": self.edges.tolist(), "count": self.count}
         data.update({name: row.tolist() for name, row in zip(_FIELDS, self.counts, strict=True)})
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
-        except OSError as e:
-            log.warning("could not save the output lengths %s: %s", self.path, e)
+        save_json_atomic(self.path, data, "output lengths")
 
     def _load(self, path: Path) -> None:
         try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ember.engine.nnls import nonnegative_lstsq
+from ember.engine.persist import save_json_atomic
 from ember.env import ember_home
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,7 @@ class PrefillProfile:
             "count": self._count,
             "decode_s": self._decode_s,
         }
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
-        except OSError as e:
-            log.warning("could not save the prefill profile %s: %s", self.path, e)
+        save_json_atomic(self.path, data, "prefill profile")
 
     def _load(self, path: Path) -> None:
         try:
