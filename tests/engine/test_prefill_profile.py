@@ -44,3 +44,17 @@ def test_a_damaged_profile_file_is_ignored() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{not json")
     assert not PrefillProfile(path).ready
+
+
+def test_a_copy_predicts_the_same_learns_apart_and_saves_nothing() -> None:
+    p = PrefillProfile.for_model("copied", "cpu", "float32")
+    for n in (10, 100, 1000):
+        p.observe([n], [0], n * 1e-4)
+    twin = p.copy()
+    assert twin.path is None and twin.predict_prefill(300) == pytest.approx(p.predict_prefill(300))
+    for _ in range(20):
+        twin.observe([500], [0], 5.0)  # a slow spell seen only by the copy
+    assert twin.predict_prefill(500) > 2 * p.predict_prefill(500)
+    twin.save()
+    saved = PrefillProfile.for_model("copied", "cpu", "float32")  # what p saved, not the copy
+    assert saved.predict_prefill(500) == pytest.approx(p.predict_prefill(500))

@@ -4,7 +4,9 @@ the same weights and replays the requests in real time.
 Requests are token-id prompts of the trace's lengths with ignore_eos, so every output
 has the trace's length; each arrives when the wall clock passes its arrival time. The
 engine of a case is built in `build_case_engine` alone: a policy with learnt state
-that must start fresh per run resets it there.
+that must start fresh per run resets it there, and every case starts from the same
+copy of the model's iteration-time profile (the one saved under EMBER_HOME, warmed
+by the probe), so no case learns from the ones before it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
     from ember.engine.config import EngineConfig
     from ember.engine.engine import Engine
+    from ember.engine.prefill_profile import PrefillProfile
 
 
 @dataclass
@@ -34,6 +37,7 @@ class EngineRunner:
     base: EngineConfig
     weights: Mapping[str, torch.Tensor]
     max_model_len: int  # what every case's engine serves: requests are cut to fit
+    profile: PrefillProfile | None = None  # each case's engine starts from a copy of it
 
     @classmethod
     def load(cls, model: str, options: Mapping[str, Any]) -> EngineRunner:
@@ -49,6 +53,7 @@ class EngineRunner:
         probe = runner.build_case_engine(Case("probe", "fcfs"))
         runner.max_model_len = probe.max_model_len
         probe.close()
+        runner.profile = probe.profile.copy()
         return runner
 
     def config(self, case: Case) -> EngineConfig:
@@ -61,7 +66,10 @@ class EngineRunner:
 
         # every case learns output lengths from the prior, in memory: nothing carries over
         lengths = OutputLengths.prior()
-        engine = load_engine(self.checkpoint, self.config(case), weights=self.weights, lengths=lengths)
+        profile = self.profile.copy() if self.profile is not None else None
+        engine = load_engine(
+            self.checkpoint, self.config(case), weights=self.weights, lengths=lengths, profile=profile
+        )
         _warm_up(engine)
         return engine
 

@@ -161,6 +161,7 @@ def load_engine(
     loading: LoadProgress | None = None,
     clock: Clock = time.monotonic,
     lengths: OutputLengths | None = None,
+    profile: PrefillProfile | None = None,
 ) -> Engine:
     """Build the model, KV cache and tokenizer of a checkpoint and an Engine over them.
 
@@ -168,7 +169,8 @@ def load_engine(
     at once and each forward waits for every layer's weights just before using them.
     `lengths`: the output lengths the engine starts from and learns into (None: those
     saved for this model, device and dtype under EMBER_HOME, which it keeps updating;
-    `OutputLengths.prior()` starts afresh and writes nothing).
+    `OutputLengths.prior()` starts afresh and writes nothing). `profile`: likewise for
+    the iteration-time profile (None: the saved one, kept updated).
 
     Raises CheckpointNotFoundError, UnsupportedModelError (an unknown architecture),
     CheckpointError, or InvalidRequestError for a config that cannot work.
@@ -202,7 +204,8 @@ def load_engine(
     tokenizer = load_tokenizer(checkpoint / MODEL_DIR)
     eos = eos_token_ids(spec.eos_token_ids, checkpoint / MODEL_DIR, tokenizer)
     key, dtype_name = model_key(checkpoint), str(dtype).removeprefix("torch.")
-    profile = PrefillProfile.for_model(key, str(device), dtype_name)
+    if profile is None:
+        profile = PrefillProfile.for_model(key, str(device), dtype_name)
     if lengths is None:
         lengths = OutputLengths.for_model(key, str(device), dtype_name)
     return Engine(

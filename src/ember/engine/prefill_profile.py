@@ -68,6 +68,14 @@ class PrefillProfile:
     def for_model(cls, model_key: str, device: str, dtype: str) -> PrefillProfile:
         return cls(profile_path(model_key, device, dtype))
 
+    def copy(self) -> PrefillProfile:
+        """What this profile knows now, in memory only (its own updates are never saved):
+        benchmark cases each start from the same warmed profile."""
+        twin = PrefillProfile(decay=self.decay, save_every=self.save_every)
+        twin._xtx, twin._xty = self._xtx.copy(), self._xty.copy()
+        twin._count, twin._decode_s = self._count, self._decode_s
+        return twin
+
     # -- measurements ---------------------------------------------------------------
 
     def observe(self, query_lens: Sequence[int], context_lens: Sequence[int], seconds: float) -> None:
