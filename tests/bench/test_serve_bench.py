@@ -14,10 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.bench.arrivals import gamma_arrivals
-from ember.bench.serve import ServeTarget, run_serve_bench, split_gaps
+from ember.bench.serve import ServeTarget, parse_logit_bias, run_serve_bench, split_gaps
 from ember.bench.serve_metrics import RequestResult, compute_metrics, result_block
 from ember.bench.serve_workload import WorkloadSpec, build_workload
 from ember.cli import app
+from ember.errors import EmberError
 from tests.bench.conftest import API_KEY, LiveServer
 
 VLLM_FIELDS = [
@@ -149,6 +150,39 @@ def test_random_lengths_come_back_as_asked(live_server: LiveServer) -> None:
     assert [len(q.prompt) for q in asked] == [q.input_len for q in asked]
     assert all(15 <= q.input_len <= 45 and 5 <= q.output_len <= 15 for q in asked)
     assert report.metrics.total_input_tokens == sum(q.input_len for q in asked)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_mixed_text_prompts_with_the_end_token_banned_give_the_asked_lengths(live_server: LiveServer) -> None:
+    spec = WorkloadSpec(dataset="mixed", num_prompts=5, seed=3)
+    target = ServeTarget(live_server.url, "tiny", API_KEY, ignore_eos=False, logit_bias={"2": -100.0})
+    report = run_serve_bench(target, spec, max_concurrency=5)
+    asked = report.workload.requests
+    assert [r.error for r in report.run.results] == [""] * 5
+    assert [r.output_len for r in report.run.results] == [q.output_len for q in asked]
+    assert all(r.input_len >= 20 for r in report.run.results)  # the server's count of prompt tokens
+
+
+def test_the_mixed_dataset_is_text_of_20_to_120_words_and_a_fifth_long_outputs() -> None:
+    wl = build_workload(WorkloadSpec(dataset="mixed", num_prompts=400, seed=1))
+    assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == r.input_len for r in wl.requests)
+    assert all(20 <= r.input_len <= 120 for r in wl.requests)
+    long = [r.output_len for r in wl.requests if r.output_len >= 120]
+    assert all(120 <= n <= 240 for n in long) and all(
+        8 <= r.output_len <= 32 for r in wl.requests if r.output_len < 120
+    )
+    assert 0.14 < len(long) / 400 < 0.26
+    again = build_workload(WorkloadSpec(dataset="mixed", num_prompts=400, seed=1))
+    assert [r.prompt for r in again.requests] == [r.prompt for r in wl.requests]
+
+
+def test_logit_bias_flag() -> None:
+    assert parse_logit_bias("0:-100,2:-100") == {"0": -100.0, "2": -100.0}
+    assert parse_logit_bias(None) is None
+    for bad in ("eos:-100", "2", "2:x"):
+        with pytest.raises(EmberError, match="--logit-bias"):
+            parse_logit_bias(bad)
 
 
 @pytest.mark.slow

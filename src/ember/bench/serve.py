@@ -1,8 +1,10 @@
 """`ember bench serve`: a load generator for any OpenAI-compatible server.
 
-Requests stream from /v1/completions with token-id prompts, `max_tokens` = the wanted
-output length and `ignore_eos` (a vLLM/Ember extension), so a trace's lengths are
-reproduced exactly where the server honours it. Each request records its time to
+Requests stream from /v1/completions with token-id prompts (text for the mixed
+dataset), `max_tokens` = the wanted output length and `ignore_eos` (a vLLM/Ember
+extension), so a trace's lengths are reproduced exactly where the server honours it;
+a `logit_bias` that bans the end-of-sequence tokens does the same on servers without
+`ignore_eos` (llama.cpp's). Each request records its time to
 first token, the gaps between streamed chunks and its end-to-end latency; the output
 token count comes from the final `usage` chunk (stream_options.include_usage). A
 request that fails is recorded with its error; the run goes on."""
@@ -38,6 +40,7 @@ class ServeTarget:
     model: str
     api_key: str | None = None
     ignore_eos: bool = True
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias, sent as is
 
     @property
     def api_root(self) -> str:
@@ -46,6 +49,22 @@ class ServeTarget:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def parse_logit_bias(text: str | None) -> dict[str, float] | None:
+    """'0:-100,2:-100' -> {"0": -100.0, "2": -100.0}; EmberError for anything else."""
+    if not text:
+        return None
+    bias: dict[str, float] = {}
+    for item in text.split(","):
+        token, _, value = item.partition(":")
+        try:
+            bias[str(int(token))] = float(value)
+        except ValueError:
+            raise EmberError(
+                f"--logit-bias takes TOKEN:BIAS,... (integers and numbers), got {item!r}"
+            ) from None
+    return bias
 
 
 @dataclass
@@ -86,7 +105,7 @@ async def send_request(
 ) -> RequestResult:
     """Stream one completion and time it. Never raises: a failure is a result with
     success False and the error's message."""
-    body = {
+    body: dict[str, Any] = {
         "model": target.model,
         "prompt": req.prompt,
         "max_tokens": req.output_len,
@@ -96,6 +115,8 @@ async def send_request(
     }
     if target.ignore_eos:
         body["ignore_eos"] = True
+    if target.logit_bias:
+        body["logit_bias"] = target.logit_bias
     result = RequestResult(input_len=req.input_len)
     start = clock()
     chunks: list[float] = []  # arrival time of every chunk that carried a choice
@@ -121,6 +142,7 @@ async def send_request(
                     chunks.append(clock())
                 if usage := data.get("usage"):
                     usage_tokens = int(usage["completion_tokens"])
+                    result.input_len = int(usage.get("prompt_tokens") or result.input_len)
     except Exception as exc:  # any failure of one request is counted, never ends the run
         result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return result

@@ -1,5 +1,8 @@
-"""What `ember bench serve` sends: token-id prompts of exact lengths, output lengths,
-and arrival times, from a trace or from vLLM's `random` dataset."""
+"""What `ember bench serve` sends: prompts, output lengths and arrival times, from a
+trace or vLLM's `random` dataset (token-id prompts of exact lengths), or `mixed` (text
+prompts any OpenAI server takes, llama.cpp's included: 20-120 words; outputs 8-32 tokens
+for 80% of requests and 120-240 for the rest, the mix where short jobs wait behind long
+ones under FCFS)."""
 
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request to send: `prompt` is `input_len` token ids; `output_len` is max_tokens."""
+    """One request to send: `prompt` is `input_len` token ids, or text of `input_len`
+    words; `output_len` is max_tokens."""
 
-    prompt: list[int]
+    prompt: list[int] | str
     input_len: int
     output_len: int
     arrival_s: float  # seconds after the start of the run
@@ -37,7 +41,7 @@ class Workload:
 class WorkloadSpec:
     """The dataset flags of `ember bench serve`, as vLLM's serving benchmark names them."""
 
-    dataset: str = "random"  # "random" or "trace:PATH"
+    dataset: str = "random"  # "random", "mixed" or "trace:PATH"
     num_prompts: int = 100
     request_rate: float | None = None  # None: a trace's own times, or inf for `random`
     burstiness: float = 1.0
@@ -56,6 +60,34 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
     low = min(1000, vocab_size // 4)
     high = vocab_size - 1 - min(256, vocab_size // 8)
     return [rng.randint(low, high) for _ in range(length)]
+
+
+# Plain words for text prompts: common, single-token-ish in most vocabularies.
+_WORD_TEXT = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there one all we their been has when who will more no if "
+    "out so said what up its about into than them can only other new some could time these two "
+    "may then do first any my now such like our over man me even most made after also did many "
+    "before must through back years where much your way well down should because each just those "
+    "people how too little state good very make world still own see men work long get here "
+    "between both life being under never day same another know while last might us great old "
+    "year off come since against go came right used take three house river garden window story "
+    "music light water city letter market winter morning table paper doctor engine forest bridge"
+)
+_WORDS = tuple(_WORD_TEXT.split())
+MIXED_PROMPT_WORDS = (20, 120)
+MIXED_SHORT_OUTPUT, MIXED_LONG_OUTPUT, MIXED_LONG_SHARE = (8, 32), (120, 240), 0.2
+
+
+def _mixed(spec: WorkloadSpec, rng: random.Random) -> list[tuple[str, int, int]]:
+    """(text prompt, its words, output tokens) for each request of the mixed dataset."""
+    out = []
+    for _ in range(spec.num_prompts):
+        words = rng.randint(*MIXED_PROMPT_WORDS)
+        text = " ".join(rng.choice(_WORDS) for _ in range(words))
+        span = MIXED_LONG_OUTPUT if rng.random() < MIXED_LONG_SHARE else MIXED_SHORT_OUTPUT
+        out.append((text, words, rng.randint(*span)))
+    return out
 
 
 def _random_lengths(spec: WorkloadSpec, rng: random.Random) -> list[tuple[int, int]]:
@@ -82,7 +114,13 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     rng = random.Random(spec.seed)
     scaling: dict[str, Any] = {}
     arrivals: list[float] | None = None
-    if spec.dataset == "random":
+    texts: list[str] | None = None
+    if spec.dataset == "mixed":
+        mixed = _mixed(spec, rng)
+        texts = [text for text, _, _ in mixed]
+        lengths = [(words, n_out) for _, words, n_out in mixed]
+        scaling = {"prompt_words": list(MIXED_PROMPT_WORDS), "long_output_share": MIXED_LONG_SHARE}
+    elif spec.dataset == "random":
         lengths = _random_lengths(spec, rng)
         scaling = {
             "random_input_len": spec.random_input_len,
@@ -102,13 +140,15 @@ def build_workload(spec: WorkloadSpec) -> Workload:
             scaling["arrivals"] = "trace"
             scaling["trace_request_rate"] = (len(trace) - 1) / span if span > 0 else None
     else:
-        raise InvalidRequestError(f"unknown dataset {spec.dataset!r}: use 'random' or 'trace:PATH'")
+        raise InvalidRequestError(f"unknown dataset {spec.dataset!r}: use 'random', 'mixed' or 'trace:PATH'")
     if arrivals is None:
         rate = math.inf if spec.request_rate is None else spec.request_rate
         arrivals = gamma_arrivals(len(lengths), rate, spec.burstiness, rng)
         scaling["arrivals"] = f"gamma(rate={rate}, burstiness={spec.burstiness})"
+    prompts: list[list[int] | str] = []
+    prompts += texts or [random_prompt(rng, n_in, spec.vocab_size) for n_in, _ in lengths]
     requests = [
-        BenchRequest(random_prompt(rng, n_in, spec.vocab_size), n_in, n_out, at)
-        for (n_in, n_out), at in zip(lengths, arrivals, strict=True)
+        BenchRequest(prompt, n_in, n_out, at)
+        for prompt, (n_in, n_out), at in zip(prompts, lengths, arrivals, strict=True)
     ]
     return Workload(requests, spec.dataset, scaling)

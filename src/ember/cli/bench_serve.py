@@ -39,7 +39,11 @@ def bench_serve_cmd(
         str | None, typer.Option(help="Sent as 'Authorization: Bearer KEY' (or set EMBER_API_KEY).")
     ] = None,
     dataset: Annotated[
-        str, typer.Option(help="'random', or 'trace:PATH' for a CSV of arrived_at,num_prefill_tokens,...")
+        str,
+        typer.Option(
+            help="'random' (token ids), 'mixed' (text prompts of 20-120 words; 80% of outputs 8-32 "
+            "tokens, 20% 120-240), or 'trace:PATH' for a CSV of arrived_at,num_prefill_tokens,..."
+        ),
     ] = "random",
     num_prompts: Annotated[int, typer.Option(min=1, help="Requests to send (a trace's first N).")] = 100,
     request_rate: Annotated[
@@ -77,6 +81,13 @@ def bench_serve_cmd(
             "(a vLLM/Ember extension: other servers may ignore it, or refuse it)."
         ),
     ] = True,
+    logit_bias: Annotated[
+        str | None,
+        typer.Option(
+            help="Send this logit_bias with every request, as TOKEN:BIAS,... (e.g. '0:-100,2:-100' "
+            "bans SmolLM2's end tokens: fixed output lengths on servers without ignore_eos)."
+        ),
+    ] = None,
     save_result: Annotated[bool, typer.Option(help="Save the result JSON (vLLM's field names).")] = False,
     result_dir: Annotated[
         Path | None,
@@ -90,7 +101,7 @@ def bench_serve_cmd(
     """Measure TTFT, TPOT, ITL, end-to-end latency and throughput of any OpenAI-compatible
     server, with the flags and result block of vLLM's serving benchmark. Prompts are
     token-id lists of exact lengths, streamed from /v1/completions."""
-    from ember.bench.serve import ServeTarget, list_models, run_serve_bench
+    from ember.bench.serve import ServeTarget, list_models, parse_logit_bias, run_serve_bench
     from ember.bench.serve_workload import WorkloadSpec
 
     url = base_url or os.environ.get(env.EMBER_URL) or DEFAULT_URL
@@ -113,7 +124,7 @@ def bench_serve_cmd(
         length_scale=length_scale,
         rate_scale=rate_scale,
     )
-    target = ServeTarget(url, model, key, ignore_eos=ignore_eos)
+    target = ServeTarget(url, model, key, ignore_eos=ignore_eos, logit_bias=parse_logit_bias(logit_bias))
     with stage_progress({}, enabled=not as_json) as progress:
         report = run_serve_bench(
             target,
