@@ -133,12 +133,12 @@ class GittinsScheduler(PriorityScheduler):
             kv,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            profile=profile,
             swap=swap,
             reserve_fraction=reserve_fraction,
             clock=clock,
         )
         self.lengths = lengths if lengths is not None else OutputLengths.prior()
-        self.profile = profile or PrefillProfile()
         self.starvation_s = starvation_s
         self.state: dict[str, GittinsJob] = {}
         self._tickets = itertools.count()

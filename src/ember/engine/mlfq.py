@@ -55,11 +55,11 @@ class SkipJoinMLFQ(PriorityScheduler):
             kv,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            profile=profile,
             swap=swap,
             reserve_fraction=reserve_fraction,
             clock=clock,
         )
-        self.profile = profile or PrefillProfile()
         self.base_quantum_s = base_quantum_s
         self.num_queues = num_queues
         self.starvation_s = starvation_s

@@ -24,6 +24,7 @@ import math
 import time
 
 from ember.engine.block_manager import SwapKVAllocator
+from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.scheduler import Clock, ScheduledSequence, Scheduler, SchedulerOutput
 from ember.engine.sequence import Sequence, SequenceStatus
 
@@ -39,6 +40,7 @@ class PriorityScheduler(Scheduler):
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        profile: PrefillProfile | None = None,
         swap: str = "proactive",
         reserve_fraction: float = 0.05,
         clock: Clock = time.monotonic,
@@ -46,6 +48,7 @@ class PriorityScheduler(Scheduler):
         super().__init__(
             kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, clock=clock
         )
+        self.profile = profile or PrefillProfile()  # iteration times: what a job's rank predicts
         self.swap = swap
         self.reserve_blocks = math.ceil(reserve_fraction * kv.num_blocks) if swap == "proactive" else 0
         self.jobs: dict[str, Sequence] = {}  # every unfinished job, in arrival order

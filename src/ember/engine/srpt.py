@@ -9,37 +9,11 @@ the profile has seen iterations, remaining tokens stand in for time.
 
 from __future__ import annotations
 
-import time
-
-from ember.engine.block_manager import SwapKVAllocator
-from ember.engine.prefill_profile import PrefillProfile
 from ember.engine.priority_scheduler import PriorityScheduler
-from ember.engine.scheduler import Clock
 from ember.engine.sequence import Sequence
 
 
 class SRPTScheduler(PriorityScheduler):
-    def __init__(
-        self,
-        kv: SwapKVAllocator,
-        *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        profile: PrefillProfile | None = None,
-        swap: str = "proactive",
-        reserve_fraction: float = 0.05,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        super().__init__(
-            kv,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            swap=swap,
-            reserve_fraction=reserve_fraction,
-            clock=clock,
-        )
-        self.profile = profile or PrefillProfile()
-
     def remaining(self, seq: Sequence) -> float:
         """Predicted seconds (or, before any measurement, tokens) of work left."""
         outputs = max(0, seq.params.max_tokens - seq.num_generated)
