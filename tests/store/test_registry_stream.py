@@ -195,12 +195,38 @@ def test_a_registry_killed_mid_download_fails_the_load_cleanly(tmp_path: Path) -
     assert isinstance(node.settle("m"), RegistryUnavailableError)
     assert "m" not in node.pool and node.holds("m") == set()  # nothing published, nothing leased
     assert (partial_dir(node.root / "disk" / "m") / "index.json").is_file()  # resumable
-    with serve_registry(tmp_path / "reg") as url, HttpRegistry(url) as back:
+    with serve_registry(tmp_path / "reg") as url, TestRegistry(url) as back:
         node.registry = back
         with node.acquire("m")[0] as again:
             assert_same_tensors(again.tensors, want)
         assert node.settle("m") is None
+        # the chunk the first download verified came from its partial, not the wire
+        assert 0 < len(back.ranges) < len(NAMES)
+        assert set(back.ranges).isdisjoint(registry.ranges[:1])
+    verify_checkpoint(node.root / "disk" / "m")
     registry.close()
+
+
+def test_a_start_reads_the_verified_chunks_of_a_partial_and_downloads_the_rest(tmp_path: Path) -> None:
+    want = _layered(tmp_path / "reg" / "m")
+    index = read_index(tmp_path / "reg" / "m")
+    node = NodeStore("n1")
+    partial = partial_dir(node.root / "disk" / "m")
+    partial.mkdir(parents=True)
+    (partial / "index.json").write_text((tmp_path / "reg" / "m" / "index.json").read_text())
+    part = index.partitions[0]
+    data = bytearray((tmp_path / "reg" / "m" / part.file).read_bytes()[: 3 * CHUNK])
+    data[CHUNK + 5] ^= 0xFF  # the second chunk on disk is damaged: it must come again
+    (partial / part.file).write_bytes(bytes(data))
+    with _registry(tmp_path / "reg") as registry:
+        node.registry = registry
+        with node.acquire("m", stream=True)[0] as lease:
+            assert lease.loading is not None
+            lease.loading.wait()
+            assert_same_tensors(lease.tensors, want)
+        assert node.settle("m") is None
+        assert sorted(registry.ranges) == [k * CHUNK for k in range(1, len(NAMES)) if k != 2]
+    verify_checkpoint(node.root / "disk" / "m")
 
 
 class _Recording(DirectorySource):

@@ -22,7 +22,7 @@ from ember.store.catalog import Catalog, check_name
 from ember.store.format import INDEX_FILE, read_index
 from ember.store.registry import Registry
 from ember.store.scratch import remove_orphans, trash_for
-from ember.store.transfer import Progress, file_lock
+from ember.store.transfer import Progress, file_lock, partial_dir
 
 if TYPE_CHECKING:
     from ember.store.registry_stream import RegistryStream
@@ -110,6 +110,10 @@ class DiskCache:
             path = registry.fetch(name, self.root / name, progress=progress)
             self.catalog.set_location(name, self.node, TIER, size, last_used=self.clock())
             return path
+
+    def partial(self, name: str) -> Path:
+        """Where an unfinished copy of `name` lies (it may not exist)."""
+        return partial_dir(self.root / check_name(name))
 
     def write_behind(self, name: str, stream: RegistryStream) -> WriteBehind:
         """The entry's copy, written from `stream`'s buffer as its chunks arrive (call

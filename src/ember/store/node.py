@@ -190,7 +190,8 @@ class NodeStore:
         with self._guard:
             self._writes[name] = writer
         writer.start(loading)
-        download.start(on_chunk=writer.chunk, progress=progress)
+        # what an earlier download of it left on disk is read, not fetched again
+        download.start(on_chunk=writer.chunk, progress=progress, partial=self.disk.partial(name))
         return lease
 
     def _model_files(self, name: str, index_text: str, files: dict[str, bytes]) -> Path:

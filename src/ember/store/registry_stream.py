@@ -10,16 +10,22 @@ fails its checksum is fetched again a bounded number of times; a transient failu
 (5xx, a dropped connection) is retried with backoff; anything else fails the load
 and every waiter with it. `on_chunk` sees each verified chunk (the disk copy is
 written from the buffer behind the download, see ember.store.write_behind).
+
+A partial disk copy of the same checkpoint left by an earlier download (a crash, a
+registry that died) is read first: its chunks that verify arrive from the disk, in
+need order, and only the others are downloaded.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,15 +52,20 @@ class _BadChunk(Exception):
         self.k = k
 
 
-def plan_ranges(index: CheckpointIndex, bases: list[int], range_bytes: int) -> list[_Range]:
+def plan_ranges(
+    index: CheckpointIndex, bases: list[int], range_bytes: int, have: Collection[tuple[int, int]] = ()
+) -> list[_Range]:
     """Chunk runs of at most `range_bytes`, in need order: chunks ordered by need,
-    then neighbours in one file joined while the run stays in that order."""
+    then neighbours in one file joined while the run stays in that order. `have`:
+    (partition, chunk) pairs already in the buffer, left out."""
     cs = index.chunk_size
     _, chunks = plan_reads(index, cs)
     per_range = max(1, range_bytes // cs)
     out: list[_Range] = []
     for job in in_need_order(index, bases, chunks):
         k = job.file_offset // cs
+        if (job.part, k) in have:
+            continue
         last = out[-1] if out else None
         if last is not None and last.part == job.part and last.end == k and last.end - last.first < per_range:
             out[-1] = _Range(job.part, last.first, k + 1)
@@ -90,18 +101,26 @@ class RegistryStream:
         self._done_bytes = 0
         self._on_chunk: Callable[[ReadJob], None] | None = None
         self._bytes: Progress | None = None
+        self._partial: Path | None = None
+        self.reused_bytes = 0  # read from a partial copy instead of downloaded
 
     @property
     def nbytes(self) -> int:
         return self.index.total_bytes
 
     def start(
-        self, *, on_chunk: Callable[[ReadJob], None] | None = None, progress: Progress | None = None
+        self,
+        *,
+        on_chunk: Callable[[ReadJob], None] | None = None,
+        progress: Progress | None = None,
+        partial: Path | None = None,
     ) -> LoadProgress:
         """Download in a background thread. `on_chunk(job)` runs (in a download thread)
-        after each chunk is verified and marked arrived; `progress(done, total)` counts
-        partition bytes. Returns the LoadProgress."""
-        self._on_chunk, self._bytes = on_chunk, progress
+        after each downloaded chunk is verified and marked arrived; `progress(done,
+        total)` counts partition bytes. `partial`: a partial copy of this checkpoint
+        whose verified chunks are read instead of downloaded (not passed to
+        `on_chunk`: they are on that disk already). Returns the LoadProgress."""
+        self._on_chunk, self._bytes, self._partial = on_chunk, progress, partial
         threading.Thread(target=self._run, name="ember-registry-stream", daemon=True).start()
         return self.progress
 
@@ -113,7 +132,8 @@ class RegistryStream:
         error: BaseException | None = None
         whole = byte_view(self.buf)
         try:
-            ranges = plan_ranges(self.index, self.bases, self.settings.range_bytes)
+            have = self._reuse(whole) if self._partial is not None else set()
+            ranges = plan_ranges(self.index, self.bases, self.settings.range_bytes, have)
             with ThreadPoolExecutor(max_workers=max(1, self.settings.connections)) as pool:
                 # FIFO: the pool's threads take the ranges in need order
                 futures = [pool.submit(self._fetch, r, whole) for r in ranges]
@@ -130,6 +150,42 @@ class RegistryStream:
         finally:
             whole.release()
         self.progress._finish(error)
+
+    def _reuse(self, whole: memoryview) -> set[tuple[int, int]]:
+        """Read the partial copy's chunks that verify into the buffer, in need order,
+        and mark them arrived; returns them as (partition, chunk). A partial of another
+        version of the checkpoint, or an unreadable one, gives nothing."""
+        assert self._partial is not None
+        try:
+            if (self._partial / INDEX_FILE).read_text() != self.index_text:
+                return set()
+        except OSError:
+            return set()
+        cs = self.index.chunk_size
+        _, chunks = plan_reads(self.index, cs)
+        have: set[tuple[int, int]] = set()
+        fds: dict[int, int] = {}
+        try:
+            for job in in_need_order(self.index, self.bases, chunks):
+                if self._stop.is_set():
+                    break
+                part = self.index.partitions[job.part]
+                if job.part not in fds:
+                    fds[job.part] = os.open(self._partial / part.file, os.O_RDONLY)
+                view = whole[job.buf_offset : job.buf_offset + job.length]
+                if os.preadv(fds[job.part], [view], job.file_offset) != job.length:
+                    continue  # the partial ends before this chunk
+                k = job.file_offset // cs
+                if digest(view) == part.checksums[k]:
+                    self._arrived(job, notify=False)
+                    have.add((job.part, k))
+                    self.reused_bytes += job.length
+        except OSError:
+            pass  # a partition file never written: download the rest
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return have
 
     def _fetch(self, r: _Range, whole: memoryview) -> None:
         """Chunks [r.first, r.end): refetch from a chunk that fails its checksum (at
@@ -189,9 +245,14 @@ class RegistryStream:
         at = self.bases[p] + k * cs
         if digest(whole[at : at + length]) != part.checksums[k]:
             raise _BadChunk(k)
-        job = ReadJob(p, k * cs, at, length)
+        self._arrived(ReadJob(p, k * cs, at, length), notify=True)
+
+    def _arrived(self, job: ReadJob, *, notify: bool) -> None:
+        """A verified chunk is in the buffer: waiters may read it; `notify`: it came
+        from the registry (the disk copy still needs it)."""
+        length = job.length
         self.progress._arrive(job)
-        if self._on_chunk is not None:
+        if notify and self._on_chunk is not None:
             self._on_chunk(job)
         if self._bytes is not None:
             with self._lock:
