@@ -120,7 +120,7 @@ def test_the_policy_is_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_estimator_is_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = StartupTimeEstimator.estimate
+    real = StartupTimeEstimator._estimate  # what estimate() and estimate_many() compute
 
     def avoid_first(
         self: StartupTimeEstimator, status: NodeStatus, checkpoint: str, nbytes: int
@@ -134,7 +134,7 @@ def test_the_estimator_is_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
     sim = Simulator(config, "startup-time-aware")
     sim.run(reqs)
     assert [i.server.node_id for i in sim.instances.values()] == ["s00000"]
-    monkeypatch.setattr(StartupTimeEstimator, "estimate", avoid_first)
+    monkeypatch.setattr(StartupTimeEstimator, "_estimate", avoid_first)
     sim = Simulator(config, "startup-time-aware")
     sim.run(reqs)
     assert [i.server.node_id for i in sim.instances.values()] == ["s00001"]

@@ -109,7 +109,8 @@ class StartupTimeAware:
         nodes = [n for n in nodes if n.status.slots >= slots]  # the others can never hold it
         if not nodes:
             return None
-        ests = {n.node_id: self.estimator.estimate(n.status, checkpoint, nbytes) for n in nodes}
+        estimates = self.estimator.estimate_many([n.status for n in nodes], checkpoint, nbytes)
+        ests = {n.node_id: e for n, e in zip(nodes, estimates, strict=True)}
         best = min(nodes, key=lambda n: ests[n.node_id].total_s)
         best_est = ests[best.node_id]
         if has_room(best, slots):

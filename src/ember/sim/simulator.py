@@ -22,7 +22,7 @@ from typing import Any
 
 from ember.bench.cluster_report import RequestOutcome
 from ember.bench.cluster_workload import ClusterRequest
-from ember.cluster.autoscaler import Autoscaler
+from ember.cluster.autoscaler import Autoscaler, InstanceLoad
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier
 from ember.cluster.migration_cost import MigrationCost
@@ -206,16 +206,26 @@ class Simulator:
             self._start(name, p, delayed=pending.pop(0))
 
     def _retry(self, name: str | None = None) -> None:
-        """A slot may have freed: try every deployment's pending starts, oldest first."""
-        for n in [name] if name is not None else list(self.pending):
-            if n in self.pending:
+        """A slot may have freed: try every deployment's pending starts, oldest first,
+        skipping those no server has room for yet (their wait timers still fire)."""
+        if name is not None:
+            if name in self.pending:
+                self._scale(name)
+            return
+        room = max(s.free for s in self.servers.values())
+        for n in list(self.pending):
+            if n in self.pending and self.models[n].slots <= room:
                 self._scale(n)
+                room = max(s.free for s in self.servers.values())
 
     def _view(self, server: SimServer) -> NodeView:
         """The node as Instances.view() shows it to placement."""
+        routes = self.router.on_node(server.node_id)
+        if not routes:
+            return NodeView(server.status())
         running: list[RunningInstance] = []
         free_in = float("inf")
-        for route in self.router.on_node(server.node_id):
+        for route in routes:
             inst = self.instances[route.instance_id]
             if not route.ready:
                 continue
@@ -229,10 +239,10 @@ class Simulator:
                         inst.model.slots,
                     )
                 )
-            dep = self.deployments[route.deployment]
-            for load in self.router.loads(route.deployment):
-                if load.instance_id == inst.id:
-                    free_in = min(free_in, max(0.0, self.autoscaler.expires_in(dep, load)))
+            load = InstanceLoad(route.instance_id, route.ready, route.in_flight, route.idle_since)
+            free_in = min(
+                free_in, max(0.0, self.autoscaler.expires_in(self.deployments[route.deployment], load))
+            )
         return NodeView(server.status(), tuple(running), free_in)
 
     def _start(self, name: str, p: Placement, *, delayed: bool, source: _Instance | None = None) -> _Instance:
