@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ember.cluster.messages import LoadTier, NodeStatus
+from ember.cluster.placement import NodeView
 from ember.sim.config import ServerSpec
 
 
@@ -45,6 +46,7 @@ class SimServer:
     ssd: LruTier
     load_free_at: float = 0.0  # when the loading queue is next free (virtual s)
     _status: NodeStatus | None = None  # cached until the slots or caches change
+    _idle_view: NodeView | None = None
 
     @classmethod
     def make(cls, node_id: str, spec: ServerSpec) -> SimServer:
@@ -57,6 +59,13 @@ class SimServer:
                 self.node_id, self.spec.gpus, self.free, dict(self.dram.held), tuple(self.ssd.held)
             )
         return self._status
+
+    def idle_view(self) -> NodeView:
+        """Placement's view of this server while it runs nothing (cached with the status)."""
+        status = self.status()
+        if self._idle_view is None or self._idle_view.status is not status:
+            self._idle_view = NodeView(status)
+        return self._idle_view
 
     def take(self, slots: int) -> None:
         assert self.free >= slots, (self.node_id, self.free, slots)

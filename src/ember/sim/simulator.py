@@ -220,9 +220,9 @@ class Simulator:
 
     def _view(self, server: SimServer) -> NodeView:
         """The node as Instances.view() shows it to placement."""
+        if server.free == server.spec.gpus:  # no instance there: nothing but its status
+            return server.idle_view()
         routes = self.router.on_node(server.node_id)
-        if not routes:
-            return NodeView(server.status())
         running: list[RunningInstance] = []
         free_in = float("inf")
         for route in routes:
