@@ -154,7 +154,7 @@ class StartupTimeEstimator:
         if checkpoint in status.dram and (d := self._spb(node, "dram")) <= spb:
             tier, spb = "dram", d
         load = nbytes * spb + self._node_overhead(node)
-        return StartupEstimate(node, tier, self._queue_wait(node) if node in self._queues else 0.0, load)
+        return StartupEstimate(node, tier, self._queue_wait(node) if self._queues.get(node) else 0.0, load)
 
     def queue_wait(self, node: str) -> float:
         """Seconds until `node`'s loading queue is free, by the estimates of its loads."""
