@@ -92,3 +92,28 @@ def test_baselines_ignore_the_estimate() -> None:
     assert remote is not None and remote.cold and remote.tier == "registry"
     picks = {RandomPlacement(est, random.Random(i)).place("m", N, nodes).node for i in range(20)}  # type: ignore[union-attr]
     assert picks == {"a", "b"}
+
+
+def test_an_instance_of_several_slots_needs_that_many_free_on_one_node() -> None:
+    est = _estimator(FakeClock())
+    hot = NodeView(status("a", free=1, slots=2, dram=("m",)))  # holds the model, 1 of 2 slots free
+    cold = NodeView(status("b", free=2, slots=2))
+    for policy in (StartupTimeAware(est), RandomPlacement(est, random.Random(0)), RoundRobinPlacement(est)):
+        assert policy.place("m", N, [hot, cold], slots=2).node == "b"  # type: ignore[union-attr]
+        assert policy.place("m", N, [hot], slots=2) is None
+    assert StartupTimeAware(est).place("m", N, [hot, cold]).node == "a"  # type: ignore[union-attr]
+
+
+def test_migration_frees_the_slots_the_new_instance_needs() -> None:
+    est = _estimator(FakeClock())
+    busy = RunningInstance("busy", "small", GB // 100, tokens=10, slots=1)
+    src = NodeView(status("a", free=0, dram=("m",)), running=(busy,))
+    dest = NodeView(status("b", free=1))
+    cost = MigrationCost(a=1e-4, b=0.01)
+    assert StartupTimeAware(est, cost).place("m", N, [src, dest], slots=1).action == "migrate"  # type: ignore[union-attr]
+    # Moving the one-slot instance would leave `a` one slot short of the two the model needs.
+    big = NodeView(status("a", free=0, slots=2, dram=("m",)), running=(busy,))
+    assert (
+        StartupTimeAware(est, cost).place("m", N, [big, NodeView(status("b", free=1, slots=2))], slots=2)
+        is None
+    )

@@ -1,5 +1,5 @@
 """The `ember` command line: `ember serve`, `ember chat`, `ember deploy/delete/status`,
-`ember store ...`, `ember bench ...`.
+`ember store ...`, `ember bench ...`, `ember sim`.
 
 Every EmberError a command raises is printed as `error: ...` on stderr with exit
 status 1; anything else is a bug and keeps its traceback (see cli/base.py).
@@ -25,6 +25,7 @@ class _Commands(LazyGroup):
         "status": "ember.cli.cluster:status_cmd",
         "store": "ember.cli.store:store_app",
         "bench": "ember.cli.bench:bench_app",
+        "sim": "ember.cli.sim:sim_cmd",
     }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ember.cluster.messages import TIERS, BandwidthProbe, InstanceInfo, LoadTier, NodeStatus
@@ -98,6 +98,7 @@ class StartupTimeEstimator:
         self._overhead: dict[str, float] = {}
         self._any_overhead = PRIOR_OVERHEAD_S  # averaged over every node's loads
         self._queues: dict[str, list[_Pending]] = {}
+        self._token_node: dict[int, str] = {}  # a queued load's token -> its node
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -131,9 +132,29 @@ class StartupTimeEstimator:
         """The start-up time of `checkpoint` on this node: queue wait + n / b + c, with b
         the fastest tier (by measured bandwidth, not a fixed ranking) that holds it."""
         with self._lock:
-            tier = min(tiers_holding(status, checkpoint), key=lambda t: self._spb(status.node_id, t))
-            load = nbytes * self._spb(status.node_id, tier) + self._node_overhead(status.node_id)
-            return StartupEstimate(status.node_id, tier, self._queue_wait(status.node_id), load)
+            return self._estimate(status, checkpoint, nbytes)
+
+    def estimate_many(
+        self, statuses: Sequence[NodeStatus], checkpoint: str, nbytes: int
+    ) -> list[StartupEstimate]:
+        """estimate() of every node, under one lock: placement asks for all of them.
+        A subclass that overrides estimate() gets its own answers, one call a node."""
+        if type(self).estimate is not StartupTimeEstimator.estimate:
+            return [self.estimate(s, checkpoint, nbytes) for s in statuses]
+        with self._lock:
+            return [self._estimate(s, checkpoint, nbytes) for s in statuses]
+
+    def _estimate(self, status: NodeStatus, checkpoint: str, nbytes: int) -> StartupEstimate:
+        node = status.node_id
+        tier: LoadTier = "registry"
+        spb = self._spb(node, "registry")
+        # The first fastest in TIERS order, as min() over tiers_holding() picks it.
+        if checkpoint in status.disk and (d := self._spb(node, "disk")) <= spb:
+            tier, spb = "disk", d
+        if checkpoint in status.dram and (d := self._spb(node, "dram")) <= spb:
+            tier, spb = "dram", d
+        load = nbytes * spb + self._node_overhead(node)
+        return StartupEstimate(node, tier, self._queue_wait(node) if self._queues.get(node) else 0.0, load)
 
     def queue_wait(self, node: str) -> float:
         """Seconds until `node`'s loading queue is free, by the estimates of its loads."""
@@ -158,6 +179,7 @@ class StartupTimeEstimator:
             now = self.clock()
             queue = self._queues.setdefault(estimate.node, [])
             token = next(self._tokens)
+            self._token_node[token] = estimate.node
             queue.append(_Pending(token, estimate, now, now if not queue else None))
             return token
 
@@ -188,13 +210,16 @@ class StartupTimeEstimator:
 
     def _pop(self, token: int) -> _Pending | None:
         now = self.clock()
-        for queue in self._queues.values():
-            for i, p in enumerate(queue):
-                if p.token == token:
-                    del queue[i]
-                    if queue and queue[0].head_since is None:
-                        queue[0].head_since = now
-                    return p
+        node = self._token_node.pop(token, None)
+        if node is None:
+            return None
+        queue = self._queues[node]  # that node's queue only, not every node's
+        for i, p in enumerate(queue):
+            if p.token == token:
+                del queue[i]
+                if queue and queue[0].head_since is None:
+                    queue[0].head_since = now
+                return p
         return None
 
     def snapshot(self) -> dict[str, dict[str, float]]:

@@ -44,6 +44,10 @@ from ember.errors import ClusterStateError, InstanceFailedError, NodeFailedError
 log = logging.getLogger(__name__)
 
 
+def _random_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 class Instances:
     """The instances of every deployment on the cluster's nodes (see the module doc)."""
 
@@ -61,8 +65,10 @@ class Instances:
         config: ControllerConfig,
         deployment: Callable[[str], Deployment | None],
         starts: StartFailures | None = None,
+        new_id: Callable[[], str] | None = None,
     ) -> None:
         self.nodes = nodes
+        self.new_id = new_id or _random_id  # instance ids; inject a counter for reproducible runs
         self.router = router
         self.state = state
         self.estimator = estimator
@@ -205,7 +211,7 @@ class Instances:
         """A new instance of `dep` on `node`, loading: its record first, then its route
         (which takes the slot in view()). ClusterStateError if the record cannot be
         written, and then there is neither."""
-        instance_id = uuid.uuid4().hex[:12]
+        instance_id = self.new_id()
         self.state.add_instance(InstanceRecord(instance_id, dep.name, node, "loading", time.time()))
         return self.router.add(instance_id, dep.name, node)
 

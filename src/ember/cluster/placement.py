@@ -11,6 +11,11 @@ migrator exists (`migration` is given).
 The baselines (random, round robin, remote-only: every start downloads from the
 registry, as a serving system without a local cache does) place among free nodes.
 All are plain objects over `NodeView`s, testable without a model.
+
+An instance takes `slots` slots of one node (a model larger than one GPU takes
+several, as tensor parallelism will): a node has room when its free_slots are at
+least that many. Ties go to the node first in the given order (deterministic for a
+deterministic input); the random baseline draws from an injectable generator.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class RunningInstance:
     model: str
     nbytes: int
     tokens: int  # prompt + output so far of its longest in-flight request
+    slots: int = 1  # slots it holds on its node (and needs on a destination)
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,16 @@ class Placement:
 class PlacementPolicy(Protocol):
     name: str
 
-    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
-        """Where to start an instance of `checkpoint`; None if no node can take it now."""
+    def place(
+        self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
+    ) -> Placement | None:
+        """Where to start an instance of `checkpoint` taking `slots` slots of one node;
+        None if no node can take it now."""
         ...
+
+
+def has_room(node: NodeView, slots: int) -> bool:
+    return node.status.free_slots >= slots
 
 
 def _start(est: StartupEstimate, *, cold: bool = False) -> Placement:
@@ -90,15 +103,19 @@ class StartupTimeAware:
         self.estimator = estimator
         self.migration = migration  # None: no migrator, never migrate
 
-    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
+    def place(
+        self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
+    ) -> Placement | None:
+        nodes = [n for n in nodes if n.status.slots >= slots]  # the others can never hold it
         if not nodes:
             return None
-        ests = {n.node_id: self.estimator.estimate(n.status, checkpoint, nbytes) for n in nodes}
+        estimates = self.estimator.estimate_many([n.status for n in nodes], checkpoint, nbytes)
+        ests = {n.node_id: e for n, e in zip(nodes, estimates, strict=True)}
         best = min(nodes, key=lambda n: ests[n.node_id].total_s)
         best_est = ests[best.node_id]
-        if best.status.free_slots > 0:
+        if has_room(best, slots):
             return _start(best_est)
-        free = [n for n in nodes if n.status.free_slots > 0]
+        free = [n for n in nodes if has_room(n, slots)]
         options: list[Placement] = []
         if free:
             options.append(_start(ests[min(free, key=lambda n: ests[n.node_id].total_s).node_id]))
@@ -108,14 +125,22 @@ class StartupTimeAware:
                 Placement("wait", best.node_id, best_est.tier, wait + best_est.load_s, best_est, wait_s=wait)
             )
         if self.migration is not None:
-            options += self._migrations(best, best_est, free)
+            options += self._migrations(best, best_est, [n for n in nodes if n is not best], slots)
         return min(options, key=lambda p: p.estimate_s, default=None)
 
-    def _migrations(self, src: NodeView, src_est: StartupEstimate, free: list[NodeView]) -> list[Placement]:
+    def _migrations(
+        self, src: NodeView, src_est: StartupEstimate, others: list[NodeView], slots: int
+    ) -> list[Placement]:
+        """Moving one running instance off `src` to a node with room for it, where that
+        frees enough slots on `src` for the new instance."""
         assert self.migration is not None
         out = []
         for victim in src.running:
-            for dest in free:
+            if src.status.free_slots + victim.slots < slots:
+                continue
+            for dest in others:
+                if not has_room(dest, victim.slots):
+                    continue
                 dest_est = self.estimator.estimate(dest.status, victim.model, victim.nbytes)
                 move = dest_est.total_s + self.migration.seconds(victim.tokens)
                 wait = max(move, src_est.queue_s)
@@ -134,8 +159,10 @@ class RandomPlacement:
         self.estimator = estimator
         self.rng = rng or random.Random()
 
-    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
-        free = [n for n in nodes if n.status.free_slots > 0]
+    def place(
+        self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
+    ) -> Placement | None:
+        free = [n for n in nodes if has_room(n, slots)]
         if not free:
             return None
         return _start(self.estimator.estimate(self.rng.choice(free).status, checkpoint, nbytes))
@@ -149,8 +176,10 @@ class RoundRobinPlacement:
         self.cold = cold
         self._turn = itertools.count()
 
-    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
-        free = sorted((n for n in nodes if n.status.free_slots > 0), key=lambda n: n.node_id)
+    def place(
+        self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
+    ) -> Placement | None:
+        free = sorted((n for n in nodes if has_room(n, slots)), key=lambda n: n.node_id)
         if not free:
             return None
         status = free[next(self._turn) % len(free)].status
@@ -169,13 +198,18 @@ class RemoteOnlyPlacement(RoundRobinPlacement):
 
 
 def make_policy(
-    name: str, estimator: StartupTimeEstimator, *, migration: MigrationCost | None = None
+    name: str,
+    estimator: StartupTimeEstimator,
+    *,
+    migration: MigrationCost | None = None,
+    rng: random.Random | None = None,
 ) -> PlacementPolicy:
-    """A placement policy by name (see POLICIES)."""
+    """A placement policy by name (see POLICIES); `rng` draws the random baseline's
+    nodes (default: an unseeded generator; seed one for a reproducible run)."""
     if name == "startup-time-aware":
         return StartupTimeAware(estimator, migration)
     if name == "random":
-        return RandomPlacement(estimator)
+        return RandomPlacement(estimator, rng)
     if name == "round-robin":
         return RoundRobinPlacement(estimator)
     if name == "remote-only":

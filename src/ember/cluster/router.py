@@ -3,6 +3,9 @@
 A request goes to the ready instance of its deployment with the fewest requests in
 flight (a loading or draining instance takes none). The router counts in-flight
 requests per instance and when each went idle, for the autoscaler.
+
+Routes are indexed by deployment and by node, so a request costs the routes of its
+own deployment, not every route of the cluster (`ember sim` runs thousands of them).
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ class Router:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._routes: dict[str, Route] = {}
+        self._by_deployment: dict[str, dict[str, Route]] = {}  # insertion order, as _routes
+        self._by_node: dict[str, dict[str, Route]] = {}
 
     def add(self, instance_id: str, deployment: str, node: str) -> Route:
         """A new instance (loading) of `deployment` on `node`."""
+        self.remove(instance_id)
         route = Route(instance_id, deployment, node)
         self._routes[instance_id] = route
+        self._by_deployment.setdefault(deployment, {})[instance_id] = route
+        self._by_node.setdefault(node, {})[instance_id] = route
         return route
 
     def get(self, instance_id: str) -> Route | None:
@@ -52,13 +60,18 @@ class Router:
             route.draining = True
 
     def remove(self, instance_id: str) -> None:
-        self._routes.pop(instance_id, None)
+        route = self._routes.pop(instance_id, None)
+        if route is not None:
+            _discard(self._by_deployment, route.deployment, instance_id)
+            _discard(self._by_node, route.node, instance_id)
 
     def routes(self, deployment: str | None = None) -> list[Route]:
-        return [r for r in self._routes.values() if deployment is None or r.deployment == deployment]
+        if deployment is None:
+            return list(self._routes.values())
+        return list(self._by_deployment.get(deployment, {}).values())
 
     def on_node(self, node: str) -> list[Route]:
-        return [r for r in self._routes.values() if r.node == node]
+        return list(self._by_node.get(node, {}).values())
 
     def pick(self, deployment: str) -> Route | None:
         """The ready, not draining instance with the fewest requests in flight."""
@@ -85,3 +98,11 @@ class Router:
             for r in self.routes(deployment)
             if not r.draining
         ]
+
+
+def _discard(index: dict[str, dict[str, Route]], key: str, instance_id: str) -> None:
+    routes = index.get(key)
+    if routes is not None:
+        routes.pop(instance_id, None)
+        if not routes:
+            del index[key]

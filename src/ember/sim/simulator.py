@@ -1,0 +1,329 @@
+"""The discrete-event simulator: virtual time, a heap of events, the real control plane.
+
+Decisions come from ember.cluster, imported and called as the controller calls them:
+the placement policy (make_policy), StartupTimeEstimator (its clock the virtual clock;
+every simulated load's InstanceInfo goes to finish(), so it recalibrates), Autoscaler
+(scale-up, keep-alive, scale to zero), Router (pick / begin / end) and MigrationCost.
+Physics (ember.sim.physics) says how long things take: loads from tier bandwidths,
+inference from each model's latency model. An instance serves up to `max_batch`
+requests at once, each at its own model's speed (prefill s/token, then decode s/step);
+more wait at the instance, first come first served.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.bench.cluster_report import RequestOutcome
+from ember.bench.cluster_workload import ClusterRequest
+from ember.cluster.autoscaler import Autoscaler, InstanceLoad
+from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier
+from ember.cluster.migration_cost import MigrationCost
+from ember.cluster.placement import NodeView, Placement, RunningInstance, make_policy
+from ember.cluster.router import Router
+from ember.cluster.state import Deployment
+from ember.errors import InvalidRequestError
+from ember.sim.config import ModelSpec, SimConfig
+from ember.sim.physics import SimServer
+
+POLICIES = ("startup-time-aware", "random", "round-robin", "remote-only", "startup-time-aware-no-migration")
+
+
+@dataclass
+class _Request:
+    index: int
+    req: ClusterRequest
+    instance: str | None = None  # the instance serving it (it moves with a migration)
+    start_tier: LoadTier | None = None
+    waited_for_slot: bool = False
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    timed_out: bool = False
+
+
+@dataclass
+class _Instance:
+    id: str
+    model: ModelSpec
+    server: SimServer
+    tier: LoadTier
+    token: int  # the estimator's token for its load
+    delayed: bool  # its placement waited for a slot
+    active: dict[int, _Request] = field(default_factory=dict)  # being served, by request index
+    queue: deque[_Request] = field(default_factory=deque)
+    migrating_to: str | None = None  # an instance loading elsewhere to take its requests
+    source: str | None = None  # for a migration's destination: the instance it replaces
+
+
+class Simulator:
+    """One policy over one workload; run() returns the outcomes in request order."""
+
+    def __init__(self, config: SimConfig, policy: str, *, seed: int = 0) -> None:
+        if policy not in POLICIES:
+            raise InvalidRequestError(
+                f"unknown policy {policy!r} (one of {', '.join(POLICIES)})", param="policies"
+            )
+        self.config = config
+        self.now = 0.0
+        self.clock: Callable[[], float] = lambda: self.now
+        self.estimator = StartupTimeEstimator(clock=self.clock)
+        self.cost = MigrationCost(config.migration_s_per_token, config.migration_fixed_s)
+        migrate = policy == "startup-time-aware"
+        base = "startup-time-aware" if policy.startswith("startup-time-aware") else policy
+        self.policy = make_policy(
+            base, self.estimator, migration=self.cost if migrate else None, rng=random.Random(seed)
+        )
+        self.router = Router(clock=self.clock)
+        self.autoscaler = Autoscaler(clock=self.clock)
+        self.servers = {
+            f"s{i:05d}": SimServer.make(f"s{i:05d}", config.server) for i in range(config.servers)
+        }
+        for s in self.servers.values():  # what a node's bandwidth probe would report
+            bps = {"dram": s.spec.dram_bps, "disk": s.spec.ssd_bps, "registry": s.spec.network_bps}
+            self.estimator.calibrate(BandwidthProbe(s.node_id, bps))
+        self.models = {m.name: m for m in config.models}
+        self.deployments = {
+            m.name: Deployment(m.name, m.name, 0, config.max_instances, config.max_batch, config.keep_alive_s)
+            for m in config.models
+        }
+        self.instances: dict[str, _Instance] = {}
+        self.waiting: dict[str, dict[int, _Request]] = {}  # deployment -> requests with no instance
+        self.pending: dict[str, list[bool]] = {}  # deployment -> its unplaced starts (delayed yet?)
+        self.starts: dict[str, int] = {}
+        self.migrations = 0
+        self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self._ids = itertools.count()
+
+    # -- the event loop ---------------------------------------------------------------
+
+    def at(self, when: float, action: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._events, (when, next(self._seq), action, args))
+
+    def run(self, workload: Sequence[ClusterRequest]) -> list[RequestOutcome]:
+        requests = [_Request(i, r) for i, r in enumerate(workload)]
+        for r in requests:
+            if r.req.model not in self.models:
+                raise InvalidRequestError(f"the trace asks for model {r.req.model!r}, not in the config")
+        for r in requests:
+            self.at(r.req.arrival_s, self._arrive, r)
+        while self._events:
+            when, _, action, args = heapq.heappop(self._events)
+            self.now = when
+            action(*args)
+        return [self._outcome(r) for r in requests]
+
+    def _outcome(self, r: _Request) -> RequestOutcome:
+        return RequestOutcome(
+            r.req.model, r.req.arrival_s, r.ttft_s, r.e2e_s, r.start_tier, r.waited_for_slot, r.timed_out
+        )
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _arrive(self, r: _Request) -> None:
+        name = r.req.model
+        route = self.router.pick(name)
+        if route is not None:
+            self._assign(self.instances[route.instance_id], r)
+        else:
+            self.waiting.setdefault(name, {})[r.index] = r
+            self.at(self.now + self.config.start_timeout_s, self._time_out, r)
+        self._scale(name)
+
+    def _assign(self, inst: _Instance, r: _Request) -> None:
+        route = self.router.get(inst.id)
+        assert route is not None
+        self.router.begin(route, r.req.prompt_tokens + r.req.output_tokens)
+        r.instance = inst.id
+        if len(inst.active) < self.config.max_batch:
+            self._serve(inst, r)
+        else:
+            inst.queue.append(r)
+
+    def _serve(self, inst: _Instance, r: _Request) -> None:
+        inst.active[r.index] = r
+        m = inst.model
+        first = self.now + m.prefill_s_per_token * r.req.prompt_tokens
+        r.ttft_s = first - r.req.arrival_s
+        done = first + m.decode_s_per_step * r.req.output_tokens
+        r.e2e_s = done - r.req.arrival_s
+        self.at(done, self._finish, r)
+
+    def _finish(self, r: _Request) -> None:
+        assert r.instance is not None
+        inst = self.instances[r.instance]
+        route = self.router.get(inst.id)
+        assert route is not None
+        self.router.end(route)
+        del inst.active[r.index]
+        if inst.queue:
+            self._serve(inst, inst.queue.popleft())
+        if route.in_flight == 0:  # idle: its keep-alive runs from now
+            self.at(self.now + self.config.keep_alive_s, self._scale, route.deployment)
+
+    def _time_out(self, r: _Request) -> None:
+        waiting = self.waiting.get(r.req.model, {})
+        if waiting.pop(r.index, None) is not None:
+            r.timed_out = True
+
+    # -- scaling and placement --------------------------------------------------------
+
+    def _scale(self, name: str) -> None:
+        """The autoscaler's plan for `name`, applied: starts placed, idle instances stopped."""
+        dep = self.deployments[name]
+        pending = self.pending.setdefault(name, [])
+        plan = self.autoscaler.plan(
+            dep, self.router.loads(name), len(self.waiting.get(name, ())), starting=len(pending)
+        )
+        pending.extend([False] * plan.start)
+        for instance_id in plan.stop:
+            self._stop(self.instances[instance_id])
+        self._place(name)
+        if not pending:
+            del self.pending[name]
+
+    def _place(self, name: str) -> None:
+        """Place the pending starts of `name` while the policy finds room."""
+        pending = self.pending.get(name, [])
+        model = self.models[name]
+        while pending:
+            views = [self._view(s) for s in self.servers.values()]
+            p = self.policy.place(name, model.nbytes, views, model.slots)
+            if p is None or p.action != "start":
+                pending[0] = True  # this start waits for a slot
+                if p is not None and p.action == "wait":
+                    self.at(self.now + p.wait_s, self._retry, name)
+                elif p is not None and p.action == "migrate":
+                    self._migrate(p)
+                return
+            self._start(name, p, delayed=pending.pop(0))
+
+    def _retry(self, name: str | None = None) -> None:
+        """A slot may have freed: try every deployment's pending starts, oldest first,
+        skipping those no server has room for yet (their wait timers still fire)."""
+        if name is not None:
+            if name in self.pending:
+                self._scale(name)
+            return
+        room = max(s.free for s in self.servers.values())
+        for n in list(self.pending):
+            if n in self.pending and self.models[n].slots <= room:
+                self._scale(n)
+                room = max(s.free for s in self.servers.values())
+
+    def _view(self, server: SimServer) -> NodeView:
+        """The node as Instances.view() shows it to placement."""
+        if server.free == server.spec.gpus:  # no instance there: nothing but its status
+            return server.idle_view()
+        routes = self.router.on_node(server.node_id)
+        running: list[RunningInstance] = []
+        free_in = float("inf")
+        for route in routes:
+            inst = self.instances[route.instance_id]
+            if not route.ready:
+                continue
+            if route.in_flight > 0 and inst.migrating_to is None and inst.source is None:
+                running.append(
+                    RunningInstance(
+                        inst.id,
+                        inst.model.name,
+                        inst.model.nbytes,
+                        route.max_tokens_in_flight,
+                        inst.model.slots,
+                    )
+                )
+            load = InstanceLoad(route.instance_id, route.ready, route.in_flight, route.idle_since)
+            free_in = min(
+                free_in, max(0.0, self.autoscaler.expires_in(self.deployments[route.deployment], load))
+            )
+        return NodeView(server.status(), tuple(running), free_in)
+
+    def _start(self, name: str, p: Placement, *, delayed: bool, source: _Instance | None = None) -> _Instance:
+        server = self.servers[p.node]
+        model = self.models[name]
+        server.take(model.slots)
+        inst_id = f"i{next(self._ids):08d}"
+        self.router.add(inst_id, name, server.node_id)
+        tier = server.tier_of(name, cold=p.cold)
+        token = self.estimator.begin(p.estimate)
+        load_s, ready_at = server.queue_load(self.now, tier, model.nbytes)
+        inst = _Instance(inst_id, model, server, tier, token, delayed, source=source.id if source else None)
+        self.instances[inst_id] = inst
+        self.starts[tier] = self.starts.get(tier, 0) + 1
+        self.at(ready_at, self._ready, inst, load_s, self.now)
+        return inst
+
+    def _ready(self, inst: _Instance, load_s: float, began: float) -> None:
+        m, server = inst.model, inst.server
+        startup_s = load_s + server.spec.overhead_s
+        info = InstanceInfo(
+            inst.id, m.name, m.name, server.node_id, inst.tier, m.nbytes, load_s, startup_s, 4096
+        )
+        self.estimator.finish(inst.token, info)
+        server.loaded(m.name, m.nbytes, inst.tier)
+        if inst.source is not None:  # a migration's destination: hand the requests over
+            src_route = self.router.get(inst.source)  # None: it stopped meanwhile
+            tokens = 0 if src_route is None else src_route.max_tokens_in_flight
+            self.at(self.now + self.cost.seconds(tokens), self._handover, inst)
+            return
+        self.router.set_ready(inst.id)
+        self._drain_waiting(inst)
+
+    def _drain_waiting(self, inst: _Instance) -> None:
+        waiting = self.waiting.pop(inst.model.name, {})
+        for r in waiting.values():
+            r.start_tier, r.waited_for_slot = inst.tier, inst.delayed
+            route = self.router.pick(inst.model.name)
+            assert route is not None
+            self._assign(self.instances[route.instance_id], r)
+        self._scale(inst.model.name)
+        if self.router.get(inst.id) is not None and self.router.get(inst.id).in_flight == 0:  # type: ignore[union-attr]
+            self.at(self.now + self.config.keep_alive_s, self._scale, inst.model.name)
+
+    def _stop(self, inst: _Instance) -> None:
+        self.router.remove(inst.id)
+        inst.server.give_back(inst.model.slots)
+        self.at(self.now, self._retry)
+
+    # -- live migration ---------------------------------------------------------------
+
+    def _migrate(self, p: Placement) -> None:
+        """Placement chose to move a running instance away so this start can use its node."""
+        assert p.migrate_instance is not None and p.migrate_to is not None
+        victim = self.instances.get(p.migrate_instance)
+        if victim is None or victim.migrating_to is not None:
+            return
+        dest = self.servers[p.migrate_to]
+        est = self.estimator.estimate(dest.status(), victim.model.name, victim.model.nbytes)
+        move = Placement("start", dest.node_id, est.tier, est.total_s, est)
+        new = self._start(victim.model.name, move, delayed=False, source=victim)
+        victim.migrating_to = new.id
+        self.migrations += 1
+
+    def _handover(self, new: _Instance) -> None:
+        """The destination recomputed the tokens so far: its source's requests continue
+        there (their token streams go on: completion times are unchanged) and the source
+        instance stops, freeing its slots."""
+        assert new.source is not None
+        src = self.instances.get(new.source)
+        new.source = None
+        self.router.set_ready(new.id)
+        src_route = self.router.get(src.id) if src is not None else None
+        if src is not None and src_route is not None:
+            new_route = self.router.get(new.id)
+            assert new_route is not None
+            for r in [*src.active.values(), *src.queue]:
+                self.router.end(src_route)
+                self.router.begin(new_route, r.req.prompt_tokens + r.req.output_tokens)
+                r.instance = new.id
+            new.active, new.queue = src.active, src.queue
+            src.active, src.queue = {}, deque()
+            self._stop(src)
+        self._drain_waiting(new)
