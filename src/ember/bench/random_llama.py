@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,4 +157,31 @@ def make_random_llama(
         "model/config.json": json.dumps(config, indent=2).encode(),
     }
     save_tensors(tensors, dest, metadata=metadata, files=extra)
+    return dest
+
+
+def cached_random_llama(
+    cache: Path,
+    nbytes: int,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    vocab: int | None = None,
+    files: Mapping[str, bytes | Path] | None = None,
+) -> Path:
+    """make_random_llama's checkpoint, made once under `cache` (keyed by size, dtype,
+    seed and vocabulary; the `files` are the caller's to keep the same) and reused by
+    every later call. Written under a temporary name first, so a run stopped halfway
+    leaves no half checkpoint behind that name."""
+    dest = cache / f"llama-{nbytes}-{dtype}-seed{seed}-vocab{vocab or 'ladder'}"
+    if dest.is_dir():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    make_random_llama(partial, nbytes, dtype=dtype, seed=seed, vocab=vocab, files=files)
+    try:
+        partial.rename(dest)
+    except OSError:  # another process made it first
+        shutil.rmtree(partial, ignore_errors=True)
     return dest
