@@ -222,6 +222,7 @@ def run_policy(
             began = time.perf_counter()
             outcomes = asyncio.run(send_workload(server, requests, prompts, on_done))
             wall = time.perf_counter() - began
+            server.submit(server.controller.settle()).result()
             log = server.log
             extra = {
                 "wall_s": wall,
@@ -229,6 +230,7 @@ def run_policy(
                 "migrated_requests": log.migrated_requests,
                 "bandwidths": server.estimator.snapshot(),
                 "loads": log.load_figures(),
+                "loads_recorded": server.loads(),  # by the controller, to check `starts` against
                 "inference": inference_costs(requests, outcomes),
             }
             summary = policy_summary(outcomes, starts=log.by_tier(), migrations=log.migrations, extra=extra)
