@@ -2,7 +2,8 @@
 # Ember beside llama.cpp's OpenAI server, on the same SmolLM2 weights and the same
 # workload (`ember bench serve --dataset mixed`: prompts of 20-120 words, 80% of
 # outputs 8-32 tokens and 20% 120-240, greedy, end tokens banned by logit_bias so
-# both servers produce the asked lengths), at 80% of llama.cpp's measured serial
+# both servers produce the asked lengths; llama.cpp's default repeat penalty off, so
+# both compute the same greedy tokens), at 80% of llama.cpp's measured serial
 # throughput (it serves one request at a time; later ones queue).
 #
 # llama.cpp is not a dependency of Ember: install llama-cpp-python[server] into its
@@ -20,6 +21,7 @@ OUT=${OUT:-results/peer}
 VARIANTS=${VARIANTS:-"f32 q4_1"}
 THREADS=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 COMMON=(--dataset mixed --seed 0 --no-ignore-eos --logit-bias "0:-100,2:-100" --json)
+LLAMA_ARGS=(--model smollm2 --extra-body '{"repeat_penalty": 1.0}')
 mkdir -p "$OUT"
 "$LLAMA_PY" -c "import llama_cpp.server" 2>/dev/null || {
   echo "error: $LLAMA_PY has no llama_cpp.server: see the top of $0" >&2; exit 1; }
@@ -58,12 +60,12 @@ for v in $VARIANTS; do
   url="http://127.0.0.1:$port"
   wait_up "$url" "${PIDS[-1]}"
   # Serial throughput: one request at a time, all queued at once.
-  ember bench serve --base-url "$url" --model smollm2 "${COMMON[@]}" --num-prompts 20 \
+  ember bench serve --base-url "$url" "${LLAMA_ARGS[@]}" "${COMMON[@]}" --num-prompts 20 \
     --request-rate inf --max-concurrency 1 >"$OUT/capacity-$v.json"
   rate=$(python -c "import json; print(round(json.load(open('$OUT/capacity-$v.json'))['request_throughput'] * $LOAD, 4))")
   echo "$rate" >"$OUT/rate-$v"
   echo "llama.cpp $v: serial throughput x $LOAD = $rate req/s" >&2
-  ember bench serve --base-url "$url" --model smollm2 "${COMMON[@]}" --num-prompts "$N" \
+  ember bench serve --base-url "$url" "${LLAMA_ARGS[@]}" "${COMMON[@]}" --num-prompts "$N" \
     --request-rate "$rate" >"$OUT/llamacpp-$v.json"
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
   ember bench serve --base-url "http://127.0.0.1:$EMBER_PORT" --model "$EMBER_MODEL" "${COMMON[@]}" \

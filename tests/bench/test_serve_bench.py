@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.bench.arrivals import gamma_arrivals
-from ember.bench.serve import ServeTarget, parse_logit_bias, run_serve_bench, split_gaps
+from ember.bench.serve import ServeTarget, parse_extra_body, parse_logit_bias, run_serve_bench, split_gaps
 from ember.bench.serve_metrics import RequestResult, compute_metrics, result_block
 from ember.bench.serve_workload import WorkloadSpec, build_workload
 from ember.cli import app
@@ -183,6 +183,14 @@ def test_logit_bias_flag() -> None:
     for bad in ("eos:-100", "2", "2:x"):
         with pytest.raises(EmberError, match="--logit-bias"):
             parse_logit_bias(bad)
+
+
+def test_extra_body_flag() -> None:
+    assert parse_extra_body('{"repeat_penalty": 1.0}') == {"repeat_penalty": 1.0}
+    assert parse_extra_body(None) is None
+    for bad in ("[1]", "{not json"):
+        with pytest.raises(EmberError, match="--extra-body"):
+            parse_extra_body(bad)
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ class ServeTarget:
     api_key: str | None = None
     ignore_eos: bool = True
     logit_bias: dict[str, float] | None = None  # token id (as text) -> bias, sent as is
+    extra_body: dict[str, Any] | None = None  # more request fields, sent as is
 
     @property
     def api_root(self) -> str:
@@ -65,6 +66,19 @@ def parse_logit_bias(text: str | None) -> dict[str, float] | None:
                 f"--logit-bias takes TOKEN:BIAS,... (integers and numbers), got {item!r}"
             ) from None
     return bias
+
+
+def parse_extra_body(text: str | None) -> dict[str, Any] | None:
+    """A JSON object of request fields; EmberError for anything else."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise EmberError(f"--extra-body must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise EmberError(f"--extra-body must be a JSON object, got {text!r}")
+    return value
 
 
 @dataclass
@@ -117,6 +131,7 @@ async def send_request(
         body["ignore_eos"] = True
     if target.logit_bias:
         body["logit_bias"] = target.logit_bias
+    body.update(target.extra_body or {})
     result = RequestResult(input_len=req.input_len)
     start = clock()
     chunks: list[float] = []  # arrival time of every chunk that carried a choice

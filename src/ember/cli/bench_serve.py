@@ -88,6 +88,13 @@ def bench_serve_cmd(
             "bans SmolLM2's end tokens: fixed output lengths on servers without ignore_eos)."
         ),
     ] = None,
+    extra_body: Annotated[
+        str | None,
+        typer.Option(
+            help="More fields for every request, as a JSON object (e.g. '{\"repeat_penalty\": 1.0}' "
+            "for llama.cpp, whose default penalty changes greedy outputs)."
+        ),
+    ] = None,
     save_result: Annotated[bool, typer.Option(help="Save the result JSON (vLLM's field names).")] = False,
     result_dir: Annotated[
         Path | None,
@@ -101,7 +108,13 @@ def bench_serve_cmd(
     """Measure TTFT, TPOT, ITL, end-to-end latency and throughput of any OpenAI-compatible
     server, with the flags and result block of vLLM's serving benchmark. Prompts are
     token-id lists of exact lengths, streamed from /v1/completions."""
-    from ember.bench.serve import ServeTarget, list_models, parse_logit_bias, run_serve_bench
+    from ember.bench.serve import (
+        ServeTarget,
+        list_models,
+        parse_extra_body,
+        parse_logit_bias,
+        run_serve_bench,
+    )
     from ember.bench.serve_workload import WorkloadSpec
 
     url = base_url or os.environ.get(env.EMBER_URL) or DEFAULT_URL
@@ -124,7 +137,10 @@ def bench_serve_cmd(
         length_scale=length_scale,
         rate_scale=rate_scale,
     )
-    target = ServeTarget(url, model, key, ignore_eos=ignore_eos, logit_bias=parse_logit_bias(logit_bias))
+    target = ServeTarget(
+        url, model, key, ignore_eos=ignore_eos,
+        logit_bias=parse_logit_bias(logit_bias), extra_body=parse_extra_body(extra_body),
+    )  # fmt: skip
     with stage_progress({}, enabled=not as_json) as progress:
         report = run_serve_bench(
             target,
