@@ -4,6 +4,7 @@ own load records, and which tier each request's start came from."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.bench.cluster import ClusterBenchConfig, run_cluster_bench
-from ember.bench.cluster_models import link_registry, random_models
+from ember.bench.cluster_models import MIN_LAYERS, ClusterModel, link_registry, random_models
 from ember.bench.cluster_server import BENCH_POLICIES, ClusterShape
 from ember.bench.cluster_workload import ClusterRequest
+from ember.bench.random_llama import LADDER, plan_llama
 from ember.cli import app
 from ember.cli.bench_cluster import parse_policies, parse_sizes
 from ember.errors import InvalidRequestError
@@ -34,8 +36,6 @@ WORKLOAD = [
 
 @pytest.fixture(scope="module")
 def report(tiny_llama: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from ember.bench.cluster_models import ClusterModel
-
     path, _ = tiny_llama
     nbytes = read_index(path).total_bytes
     models = [ClusterModel("tiny", path, nbytes), ClusterModel("tiny2", path, nbytes)]
@@ -89,12 +89,20 @@ def test_random_models_are_made_once_with_sizes_in_turn(tmp_path: Path) -> None:
     assert [m.name for m in made] == ["random-0", "random-1", "random-2"]
     for m, size in zip(made, [*sizes, sizes[0]], strict=True):
         assert abs(m.nbytes - size) / size < 0.1
+    index = read_index(made[0].checkpoint)
+    assert "lm_head.weight" not in index.tensors  # tied, as SmolLM2's
+    config = json.loads((made[0].checkpoint / "model" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["hidden_size"] == 128
+    assert plan_llama(150_000_000, 4, 49152, tied=True, min_layers=MIN_LAYERS) == (LADDER[1], 3)
     stamp = os.stat(made[0].checkpoint / "index.json").st_mtime_ns
     again = random_models(tmp_path / "cache", 1, sizes, files={})
     assert again[0].checkpoint == made[0].checkpoint
     assert os.stat(again[0].checkpoint / "index.json").st_mtime_ns == stamp  # not written again
     registry = link_registry(made, tmp_path / "registry")
     assert sorted(p.name for p in registry.iterdir()) == ["random-0", "random-1", "random-2"]
+    renamed = ClusterModel("random-0", made[1].checkpoint, made[1].nbytes)  # a name now another model's
+    link_registry([renamed], registry)
+    assert read_index(registry / "random-0").total_bytes == made[1].nbytes
     shutil.rmtree(tmp_path / "cache")
 
 

@@ -13,6 +13,10 @@ from ember.errors import InvalidRequestError
 from ember.store.format import MODEL_DIR, read_index
 
 SMOLLM2_VOCAB = 49152  # the tokenizer random models carry is SmolLM2's
+# SmolLM2-135M's width with embeddings tied, as in SmolLM2: 0.15-0.3 GB float32 is 3-13
+# of its layers (the ladder's 8-layer minimum would leave only its tiniest shape, over
+# a hundred layers of width 128, at these sizes).
+MIN_LAYERS = 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ def random_models(
     cache: Path, count: int, sizes: Sequence[int], *, files: dict[str, Path] | None = None
 ) -> list[ClusterModel]:
     """`count` random float32 Llamas named random-0, random-1, ..., sizes (bytes)
-    assigned in turn, each with its own seed; made once under `cache`. `files`: the
+    assigned in turn, each with its own seed, embeddings tied; made once under `cache`. `files`: the
     tokenizer files they carry (default: SmolLM2's)."""
     from ember.bench.random_llama import cached_random_llama
 
@@ -52,8 +56,9 @@ def random_models(
     out = []
     for i in range(count):
         path = cached_random_llama(
-            cache, sizes[i % len(sizes)], dtype="float32", seed=i, vocab=SMOLLM2_VOCAB, files=files
-        )
+            cache, sizes[i % len(sizes)], dtype="float32", seed=i, vocab=SMOLLM2_VOCAB, files=files,
+            tied=True, min_layers=MIN_LAYERS,
+        )  # fmt: skip
         out.append(ClusterModel(f"random-{i}", path, read_index(path).total_bytes))
     return out
 
@@ -74,7 +79,7 @@ def store_models(names: Sequence[str]) -> list[ClusterModel]:
 
 def link_registry(models: Sequence[ClusterModel], root: Path) -> Path:
     """A registry directory at `root` holding every model under its name (hard links;
-    a copy where links are refused)."""
+    a copy where links are refused), made anew: a name may stand for another model now."""
 
     def link(a: str, b: str) -> None:
         try:
@@ -84,6 +89,6 @@ def link_registry(models: Sequence[ClusterModel], root: Path) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     for m in models:
-        if not (root / m.name).exists():
-            shutil.copytree(m.checkpoint, root / m.name, copy_function=link)
+        shutil.rmtree(root / m.name, ignore_errors=True)
+        shutil.copytree(m.checkpoint, root / m.name, copy_function=link)
     return root

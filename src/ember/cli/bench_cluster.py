@@ -131,7 +131,7 @@ def cluster_command(
     _check("--keep-alive", keep_alive, positive=False)
     home = ember_home()
     shape = ClusterShape(nodes, slots, dram_bytes, disk_bytes, keep_alive, engine_options=ENGINE)
-    cfg = ClusterBenchConfig(names, shape, seed=seed)
+    cfg = ClusterBenchConfig(names, shape, seed=seed, max_model_len=MAX_MODEL_LEN)
     with stage_progress({}) as p:
         p("preparing the models", 0, 0)
         bench_models = _models(models, random_models, sizes, home)
@@ -144,8 +144,10 @@ def cluster_command(
     _output(report, json_path, plot)
 
 
-# Each instance's engine: a small KV cache (many instances share one machine's memory).
-ENGINE = {"kv_cache_bytes": 64 << 20, "max_model_len": 2048, "max_num_seqs": 8}
+# Each instance's engine: a small KV cache (instances share one machine's memory); 64 MiB
+# holds MAX_MODEL_LEN tokens of a 0.3 GB random model (13 layers of SmolLM2-135M's width).
+MAX_MODEL_LEN = 1024
+ENGINE = {"kv_cache_bytes": 64 << 20, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8}
 
 
 def _output(report: ClusterReport, json_path: Path | None, plot: Path | None) -> None:
