@@ -13,7 +13,7 @@ from ember.errors import InvalidRequestError
 from ember.store.format import MODEL_DIR, read_index
 
 SMOLLM2_VOCAB = 49152  # the tokenizer random models carry is SmolLM2's
-# SmolLM2-135M's width with embeddings tied, as in SmolLM2: 0.15-0.3 GB float32 is 3-13
+# SmolLM2-135M's width with embeddings tied, as in SmolLM2: 0.15-0.3 GB float32 is 3-10
 # of its layers (the ladder's 8-layer minimum would leave only its tiniest shape, over
 # a hundred layers of width 128, at these sizes).
 MIN_LAYERS = 2

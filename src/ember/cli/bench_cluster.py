@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # the benchmark imports torch and the server: only when it ru
     from ember.bench.cluster_workload import ClusterRequest
 
 DEFAULT_POLICIES = "startup-time-aware,random,round-robin,remote-only,startup-time-aware-no-migration"
+# Each instance's engine: a small KV cache (instances share one machine's memory); 64 MiB
+# holds MAX_MODEL_LEN tokens of any 0.15-0.3 GB random model (at most 10 layers, 15 KB a token).
+MAX_MODEL_LEN = 1024
+ENGINE = {"kv_cache_bytes": 64 << 20, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8}
 
 
 def parse_policies(text: str) -> tuple[str, ...]:
@@ -142,12 +146,6 @@ def cluster_command(
         workload = _workload(trace, [m.name for m in bench_models], opts)
         report = run_cluster_bench(bench_models, workload, home / "bench-cluster" / "work", cfg, progress=p)
     _output(report, json_path, plot)
-
-
-# Each instance's engine: a small KV cache (instances share one machine's memory); 64 MiB
-# holds MAX_MODEL_LEN tokens of a 0.3 GB random model (13 layers of SmolLM2-135M's width).
-MAX_MODEL_LEN = 1024
-ENGINE = {"kv_cache_bytes": 64 << 20, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8}
 
 
 def _output(report: ClusterReport, json_path: Path | None, plot: Path | None) -> None:
