@@ -49,7 +49,7 @@ def ember(*args: str, home: Path, url: str | None = None) -> subprocess.Complete
     "args",
     [["--help"], ["status", "--help"], ["deploy", "--help"], ["store", "ls", "--help"], ["serve", "--help"],
      ["chat", "--help"], ["bench", "cold", "--help"], ["bench", "cli", "--help"],
-     ["bench", "cost", "--help"], ["sim", "--help"]],
+     ["bench", "cost", "--help"], ["sim", "--help"], ["bench", "cluster", "--help"]],
     ids=" ".join,
 )  # fmt: skip
 def test_help_imports_no_heavy_package(args: list[str], ember_home: Path) -> None:

@@ -94,3 +94,21 @@ def test_docs_list_every_setting_with_its_flag_and_variable() -> None:
         row = next((line for line in doc.splitlines() if line.startswith(f"| `{name}` |")), None)
         assert row is not None, f"docs/serving.md has no row for {name}"
         assert f"EMBER_{name.upper()}" in row
+
+
+def test_node_budget_defaults_are_the_stores() -> None:
+    from ember.server.settings import DEFAULT_DISK_BYTES, DEFAULT_DRAM_BYTES
+    from ember.store.node import DEFAULT_DISK_BUDGET, DEFAULT_DRAM_BUDGET
+
+    assert (DEFAULT_DRAM_BYTES, DEFAULT_DISK_BYTES) == (DEFAULT_DRAM_BUDGET, DEFAULT_DISK_BUDGET)
+
+
+def test_budgets_and_no_migration_come_from_flags_and_variables() -> None:
+    env = {"EMBER_NO_MIGRATION": "true", "EMBER_DISK_BYTES": "4000000"}
+    s = load_settings(None, {"dram_bytes": 2_000_000}, env)
+    assert (s.dram_bytes, s.disk_bytes, s.no_migration) == (2_000_000, 4_000_000, True)
+    assert load_settings(None, {}, {}).no_migration is False
+    with pytest.raises(InvalidRequestError, match=r"dram_bytes=0 \(from --dram-bytes\)"):
+        load_settings(None, {"dram_bytes": 0}, {})
+    with pytest.raises(InvalidRequestError, match="disk_bytes='lots' \\(from EMBER_DISK_BYTES\\)"):
+        load_settings(None, {}, {"EMBER_DISK_BYTES": "lots"})

@@ -21,10 +21,11 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from ember.bench.page_cache import evict_page_cache
 from ember.cluster.controller import Controller, ControllerConfig
@@ -38,38 +39,25 @@ from ember.store.registry import HttpRegistry
 
 T = TypeVar("T")
 Tier = Literal["dram", "disk", "registry"]
-_TICK_S = 0.2  # autoscaler period: an idle instance goes within keep-alive + this
+TICK_S = 0.2  # autoscaler period: an idle instance goes within keep-alive + this
 
 
 def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
-class ColdServer:
-    """An Ember server at `url` with one node (one slot) fetching from `registry_url`,
-    whose directory is `registry_root` (for dropping its page cache). A context manager."""
+class BenchServer:
+    """Ember's HTTP app over `controller` at `url` (a free loopback port), served by
+    uvicorn on a thread of its own with its own event loop, as `ember serve` serves it.
+    A context manager: entering starts the server and the controller; leaving closes
+    both and `registry`. Deployments made through it have min-instances 0 and its
+    keep-alive."""
 
     def __init__(
-        self,
-        home: Path,
-        registry_url: str,
-        registry_root: Path,
-        *,
-        keep_alive_s: float = 1.0,
-        engine_options: dict[str, Any] | None = None,
+        self, controller: Controller, registry: HttpRegistry, app: FastAPI, *, keep_alive_s: float = 1.0
     ) -> None:
-        self.home, self.registry_root, self.keep_alive_s = home, registry_root, keep_alive_s
-        self.registry = HttpRegistry(registry_url)
-        self.node = EmbeddedNode("node0", self.registry, home=home, engine_options=engine_options)
-        self.app = create_app()
-        add_admin_routes(self.app)
-        self.controller = Controller(
-            [self.node],
-            state=ClusterState(home / "cluster.db"),
-            config=ControllerConfig(tick_s=_TICK_S),
-            events=ClusterMetrics(self.app.state.metrics.registry),
-            model_root=home / "cluster" / "models",
-        )
+        self.controller, self.registry, self.app = controller, registry, app
+        self.keep_alive_s = keep_alive_s
         self.app.state.ember.backend = self.controller
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ember-bench-server", daemon=True)
@@ -79,7 +67,7 @@ class ColdServer:
         self._serving: concurrent.futures.Future[None] | None = None
         self.http = httpx.Client(timeout=httpx.Timeout(600.0))
 
-    def __enter__(self) -> ColdServer:
+    def __enter__(self) -> Self:
         self._sock.bind(("127.0.0.1", 0))
         host, port = self._sock.getsockname()
         self.url = f"http://{host}:{port}"
@@ -112,13 +100,20 @@ class ColdServer:
             self.registry.close()
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+        return self.submit(work).result()
+
+    def submit(self, work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run `work` on the server's event loop (where the controller lives)."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop)
 
     # -- through the admin API --------------------------------------------------------
 
-    def deploy(self, model: str) -> None:
+    def deploy(self, model: str, max_instances: int = 1) -> None:
         """A deployment named `model`: min-instances 0, this server's keep-alive."""
-        body = {"model": model, "min_instances": 0, "max_instances": 1, "keep_alive_s": self.keep_alive_s}
+        body = {
+            "model": model, "min_instances": 0, "max_instances": max_instances,
+            "keep_alive_s": self.keep_alive_s,
+        }  # fmt: skip
         resp = self.http.post(f"{self.url}/admin/deployments", json=body)
         if resp.status_code != 201:
             raise EmberError(f"deploying {model} failed: HTTP {resp.status_code} {resp.text[:200]}")
@@ -135,6 +130,34 @@ class ColdServer:
             if time.monotonic() > deadline:
                 raise EmberError(f"still {live} live instances after {timeout_s:g} s")
             time.sleep(0.05)
+
+
+class ColdServer(BenchServer):
+    """An Ember server at `url` with one node (one slot) fetching from `registry_url`,
+    whose directory is `registry_root` (for dropping its page cache). A context manager."""
+
+    def __init__(
+        self,
+        home: Path,
+        registry_url: str,
+        registry_root: Path,
+        *,
+        keep_alive_s: float = 1.0,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.home, self.registry_root = home, registry_root
+        registry = HttpRegistry(registry_url)
+        self.node = EmbeddedNode("node0", registry, home=home, engine_options=engine_options)
+        app = create_app()
+        add_admin_routes(app)
+        controller = Controller(
+            [self.node],
+            state=ClusterState(home / "cluster.db"),
+            config=ControllerConfig(tick_s=TICK_S),
+            events=ClusterMetrics(app.state.metrics.registry),
+            model_root=home / "cluster" / "models",
+        )
+        super().__init__(controller, registry, app, keep_alive_s=keep_alive_s)
 
     # -- choosing the tier of the next cold start -------------------------------------
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +51,9 @@ class LlamaShape:
         attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim  # q, o; k, v
         return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden  # mlp; two norms
 
-    def fixed_params(self) -> int:
-        return 2 * self.vocab * self.hidden + self.hidden  # embed, lm_head (untied), final norm
+    def fixed_params(self, tied: bool = False) -> int:
+        """Embeddings, lm_head (unless tied to them) and the final norm."""
+        return (1 if tied else 2) * self.vocab * self.hidden + self.hidden
 
 
 # Real Llama-family shapes, smallest first: tiny, SmolLM2-135M, SmolLM2-360M,
@@ -68,23 +71,26 @@ LADDER = (
 MIN_LAYERS = 8
 
 
-def plan_llama(nbytes: int, itemsize: int, vocab: int | None = None) -> tuple[LlamaShape, int]:
-    """The largest ladder shape with room for MIN_LAYERS layers (real models are
+def plan_llama(
+    nbytes: int, itemsize: int, vocab: int | None = None, *, tied: bool = False, min_layers: int = MIN_LAYERS
+) -> tuple[LlamaShape, int]:
+    """The largest ladder shape with room for `min_layers` layers (real models are
     deep, not one giant layer), and the layer count that brings the checkpoint
     closest to `nbytes`. `vocab` replaces the ladder's vocabulary size (to match
-    a tokenizer shipped with the checkpoint)."""
+    a tokenizer shipped with the checkpoint); `tied`: lm_head is the embeddings (as
+    in SmolLM2), which leaves a small model more of its bytes for layers."""
     params = nbytes // itemsize
     ladder = LADDER if vocab is None else tuple(dataclasses.replace(s, vocab=vocab) for s in LADDER)
     shape = ladder[0]
     for s in ladder:
-        if s.fixed_params() + MIN_LAYERS * s.layer_params() <= params:
+        if s.fixed_params(tied) + min_layers * s.layer_params() <= params:
             shape = s
-    layers = max(1, round((params - shape.fixed_params()) / shape.layer_params()))
+    layers = max(1, round((params - shape.fixed_params(tied)) / shape.layer_params()))
     return shape, layers
 
 
 def random_llama_tensors(
-    shape: LlamaShape, layers: int, dtype: torch.dtype, seed: int = 0
+    shape: LlamaShape, layers: int, dtype: torch.dtype, seed: int = 0, *, tied: bool = False
 ) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
@@ -109,7 +115,8 @@ def random_llama_tensors(
             }
         )
     tensors["model.norm.weight"] = torch.ones(h, dtype=dtype)
-    tensors["lm_head.weight"] = w(shape.vocab, h)
+    if not tied:
+        tensors["lm_head.weight"] = w(shape.vocab, h)
     return tensors
 
 
@@ -121,16 +128,18 @@ def make_random_llama(
     seed: int = 0,
     vocab: int | None = None,
     files: Mapping[str, bytes | Path] | None = None,
+    tied: bool = False,
+    min_layers: int = MIN_LAYERS,
 ) -> Path:
     """Write a random-weight Llama checkpoint of about `nbytes` at `dest`. `files`
     adds checkpoint files (e.g. "model/tokenizer.json"); `vocab` sizes the
-    embeddings for that tokenizer."""
+    embeddings for that tokenizer; `tied` and `min_layers` as plan_llama's."""
     if dtype not in ("bfloat16", "float32"):
         raise InvalidRequestError(
             f"random Llama dtype must be bfloat16 or float32, not {dtype!r}", param="dtype"
         )
     torch_dtype = getattr(torch, dtype)
-    shape, layers = plan_llama(nbytes, torch_dtype.itemsize, vocab)
+    shape, layers = plan_llama(nbytes, torch_dtype.itemsize, vocab, tied=tied, min_layers=min_layers)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -140,10 +149,10 @@ def make_random_llama(
         "num_key_value_heads": shape.kv_heads,
         "num_hidden_layers": layers,
         "vocab_size": shape.vocab,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "dtype": dtype,
     }
-    tensors = random_llama_tensors(shape, layers, torch_dtype, seed)
+    tensors = random_llama_tensors(shape, layers, torch_dtype, seed, tied=tied)
     metadata = {
         "architecture": "LlamaForCausalLM",
         "model_type": "llama",
@@ -155,4 +164,36 @@ def make_random_llama(
         "model/config.json": json.dumps(config, indent=2).encode(),
     }
     save_tensors(tensors, dest, metadata=metadata, files=extra)
+    return dest
+
+
+def cached_random_llama(
+    cache: Path,
+    nbytes: int,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    vocab: int | None = None,
+    files: Mapping[str, bytes | Path] | None = None,
+    tied: bool = False,
+    min_layers: int = MIN_LAYERS,
+) -> Path:
+    """make_random_llama's checkpoint, made once under `cache` (keyed by its arguments
+    but `files`, which are the caller's to keep the same) and reused by
+    every later call. Written under a temporary name first, so a run stopped halfway
+    leaves no half checkpoint behind that name."""
+    tie = "-tied" if tied else ""
+    dest = cache / f"llama-{nbytes}-{dtype}-seed{seed}-vocab{vocab or 'ladder'}{tie}-min{min_layers}"
+    if dest.is_dir():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    make_random_llama(
+        partial, nbytes, dtype=dtype, seed=seed, vocab=vocab, files=files, tied=tied, min_layers=min_layers
+    )
+    try:
+        partial.rename(dest)
+    except OSError:  # another process made it first
+        shutil.rmtree(partial, ignore_errors=True)
     return dest

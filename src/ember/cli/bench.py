@@ -18,6 +18,7 @@ bench_app = EmberTyper(help="Benchmarks.")
 
 def _register() -> None:
     from ember.cli.bench_cli import cli_command
+    from ember.cli.bench_cluster import cluster_command
     from ember.cli.bench_cold import cold_command
     from ember.cli.bench_cost import cost_command
     from ember.cli.bench_engine import engine_command
@@ -28,6 +29,7 @@ def _register() -> None:
     bench_app.command("cost")(cost_command)
     bench_app.command("engine")(engine_command)
     bench_app.command("cold")(cold_command)
+    bench_app.command("cluster")(cluster_command)
     bench_app.command("cli")(cli_command)
     bench_app.command("serve")(bench_serve_cmd)
 

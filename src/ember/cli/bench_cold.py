@@ -27,9 +27,9 @@ RANDOM_LLAMA = "random-llama"
 def _models(names: list[str], scratch: Path, random_size: str) -> list[BenchModel]:
     """Checkpoints for the names: smollm2 (imported into the store if missing), a
     random-weight Llama with SmolLM2's tokenizer, or a store name / directory."""
+    from ember.bench.cluster_models import SMOLLM2_VOCAB, smollm2_tokenizer_files
     from ember.bench.cold import BenchModel
     from ember.bench.random_llama import make_random_llama, parse_size
-    from ember.store.format import MODEL_DIR
     from ember.store.importer import ensure_default_model
     from ember.store.local import LocalStore
 
@@ -39,11 +39,10 @@ def _models(names: list[str], scratch: Path, random_size: str) -> list[BenchMode
         if name == SMOLLM2:
             out.append(BenchModel(SMOLLM2, store.resolve(ensure_default_model(store))))
         elif name == RANDOM_LLAMA:
-            smol = store.resolve(ensure_default_model(store)) / MODEL_DIR
-            tokenizer = {f"{MODEL_DIR}/{f.name}": f for f in smol.iterdir() if f.name != "config.json"}
             ckpt = make_random_llama(
-                scratch / RANDOM_LLAMA, parse_size(random_size), vocab=49152, files=tokenizer
-            )
+                scratch / RANDOM_LLAMA, parse_size(random_size), vocab=SMOLLM2_VOCAB,
+                files=smollm2_tokenizer_files(),
+            )  # fmt: skip
             out.append(BenchModel(RANDOM_LLAMA, ckpt))
         else:
             path = store.resolve(name)

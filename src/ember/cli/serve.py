@@ -55,6 +55,9 @@ def serve_cmd(
     nodes: Annotated[int | None, flag("nodes")] = None,
     slots: Annotated[int | None, flag("slots")] = None,
     placement: Annotated[str | None, flag("placement")] = None,
+    no_migration: Annotated[bool | None, flag("no_migration", "--no-migration")] = None,
+    dram_bytes: Annotated[int | None, flag("dram_bytes")] = None,
+    disk_bytes: Annotated[int | None, flag("disk_bytes")] = None,
     start_timeout_s: Annotated[float | None, flag("start_timeout_s")] = None,
     ray: Annotated[str | None, flag("ray")] = None,
     config: Annotated[

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from ember.cluster.ray_node import AgentOptions, RayNode, import_ray
 from ember.cluster.runtime import NodeRuntime
 from ember.store.local import is_store_root
+from ember.store.node import DEFAULT_DISK_BUDGET, DEFAULT_DRAM_BUDGET
 from ember.store.registry_server import RegistryServer
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,12 @@ class RayCluster:
         engine_options: dict[str, Any] | None = None,
         default_slots: int = 1,
         home: str | None = None,
+        budgets: tuple[int, int] = (DEFAULT_DRAM_BUDGET, DEFAULT_DISK_BUDGET),
     ) -> RayCluster:
         """Join the Ray cluster at `address` ("auto": the one started on this machine
         with `ray start --head`), serve a directory `registry` over HTTP from here, and
-        start an agent on every alive node."""
+        start an agent on every alive node. `budgets`: each agent's DRAM pool and disk
+        cache, bytes."""
         ray = import_ray()
         if not ray.is_initialized():
             ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
@@ -98,8 +101,9 @@ class RayCluster:
             registry = server.url
             log.info("serving %s to the Ray nodes at %s", described, registry.rsplit("/", 1)[0])
         options = AgentOptions(
-            registry, registry_described=described, engine_options=engine_options or {}, home=home
-        )
+            registry, registry_described=described, engine_options=engine_options or {}, home=home,
+            dram_budget=budgets[0], disk_budget=budgets[1],
+        )  # fmt: skip
         cluster = cls(options, default_slots=default_slots, registry_server=server)
         cluster.sync()
         return cluster

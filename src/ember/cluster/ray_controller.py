@@ -35,6 +35,7 @@ from ember.cluster.ray_node import import_ray, ray_deltas
 from ember.cluster.state import ClusterState, Deployment
 from ember.engine.request import EngineRequest, EngineStats, RequestOutput
 from ember.errors import ModelNotFoundError, OverloadedError
+from ember.store.node import DEFAULT_DISK_BUDGET, DEFAULT_DRAM_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class RayControllerConfig:
     default_slots: int = 1  # slots of a CPU-only node without the ember_slots resource
     agent_home: str | None = None  # None: each machine's own EMBER_HOME
     tick_s: float | None = 1.0
+    dram_budget: int = DEFAULT_DRAM_BUDGET  # each node agent's DRAM pool, bytes
+    disk_budget: int = DEFAULT_DISK_BUDGET  # each node agent's disk cache, bytes
+    migrate: bool = True  # may placement live-migrate (ControllerConfig.migrate)
     deployments: tuple[Deployment, ...] = ()  # added when not stored yet (`ember serve --model`)
 
 
@@ -109,13 +113,17 @@ class ControllerActor:
         self._cluster = await asyncio.to_thread(
             RayCluster.connect, "auto", cfg.registry, engine_options=cfg.engine_options,
             default_slots=cfg.default_slots, home=cfg.agent_home,
+            budgets=(cfg.dram_budget, cfg.disk_budget),
         )  # fmt: skip
         controller = Controller(
             self._cluster.nodes(),
             state=ClusterState(home / "cluster.db"),
             policy=cfg.policy,
             config=ControllerConfig(
-                start_timeout_s=cfg.start_timeout_s, tick_s=cfg.tick_s, max_model_len=cfg.max_model_len
+                start_timeout_s=cfg.start_timeout_s,
+                tick_s=cfg.tick_s,
+                max_model_len=cfg.max_model_len,
+                migrate=cfg.migrate,
             ),
             events=self._events,
             model_root=home / "cluster" / "models",

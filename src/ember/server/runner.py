@@ -144,14 +144,23 @@ async def start_cluster(
         open_registry(settings.registry) if settings.registry else DirectoryRegistry(LocalStore().root)
     )
     nodes = [
-        EmbeddedNode(f"node{i}", registry, slots=settings.slots, engine_options=settings.engine_options())
+        EmbeddedNode(
+            f"node{i}",
+            registry,
+            slots=settings.slots,
+            engine_options=settings.engine_options(),
+            dram_budget=settings.dram_bytes,
+            disk_budget=settings.disk_bytes,
+        )
         for i in range(settings.nodes)
     ]
     controller = Controller(
         nodes,
         policy=settings.placement,
         config=ControllerConfig(
-            start_timeout_s=settings.start_timeout_s, max_model_len=settings.max_model_len
+            start_timeout_s=settings.start_timeout_s,
+            max_model_len=settings.max_model_len,
+            migrate=not settings.no_migration,
         ),
         events=metrics,
     )
@@ -182,6 +191,9 @@ async def start_ray_cluster(
         start_timeout_s=settings.start_timeout_s,
         max_model_len=settings.max_model_len,
         default_slots=settings.slots,
+        dram_budget=settings.dram_bytes,
+        disk_budget=settings.disk_bytes,
+        migrate=not settings.no_migration,
         deployments=tuple(Deployment(name, name, min_instances=1) for name in names),
     )
     backend = RayBackend.spawn(config, metrics)

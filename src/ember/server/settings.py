@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # cluster/placement.py's POLICIES, by name (tests/server/test_settings.py checks they agree)
 PlacementName = Literal["startup-time-aware", "random", "round-robin", "remote-only"]
+# store/node.py's DEFAULT_DRAM_BUDGET and DEFAULT_DISK_BUDGET (that module imports torch;
+# tests/server/test_settings.py checks they agree)
+DEFAULT_DRAM_BYTES = 16 << 30
+DEFAULT_DISK_BYTES = 200 << 30
 LogLevel = Literal["debug", "info", "warning", "error"]
 Positive = Annotated[int, Ge(1)]
 
@@ -138,6 +142,17 @@ class ServeSettings:
         Help("Where new instances start: startup-time-aware, random, round-robin, or remote-only "
              "(every start downloads)."),
     ] = "startup-time-aware"  # fmt: skip
+    no_migration: Annotated[
+        bool,
+        Help("Never live-migrate a running instance to free a slot (startup-time-aware placement "
+             "still weighs starting elsewhere and waiting)."),
+    ] = False  # fmt: skip
+    dram_bytes: Annotated[
+        Positive, Help("Each node's DRAM pool of checkpoints, bytes (least recently used go first).")
+    ] = DEFAULT_DRAM_BYTES
+    disk_bytes: Annotated[
+        Positive, Help("Each node's disk cache of registry copies, bytes (least recently used go first).")
+    ] = DEFAULT_DISK_BYTES
     start_timeout_s: Annotated[float, Gt(0), Help("Seconds a request waits for a cold start before 503.")] = (
         300.0
     )
