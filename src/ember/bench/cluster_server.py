@@ -109,8 +109,10 @@ class CountingPolicy:
         self.inner, self.log, self.name = inner, log, inner.name
         self._held: set[str] = set()
 
-    def place(self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView]) -> Placement | None:
-        placement = self.inner.place(checkpoint, nbytes, nodes)
+    def place(
+        self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
+    ) -> Placement | None:
+        placement = self.inner.place(checkpoint, nbytes, nodes, slots)
         if placement is None or placement.action != "start":
             self._held.add(checkpoint)
         elif checkpoint in self._held:
