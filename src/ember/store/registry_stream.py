@@ -93,8 +93,8 @@ class RegistryStream:
         self.index = CheckpointIndex.from_json(self.index_text, source=source.where(INDEX_FILE))
         self.files = _read_files(source, self.index)
         self.buf = host_buffer(self.index.total_bytes, pinned=pinned)
-        self.bases, chunks = plan_reads(self.index, self.index.chunk_size)
-        self.progress = LoadProgress(self.buf, chunks, clock)
+        self.bases, self._chunks = plan_reads(self.index, self.index.chunk_size)
+        self.progress = LoadProgress(self.buf, self._chunks, clock)
         self.tensors: dict[str, torch.Tensor] = tensor_views(self.buf, self.index, self.bases)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -162,11 +162,10 @@ class RegistryStream:
         except OSError:
             return set()
         cs = self.index.chunk_size
-        _, chunks = plan_reads(self.index, cs)
         have: set[tuple[int, int]] = set()
         fds: dict[int, int] = {}
         try:
-            for job in in_need_order(self.index, self.bases, chunks):
+            for job in in_need_order(self.index, self.bases, self._chunks):
                 if self._stop.is_set():
                     break
                 part = self.index.partitions[job.part]
@@ -250,13 +249,12 @@ class RegistryStream:
     def _arrived(self, job: ReadJob, *, notify: bool) -> None:
         """A verified chunk is in the buffer: waiters may read it; `notify`: it came
         from the registry (the disk copy still needs it)."""
-        length = job.length
         self.progress._arrive(job)
         if notify and self._on_chunk is not None:
             self._on_chunk(job)
         if self._bytes is not None:
             with self._lock:
-                self._done_bytes += length
+                self._done_bytes += job.length
                 self._bytes(self._done_bytes, self.index.total_bytes)
 
 
