@@ -156,6 +156,38 @@ class StartupTimeEstimator:
         load = nbytes * spb + self._node_overhead(node)
         return StartupEstimate(node, tier, self._queue_wait(node) if self._queues.get(node) else 0.0, load)
 
+    def calibration(self, node: str) -> tuple[float | None, float | None]:
+        """The node's own registry seconds per byte and build overhead, None where it has
+        none yet (the prior; every node's average). Two nodes with equal calibrations and
+        empty loading queues get equal estimates for a checkpoint neither holds."""
+        with self._lock:
+            return self._s_per_byte.get((node, "registry")), self._overhead.get(node)
+
+    def download_estimate(self, calibration: tuple[float | None, float | None], nbytes: int) -> float:
+        """estimate().total_s of a node with this calibration, an empty loading queue and
+        not the checkpoint: a download, computed as _estimate computes it (same float)."""
+        spb, overhead = calibration
+        with self._lock:
+            spb = 1.0 / self._priors["registry"] if spb is None else spb
+            return nbytes * spb + (self._any_overhead if overhead is None else overhead)
+
+    def loading(self, node: str) -> bool:
+        """Whether a load is queued or running on `node` (its estimates then wait)."""
+        with self._lock:
+            return bool(self._queues.get(node))
+
+    def queue_end(self, node: str) -> float:
+        """Clock time `node`'s loading queue should be empty by its estimates: its queue
+        wait at time t is at least queue_end - t (more once its running load overran).
+        Placement indexes loading nodes by it; it changes only when a load begins,
+        finishes or is cancelled there."""
+        with self._lock:
+            queue = self._queues.get(node)
+            if not queue:
+                return self.clock()
+            head = queue[0].head_since
+            return (self.clock() if head is None else head) + sum(p.estimate.load_s for p in queue)
+
     def queue_wait(self, node: str) -> float:
         """Seconds until `node`'s loading queue is free, by the estimates of its loads."""
         with self._lock:

@@ -22,7 +22,9 @@ from typing import Any
 
 from ember.bench.cluster_report import RequestOutcome
 from ember.bench.cluster_workload import ClusterRequest
+from ember.cluster import candidates
 from ember.cluster.autoscaler import Autoscaler, InstanceLoad
+from ember.cluster.candidates import Candidates
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier
 from ember.cluster.migration_cost import MigrationCost
@@ -88,6 +90,8 @@ class Simulator:
         for s in self.servers.values():  # what a node's bandwidth probe would report
             bps = {"dram": s.spec.dram_bps, "disk": s.spec.ssd_bps, "registry": s.spec.network_bps}
             self.estimator.calibrate(BandwidthProbe(s.node_id, bps))
+        # which servers hold what, have room, are loading: placement shortlists from it
+        self.candidates = Candidates(self.estimator, [s.status() for s in self.servers.values()])
         self.models = {m.name: m for m in config.models}
         self.deployments = {
             m.name: Deployment(m.name, m.name, 0, config.max_instances, config.max_batch, config.keep_alive_s)
@@ -194,8 +198,7 @@ class Simulator:
         pending = self.pending.get(name, [])
         model = self.models[name]
         while pending:
-            views = [self._view(s) for s in self.servers.values()]
-            p = self.policy.place(name, model.nbytes, views, model.slots)
+            p = candidates.place(self.policy, self.candidates, name, model.nbytes, model.slots, self._view_of)
             if p is None or p.action != "start":
                 pending[0] = True  # this start waits for a slot
                 if p is not None and p.action == "wait":
@@ -212,11 +215,14 @@ class Simulator:
             if name in self.pending:
                 self._scale(name)
             return
-        room = max(s.free for s in self.servers.values())
+        room = self.candidates.most_room()
         for n in list(self.pending):
             if n in self.pending and self.models[n].slots <= room:
                 self._scale(n)
-                room = max(s.free for s in self.servers.values())
+                room = self.candidates.most_room()
+
+    def _view_of(self, node: str) -> NodeView:
+        return self._view(self.servers[node])
 
     def _view(self, server: SimServer) -> NodeView:
         """The node as Instances.view() shows it to placement."""
@@ -254,6 +260,7 @@ class Simulator:
         tier = server.tier_of(name, cold=p.cold)
         token = self.estimator.begin(p.estimate)
         load_s, ready_at = server.queue_load(self.now, tier, model.nbytes)
+        self.candidates.update(server.status())  # a slot taken, a load queued
         inst = _Instance(inst_id, model, server, tier, token, delayed, source=source.id if source else None)
         self.instances[inst_id] = inst
         self.starts[tier] = self.starts.get(tier, 0) + 1
@@ -268,6 +275,7 @@ class Simulator:
         )
         self.estimator.finish(inst.token, info)
         server.loaded(m.name, m.nbytes, inst.tier)
+        self.candidates.update(server.status())  # its caches, its queue, its calibration
         if inst.source is not None:  # a migration's destination: hand the requests over
             src_route = self.router.get(inst.source)  # None: it stopped meanwhile
             tokens = 0 if src_route is None else src_route.max_tokens_in_flight
@@ -290,6 +298,7 @@ class Simulator:
     def _stop(self, inst: _Instance) -> None:
         self.router.remove(inst.id)
         inst.server.give_back(inst.model.slots)
+        self.candidates.update(inst.server.status())
         self.at(self.now, self._retry)
 
     # -- live migration ---------------------------------------------------------------

@@ -1,0 +1,307 @@
+"""Candidates: the few nodes a placement has to look at, out of thousands.
+
+Startup-time-aware placement takes the node with the smallest estimate (the best
+node, full or not) and the best node with room. A node that does not hold the
+checkpoint and has an empty loading queue would download it, and its estimate
+depends on its calibration alone (registry seconds per byte, build overhead): nodes
+of one slot count and one calibration form a group with one estimate. So the
+policy decides the same over a shortlist, in the given order, of:
+
+- every node holding the checkpoint (DRAM or disk) and every node with a load queued,
+  estimated one by one;
+- of the groups with the lowest download estimate, the first node in the given order,
+  once among all their nodes and once among those with room for the instance (a
+  group's first node is the one a tie goes to).
+
+When the shortlist's best node is full and runs instances the policy may migrate,
+the destinations of those instances need the same treatment for their models:
+`place` then adds, for each, its holders and the first node with room of every
+group (a migration's value stops falling once the move is shorter than the source's
+loading queue, so every group's first node can be the answer). The baselines look at
+nodes with room only, and get exactly those.
+
+The index is its owner's to keep true: update(status) after a node's status or its
+estimator state changed (a load begun, finished or cancelled; a calibration).
+Nodes are ordered by their first update. tests/cluster/test_candidates.py checks
+the decisions against the policy's over every node on random clusters.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.messages import NodeStatus
+from ember.cluster.placement import (
+    NodeView,
+    Placement,
+    PlacementPolicy,
+    RandomPlacement,
+    RoundRobinPlacement,
+    StartupTimeAware,
+    has_room,
+)
+
+_T = TypeVar("_T", int, tuple[float, int])
+_Key = tuple[bool, int, float | None, float | None]  # loading, slots, registry s/byte, overhead s
+
+
+@dataclass
+class _Group:
+    """Nodes with one slot count and calibration, all loading or none loading."""
+
+    loading: bool
+    slots: int
+    calibration: tuple[float | None, float | None]
+    # room[k]: (queue end, position) of the members with >= k free slots, sorted; the
+    # queue end is 0 for idle members, so they are in the given order
+    room: list[list[tuple[float, int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.room = [[] for _ in range(self.slots + 1)]
+
+
+class Candidates:
+    """Which nodes hold which checkpoint, which have room, which are loading and until
+    when: the index behind shortlist() (see the module doc)."""
+
+    def __init__(self, estimator: StartupTimeEstimator, statuses: Iterable[NodeStatus] = ()) -> None:
+        self.estimator = estimator
+        self._ids: list[str] = []  # by position (the given order)
+        self._pos: dict[str, int] = {}
+        self._status: dict[str, NodeStatus] = {}
+        self._entry: dict[str, tuple[_Key, float]] = {}  # node -> its group and queue end
+        self._groups: dict[_Key, _Group] = {}
+        self._holders: dict[str, set[str]] = {}  # checkpoint -> nodes holding it (DRAM or disk)
+        self._room: list[list[int]] = [[]]  # room[k]: positions of every node with >= k free
+        for status in statuses:
+            self.update(status)
+
+    # -- keeping it true --------------------------------------------------------------
+
+    def update(self, status: NodeStatus) -> None:
+        """`status` is the node's now (and its estimator state may have changed)."""
+        node = status.node_id
+        if node in self._status:
+            self._unindex(node)
+        if node not in self._pos:
+            self._pos[node] = len(self._ids)
+            self._ids.append(node)
+        self._index(status)
+
+    def remove(self, node: str) -> None:
+        """The node takes no placements any more (it is down)."""
+        if node in self._status:
+            self._unindex(node)
+
+    def _index(self, status: NodeStatus) -> None:
+        node, pos = status.node_id, self._pos[status.node_id]
+        self._status[node] = status
+        for checkpoint in _held(status):
+            self._holders.setdefault(checkpoint, set()).add(node)
+        while len(self._room) <= status.free_slots:
+            self._room.append([])
+        for k in range(status.free_slots + 1):
+            bisect.insort(self._room[k], pos)
+        loading = self.estimator.loading(node)
+        calibration = self.estimator.calibration(node)
+        key: _Key = (loading, status.slots, *calibration)
+        end = self.estimator.queue_end(node) if loading else 0.0
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(loading, status.slots, calibration)
+        for k in range(min(status.free_slots, status.slots) + 1):
+            bisect.insort(group.room[k], (end, pos))
+        self._entry[node] = (key, end)
+
+    def _unindex(self, node: str) -> None:
+        status, pos = self._status.pop(node), self._pos[node]
+        for checkpoint in _held(status):
+            holders = self._holders[checkpoint]
+            holders.discard(node)
+            if not holders:
+                del self._holders[checkpoint]
+        for k in range(status.free_slots + 1):
+            _remove(self._room[k], pos)
+        key, end = self._entry.pop(node)
+        group = self._groups[key]
+        for k in range(min(status.free_slots, status.slots) + 1):
+            _remove(group.room[k], (end, pos))
+        if not group.room[0]:
+            del self._groups[key]
+
+    # -- asking -----------------------------------------------------------------------
+
+    def shortlist(self, checkpoint: str, nbytes: int, slots: int = 1) -> list[str]:
+        """The nodes startup-time-aware placement of `checkpoint` needs, in order."""
+        holders = self._holders.get(checkpoint, set())
+        picked = {self._pos[n] for n in holders}
+        statuses = [self._status[n] for n in holders if self._status[n].slots >= slots]
+        held = list(zip(statuses, self.estimator.estimate_many(statuses, checkpoint, nbytes), strict=True))
+        for room in (0, slots):
+            bound = min((e.total_s for s, e in held if s.free_slots >= room), default=math.inf)
+            groups = [g for g in self._groups.values() if g.slots >= slots]
+            bound = self._best_idle(groups, room, holders, nbytes, bound, picked)
+            self._near_loading(groups, room, (checkpoint, holders), nbytes, bound, picked)
+        return [self._ids[p] for p in sorted(picked)]
+
+    def _best_idle(
+        self, groups: list[_Group], room: int, holders: set[str], nbytes: int, bound: float, picked: set[int]
+    ) -> float:
+        """Pick the first idle node (with `room` free) of the idle groups with the lowest
+        download estimate; return the bound lowered to it."""
+        best: tuple[float, int] | None = None
+        for group in groups:
+            if group.loading or not group.room[room]:
+                continue
+            first = self._first(group.room[room], holders)
+            if first is not None:
+                value = (self.estimator.download_estimate(group.calibration, nbytes), first)
+                best = value if best is None or value < best else best
+        if best is None:
+            return bound
+        picked.add(best[1])
+        return min(bound, best[0])
+
+    def _near_loading(
+        self,
+        groups: list[_Group],
+        room: int,
+        held: tuple[str, set[str]],
+        nbytes: int,
+        bound: float,
+        picked: set[int],
+    ) -> None:
+        """Pick the loading nodes (with `room` free) that may estimate at most `bound`:
+        a node's estimate is at least its queue end - now + its download estimate, and a
+        group's members come by queue end, so each group is read until that passes."""
+        checkpoint, holders = held
+        now = self.estimator.clock()
+        for group in groups:
+            entries = group.room[room]
+            if not group.loading or not entries:
+                continue
+            download = self.estimator.download_estimate(group.calibration, nbytes)
+            for end, pos in entries:
+                node = self._ids[pos]
+                if node in holders:
+                    continue
+                if end - now + download > bound + 1e-9 * (abs(bound) + abs(now) + 1.0):
+                    break  # a margin for rounding: the bound only ever keeps a node
+                picked.add(pos)
+                estimate = self.estimator.estimate(self._status[node], checkpoint, nbytes).total_s
+                bound = min(bound, estimate)
+
+    def destinations(self, checkpoint: str, slots: int) -> list[str]:
+        """Where a migrating instance of `checkpoint` taking `slots` slots may go, as far
+        as its estimate tells them apart: its holders, the loading nodes with room and
+        every idle group's first node with room."""
+        holders = self._holders.get(checkpoint, set())
+        picked = {self._pos[n] for n in holders}
+        for group in self._groups.values():
+            if slots >= len(group.room) or not group.room[slots]:
+                continue
+            if group.loading:
+                picked.update(p for _, p in group.room[slots])
+            elif (first := self._first(group.room[slots], holders)) is not None:
+                picked.add(first)
+        return [self._ids[p] for p in sorted(picked)]
+
+    def with_room(self, slots: int) -> list[str]:
+        """Every node with at least `slots` free slots, in order."""
+        return [self._ids[p] for p in self._room[slots]] if slots < len(self._room) else []
+
+    def most_room(self) -> int:
+        """The most free slots any node has."""
+        return max((k for k, positions in enumerate(self._room) if positions), default=0)
+
+    def nodes(self) -> list[str]:
+        return [n for n in self._ids if n in self._status]
+
+    def _first(self, entries: list[tuple[float, int]], skip: set[str]) -> int | None:
+        """The first position whose node is not in `skip` (skipping costs one per holder)."""
+        for _, p in entries:
+            if self._ids[p] not in skip:
+                return p
+        return None
+
+
+# the code the shortlist was proven against (tests/cluster/test_candidates.py)
+_PROVEN_PLACE = (StartupTimeAware.place, RandomPlacement.place, RoundRobinPlacement.place)
+_PROVEN_ESTIMATE = (StartupTimeEstimator.estimate, StartupTimeEstimator._estimate)
+
+
+def place(
+    policy: PlacementPolicy,
+    candidates: Candidates,
+    checkpoint: str,
+    nbytes: int,
+    slots: int,
+    view: Callable[[str], NodeView],
+) -> Placement | None:
+    """policy.place over the nodes it needs (`view` builds a node's NodeView), with
+    the decision it would make over every node in the index's order."""
+    if not _understood(policy, candidates):
+        return policy.place(checkpoint, nbytes, [view(n) for n in candidates.nodes()], slots)
+    if isinstance(policy, RandomPlacement | RoundRobinPlacement):  # they choose among free nodes
+        return policy.place(checkpoint, nbytes, [view(n) for n in candidates.with_room(slots)], slots)
+    assert isinstance(policy, StartupTimeAware)
+    names = candidates.shortlist(checkpoint, nbytes, slots)
+    views = [view(n) for n in names]
+    placement = policy.place(checkpoint, nbytes, views, slots)
+    if policy.migration is None:
+        return placement
+    sources = _full_rivals(policy.estimator, views, placement, checkpoint, nbytes, slots)
+    if not sources:
+        return placement
+    more = set(names)
+    for src in sources:
+        for victim in src.running:
+            more.update(candidates.destinations(victim.model, victim.slots))
+    known = {v.node_id: v for v in views}
+    order = [n for n in candidates.nodes() if n in more]
+    return policy.place(checkpoint, nbytes, [known.get(n) or view(n) for n in order], slots)
+
+
+def _understood(policy: PlacementPolicy, candidates: Candidates) -> bool:
+    """Shortlisting is proven for these policies and this estimator as written here; a
+    subclass or a patch that changes either gets every node."""
+    estimator = getattr(policy, "estimator", None)
+    return (
+        type(policy).place in _PROVEN_PLACE
+        and estimator is candidates.estimator
+        and (type(estimator).estimate, type(estimator)._estimate) == _PROVEN_ESTIMATE
+    )
+
+
+def _full_rivals(
+    estimator: StartupTimeEstimator,
+    views: Sequence[NodeView],
+    placement: Placement | None,
+    checkpoint: str,
+    nbytes: int,
+    slots: int,
+) -> list[NodeView]:
+    """Full nodes running instances that could be the best node and so a migration's
+    source: those estimated below the start chosen (any, if none was)."""
+    full = [v for v in views if v.status.slots >= slots and not has_room(v, slots) and v.running]
+    if not full:
+        return []
+    bound = placement.estimate_s if placement is not None and placement.action == "start" else math.inf
+    estimates = estimator.estimate_many([v.status for v in full], checkpoint, nbytes)
+    return [v for v, e in zip(full, estimates, strict=True) if e.total_s < bound]
+
+
+def _held(status: NodeStatus) -> set[str]:
+    return {*status.dram, *status.disk}
+
+
+def _remove(entries: list[_T], entry: _T) -> None:
+    """Take `entry` out of the sorted list `entries`."""
+    i = bisect.bisect_left(entries, entry)
+    if i < len(entries) and entries[i] == entry:
+        del entries[i]
