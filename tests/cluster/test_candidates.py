@@ -1,0 +1,166 @@
+"""Candidates: placement over the shortlist decides what it decides over every node."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ember.cluster.candidates import Candidates, place
+from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.messages import BandwidthProbe, NodeStatus
+from ember.cluster.migration_cost import MigrationCost
+from ember.cluster.placement import (
+    NodeView,
+    PlacementPolicy,
+    RandomPlacement,
+    RemoteOnlyPlacement,
+    RoundRobinPlacement,
+    RunningInstance,
+    StartupTimeAware,
+)
+from tests.cluster.fakes import GB, FakeClock, loaded
+
+pytestmark = pytest.mark.timeout(120)
+CHECKPOINTS = ("a", "b", "c")
+SIZES = {"a": 2 * GB, "b": 8 * GB, "c": 30 * GB}
+
+
+@dataclass
+class Node:
+    """One drawn node: its status and what it runs, and its estimator state."""
+
+    status: NodeStatus
+    running: tuple[RunningInstance, ...]
+    free_in: float
+    registry_bps: float | None  # None: never probed (the prior)
+    disk_bps: float
+    overhead_s: float | None  # None: never loaded (every node's average)
+    loads: tuple[int, ...]  # bytes of loads queued there
+
+
+@st.composite
+def nodes(draw: st.DrawFn, index: int) -> Node:
+    slots = draw(st.sampled_from((1, 2, 4)))
+    free = draw(st.integers(0, slots))
+    used = slots - free
+    victim = st.tuples(st.sampled_from(CHECKPOINTS), st.integers(0, 4000))
+    victims = draw(st.lists(victim, min_size=min(1, used), max_size=used))
+    running = tuple(
+        RunningInstance(f"i{index}-{j}", m, SIZES[m], tokens, 1) for j, (m, tokens) in enumerate(victims)
+    )
+    return Node(
+        NodeStatus(
+            f"n{index}",
+            slots,
+            free,
+            {c: SIZES[c] for c in draw(st.sets(st.sampled_from(CHECKPOINTS), max_size=2))},
+            tuple(sorted(draw(st.sets(st.sampled_from(CHECKPOINTS), max_size=2)))),
+        ),
+        running,
+        draw(st.sampled_from((math.inf, math.inf, 0.0, 3.0, 40.0))),
+        draw(st.sampled_from((None, 1e8, 1e8, 3e8))),
+        draw(st.sampled_from((1e9, 2e9))),
+        draw(st.sampled_from((None, 0.5, 0.5))),
+        tuple(draw(st.lists(st.sampled_from((GB, 4 * GB)), max_size=2)) if draw(st.booleans()) else ()),
+    )
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[list[Node], float, int]:
+    """Nodes in a shuffled order (ids do not sort as given), the seconds the clock moves
+    after the loads are queued, and a seed."""
+    count = draw(st.integers(1, 16))
+    drawn = [draw(nodes(i)) for i in range(count)]
+    order = draw(st.permutations(drawn))
+    return list(order), draw(st.sampled_from((0.0, 5.0, 60.0))), draw(st.integers(0, 3))
+
+
+def _build(
+    cluster: list[Node], later_s: float
+) -> tuple[StartupTimeEstimator, Candidates, dict[str, NodeView]]:
+    """The estimator and the index as an owner keeps them: indexed first, then updated
+    after each change."""
+    clock = FakeClock()
+    est = StartupTimeEstimator(clock=clock, alpha=1.0)  # equal overheads stay equal: groups form
+    index = Candidates(est, [NodeStatus(n.status.node_id, n.status.slots, n.status.slots) for n in cluster])
+    for n in cluster:
+        node = n.status.node_id
+        bps = {"dram": 8e9, "disk": n.disk_bps}
+        est.calibrate(
+            BandwidthProbe(node, bps if n.registry_bps is None else {**bps, "registry": n.registry_bps})
+        )
+        if n.overhead_s is not None:  # a small load: it sets the overhead, not a bandwidth
+            token = est.begin(est.estimate(n.status, "a", 1 << 20))
+            est.finish(token, loaded(node, "dram", 1 << 20, 0.01, n.overhead_s))
+        for nbytes in n.loads:
+            est.begin(est.estimate(n.status, "z", nbytes))
+        index.update(n.status)
+    clock.advance(later_s)
+    views = {n.status.node_id: NodeView(n.status, n.running, n.free_in) for n in cluster}
+    return est, index, views
+
+
+def _policies(est: StartupTimeEstimator, seed: int) -> list[PlacementPolicy]:
+    return [
+        StartupTimeAware(est, MigrationCost()),
+        StartupTimeAware(est),
+        RandomPlacement(est, random.Random(seed)),
+        RoundRobinPlacement(est),
+        RemoteOnlyPlacement(est),
+    ]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(clusters(), st.sampled_from(CHECKPOINTS), st.sampled_from((1, 2, 4)))
+def test_the_shortlist_decides_as_every_node_does(
+    cluster: tuple[list[Node], float, int], checkpoint: str, slots: int
+) -> None:
+    drawn, later_s, seed = cluster
+    est, index, views = _build(drawn, later_s)
+    every = [views[n.status.node_id] for n in drawn]
+    for full, short in zip(_policies(est, seed), _policies(est, seed), strict=True):
+        for _ in range(2):  # round robin's turn moves on
+            expected = full.place(checkpoint, SIZES[checkpoint], every, slots)
+            got = place(short, index, checkpoint, SIZES[checkpoint], slots, views.__getitem__)
+            assert got == expected, full.name
+
+
+def _idle(count: int) -> Built:
+    est = StartupTimeEstimator(clock=FakeClock())
+    statuses = [NodeStatus(f"n{i:04d}", 8, 8) for i in range(count)]
+    for s in statuses:
+        est.calibrate(BandwidthProbe(s.node_id, {"dram": 8e9, "disk": 1e9, "registry": 1e8}))
+    return est, Candidates(est, statuses), {s.node_id: NodeView(s) for s in statuses}
+
+
+def test_a_large_idle_cluster_shortlists_its_holders_and_the_first_free_node() -> None:
+    est, index, views = _idle(1000)
+    views["n0500"] = NodeView(NodeStatus("n0500", 8, 8, {"m": GB}))
+    index.update(views["n0500"].status)
+    assert index.shortlist("m", GB, 1) == ["n0000", "n0500"]
+    seen: list[str] = []
+
+    def view(node: str) -> NodeView:
+        seen.append(node)
+        return views[node]
+
+    p = place(StartupTimeAware(est, MigrationCost()), index, "m", GB, 1, view)
+    assert p is not None and (p.node, p.tier) == ("n0500", "dram")
+    assert seen == ["n0000", "n0500"]  # two views built, not a thousand
+
+
+def test_a_loading_node_leaves_the_shortlist_once_idle_nodes_are_sooner() -> None:
+    est, index, _ = _idle(3)
+    status = NodeStatus("n0000", 8, 7)
+    est.begin(est.estimate(status, "x", 10 * GB))  # n0000 downloads for ~100 s
+    index.update(status)
+    assert index.shortlist("m", GB, 1) == ["n0001"]
+    index.update(NodeStatus("n0001", 8, 0))
+    index.update(NodeStatus("n0002", 8, 0))  # now no idle node has room: the loading one has
+    assert index.shortlist("m", GB, 1) == ["n0000", "n0001"]
+    assert index.with_room(1) == ["n0000"] and index.most_room() == 7
