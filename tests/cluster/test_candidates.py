@@ -80,9 +80,10 @@ def clusters(draw: st.DrawFn) -> tuple[list[Node], float, int]:
     return list(order), draw(st.sampled_from((0.0, 5.0, 60.0))), draw(st.integers(0, 3))
 
 
-def _build(
-    cluster: list[Node], later_s: float
-) -> tuple[StartupTimeEstimator, Candidates, dict[str, NodeView]]:
+Built = tuple[StartupTimeEstimator, Candidates, dict[str, NodeView]]
+
+
+def _build(cluster: list[Node], later_s: float) -> Built:
     """The estimator and the index as an owner keeps them: indexed first, then updated
     after each change."""
     clock = FakeClock()
