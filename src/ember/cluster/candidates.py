@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.estimator import StartupEstimate, StartupTimeEstimator
 from ember.cluster.messages import NodeStatus
 from ember.cluster.placement import (
     NodeView,
@@ -175,8 +175,10 @@ class Candidates:
         nbytes: int,
         bound: float,
         picked: set[int],
+        floor: float = -math.inf,
     ) -> None:
-        """Pick the loading nodes (with `room` free) that may estimate at most `bound`:
+        """Pick the loading nodes (with `room` free) that may estimate at most `bound` (or
+        `floor`, if higher):
         a node's estimate is at least its queue end - now + its download estimate, and a
         group's members come by queue end, so each group is read until that passes."""
         checkpoint, holders = held
@@ -190,25 +192,39 @@ class Candidates:
                 node = self._ids[pos]
                 if node in holders:
                     continue
-                if end - now + download > bound + 1e-9 * (abs(bound) + abs(now) + 1.0):
+                limit = max(bound, floor)
+                if end - now + download > limit + 1e-9 * (abs(limit) + abs(now) + 1.0):
                     break  # a margin for rounding: the bound only ever keeps a node
                 picked.add(pos)
                 estimate = self.estimator.estimate(self._status[node], checkpoint, nbytes).total_s
                 bound = min(bound, estimate)
 
-    def destinations(self, checkpoint: str, slots: int) -> list[str]:
+    def destinations(
+        self, checkpoint: str, nbytes: int, slots: int, plateau_s: float, source: str, size: int
+    ) -> list[str]:
         """Where a migrating instance of `checkpoint` taking `slots` slots may go, as far
-        as its estimate tells them apart: its holders, the loading nodes with room and
-        every idle group's first node with room."""
+        as its estimate tells them apart: its holders, every idle group's first node with
+        room, and the loading nodes with room that may estimate lowest or below
+        `plateau_s` (a move that short hides behind the source's queue: such
+        destinations tie, and the first in order wins). `source`, the node it leaves, is
+        no destination, nor a node of fewer than `size` slots (the placement's size:
+        the policy looks at no smaller node)."""
         holders = self._holders.get(checkpoint, set())
         picked = {self._pos[n] for n in holders}
-        for group in self._groups.values():
-            if slots >= len(group.room) or not group.room[slots]:
-                continue
-            if group.loading:
-                picked.update(p for _, p in group.room[slots])
-            elif (first := self._first(group.room[slots], holders)) is not None:
+        skip = holders | {source}
+        statuses = [
+            status
+            for status in (self._status[n] for n in holders - {source})
+            if status.free_slots >= slots and status.slots >= size
+        ]
+        estimates = self.estimator.estimate_many(statuses, checkpoint, nbytes)
+        bound = min((e.total_s for e in estimates), default=math.inf)
+        groups = [g for g in self._groups.values() if g.slots >= max(slots, size)]
+        for group in groups:
+            if not group.loading and (first := self._first(group.room[slots], skip)) is not None:
                 picked.add(first)
+                bound = min(bound, self.estimator.download_estimate(group.calibration, nbytes))
+        self._near_loading(groups, slots, (checkpoint, skip), nbytes, bound, picked, floor=plateau_s)
         return [self._ids[p] for p in sorted(picked)]
 
     def with_room(self, slots: int) -> list[str]:
@@ -259,9 +275,13 @@ def place(
     if not sources:
         return placement
     more = set(names)
-    for src in sources:
+    for src, est in sources:
         for victim in src.running:
-            more.update(candidates.destinations(victim.model, victim.slots))
+            plateau = est.queue_s - policy.migration.seconds(victim.tokens)
+            dests = candidates.destinations(
+                victim.model, victim.nbytes, victim.slots, plateau, src.node_id, slots
+            )
+            more.update(dests)
     known = {v.node_id: v for v in views}
     order = [n for n in candidates.nodes() if n in more]
     return policy.place(checkpoint, nbytes, [known.get(n) or view(n) for n in order], slots)
@@ -285,15 +305,16 @@ def _full_rivals(
     checkpoint: str,
     nbytes: int,
     slots: int,
-) -> list[NodeView]:
+) -> list[tuple[NodeView, StartupEstimate]]:
     """Full nodes running instances that could be the best node and so a migration's
-    source: those estimated below the start chosen (any, if none was)."""
+    source, with their estimates: those estimated below the start chosen (any, if none
+    was)."""
     full = [v for v in views if v.status.slots >= slots and not has_room(v, slots) and v.running]
     if not full:
         return []
     bound = placement.estimate_s if placement is not None and placement.action == "start" else math.inf
     estimates = estimator.estimate_many([v.status for v in full], checkpoint, nbytes)
-    return [v for v, e in zip(full, estimates, strict=True) if e.total_s < bound]
+    return [(v, e) for v, e in zip(full, estimates, strict=True) if e.total_s < bound]
 
 
 def _held(status: NodeStatus) -> set[str]:

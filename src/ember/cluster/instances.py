@@ -26,7 +26,9 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ember.cluster.autoscaler import Autoscaler
+from ember.cluster import candidates
+from ember.cluster.autoscaler import Autoscaler, InstanceLoad
+from ember.cluster.candidates import Candidates
 from ember.cluster.config import ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.events import ClusterEvents
@@ -298,7 +300,7 @@ class Instances:
                 return None
             if not statuses:
                 raise NodeFailedError("every node of the cluster is down")
-            placement = self.policy.place(dep.model, nbytes, [self.view(s) for s in statuses])
+            placement = self._place(dep, nbytes, statuses)
             if placement is not None and placement.action == "start":
                 return placement
             if placement is not None and placement.action == "migrate":
@@ -313,6 +315,18 @@ class Instances:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.changed.wait(), wait)
 
+    def _place(self, dep: Deployment, nbytes: int, statuses: list[NodeStatus]) -> Placement | None:
+        """The policy's placement over the live nodes, building the views of the nodes it
+        needs only (ember.cluster.candidates: the same decision as over every node)."""
+        by_id = {s.node_id: s for s in statuses}
+        index = Candidates(self.estimator, [self._placeable(s) for s in statuses])
+        return candidates.place(self.policy, index, dep.model, nbytes, 1, lambda n: self.view(by_id[n]))
+
+    def _placeable(self, status: NodeStatus) -> NodeStatus:
+        """`status` with the free slots view() gives it."""
+        free = max(0, min(status.free_slots, status.slots - len(self.router.on_node(status.node_id))))
+        return dataclasses.replace(status, free_slots=free)
+
     def view(self, status: NodeStatus) -> NodeView:
         """A node as placement sees it; slots count this controller's instances, so two
         placements in a row never take one slot twice."""
@@ -324,9 +338,10 @@ class Instances:
             if r.draining:
                 free_in = min(free_in, 0.0 if r.in_flight == 0 else math.inf)
             elif dep is not None and r.ready:
-                load = next((i for i in self.router.loads(dep.name) if i.instance_id == r.instance_id), None)
+                # r is one of the deployment's live (not draining) instances
+                load = InstanceLoad(r.instance_id, r.ready, r.in_flight, r.idle_since)
                 live = len(self.router.loads(dep.name))
-                if load is not None and live > dep.min_instances:
+                if live > dep.min_instances:
                     free_in = min(free_in, max(0.0, self.autoscaler.expires_in(dep, load)))
                 relays = self.relays.get(r.instance_id, ())
                 if r.in_flight > 0 and relays:
