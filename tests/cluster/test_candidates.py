@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ember.cluster.candidates import Candidates, place
@@ -137,8 +137,42 @@ def _policies(est: StartupTimeEstimator, seed: int) -> list[PlacementPolicy]:
     ]
 
 
+def _node(
+    name: str, slots: int, free: int, *, dram: tuple[str, ...] = (), running: tuple[str, ...] = (),
+    loads: tuple[int, ...] = (), registry_bps: float | None = None,
+) -> Node:  # fmt: skip
+    victims = tuple(RunningInstance(f"{name}-{m}", m, SIZES[m], 0, 1) for m in running)
+    status = NodeStatus(name, slots, free, {c: SIZES[c] for c in dram})
+    return Node(status, victims, math.inf, registry_bps, 1e9, None, loads)
+
+
+def _source(name: str, slots: int, loads: tuple[int, ...] = ()) -> Node:
+    return _node(name, 4, slots - 1, dram=CHECKPOINTS, running=("a",), loads=loads)
+
+
+# Hand-made: a tie in a group goes to its first node; a migration's destination is
+# the only node big enough, and loading, while the source itself and a smaller idle
+# node would estimate lower; two loading destinations both hidden behind the source's
+# queue (the move of "a" is shorter than it), the first in order the slower.
+EXAMPLES = [
+    (([_node("n1", 1, 1), _node("n0", 1, 1)], 0.0, 0, 1), "a"),
+    (([_node("n0", 1, 1), _node("n2", 4, 1, running=("a",), loads=(GB,)), _source("n3", 4)], 0.0, 0, 4), "a"),
+    (
+        (
+            [_node("d1", 4, 1, loads=(GB, GB)), _node("d2", 4, 1, loads=(GB,)),
+             _node("s", 4, 3, dram=CHECKPOINTS, running=("a",), loads=(5 * GB,))],
+            0.0, 0, 4,
+        ),
+        "b",
+    ),
+]  # fmt: skip
+
+
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(clusters(), st.sampled_from(CHECKPOINTS))
+@example(*EXAMPLES[0])
+@example(*EXAMPLES[1])
+@example(*EXAMPLES[2])
 def test_the_shortlist_decides_as_every_node_does(
     cluster: tuple[list[Node], float, int, int], checkpoint: str
 ) -> None:
