@@ -142,25 +142,31 @@ class Candidates:
         picked = {self._pos[n] for n in holders}
         statuses = [self._status[n] for n in holders if self._status[n].slots >= slots]
         held = list(zip(statuses, self.estimator.estimate_many(statuses, checkpoint, nbytes), strict=True))
+        groups = self._priced(slots, nbytes)
         for room in (0, slots):
             bound = min((e.total_s for s, e in held if s.free_slots >= room), default=math.inf)
-            groups = [g for g in self._groups.values() if g.slots >= slots]
-            bound = self._best_idle(groups, room, holders, nbytes, bound, picked)
+            bound = self._best_idle(groups, room, holders, bound, picked)
             self._near_loading(groups, room, (checkpoint, holders), nbytes, bound, picked)
         return [self._ids[p] for p in sorted(picked)]
 
+    def _priced(self, slots: int, nbytes: int) -> list[tuple[_Group, float]]:
+        """The groups of nodes with at least `slots` slots, with their download estimate."""
+        groups = [g for g in self._groups.values() if g.slots >= slots]
+        prices = self.estimator.download_estimates([g.calibration for g in groups], nbytes)
+        return list(zip(groups, prices, strict=True))
+
     def _best_idle(
-        self, groups: list[_Group], room: int, holders: set[str], nbytes: int, bound: float, picked: set[int]
+        self, groups: list[tuple[_Group, float]], room: int, holders: set[str], bound: float, picked: set[int]
     ) -> float:
         """Pick the first idle node (with `room` free) of the idle groups with the lowest
         download estimate; return the bound lowered to it."""
         best: tuple[float, int] | None = None
-        for group in groups:
+        for group, download in groups:
             if group.loading or not group.room[room]:
                 continue
             first = self._first(group.room[room], holders)
             if first is not None:
-                value = (self.estimator.download_estimate(group.calibration, nbytes), first)
+                value = (download, first)
                 best = value if best is None or value < best else best
         if best is None:
             return bound
@@ -169,7 +175,7 @@ class Candidates:
 
     def _near_loading(
         self,
-        groups: list[_Group],
+        groups: list[tuple[_Group, float]],
         room: int,
         held: tuple[str, set[str]],
         nbytes: int,
@@ -183,11 +189,10 @@ class Candidates:
         group's members come by queue end, so each group is read until that passes."""
         checkpoint, holders = held
         now = self.estimator.clock()
-        for group in groups:
+        for group, download in groups:
             entries = group.room[room]
             if not group.loading or not entries:
                 continue
-            download = self.estimator.download_estimate(group.calibration, nbytes)
             for end, pos in entries:
                 node = self._ids[pos]
                 if node in holders:
@@ -219,11 +224,11 @@ class Candidates:
         ]
         estimates = self.estimator.estimate_many(statuses, checkpoint, nbytes)
         bound = min((e.total_s for e in estimates), default=math.inf)
-        groups = [g for g in self._groups.values() if g.slots >= max(slots, size)]
-        for group in groups:
+        groups = self._priced(max(slots, size), nbytes)
+        for group, download in groups:
             if not group.loading and (first := self._first(group.room[slots], skip)) is not None:
                 picked.add(first)
-                bound = min(bound, self.estimator.download_estimate(group.calibration, nbytes))
+                bound = min(bound, download)
         self._near_loading(groups, slots, (checkpoint, skip), nbytes, bound, picked, floor=plateau_s)
         return [self._ids[p] for p in sorted(picked)]
 
@@ -237,6 +242,10 @@ class Candidates:
 
     def nodes(self) -> list[str]:
         return [n for n in self._ids if n in self._status]
+
+    def in_order(self, nodes: Iterable[str]) -> list[str]:
+        """`nodes` in the given order."""
+        return sorted(nodes, key=self._pos.__getitem__)
 
     def _first(self, entries: list[tuple[float, int]], skip: set[str]) -> int | None:
         """The first position whose node is not in `skip` (skipping costs one per holder)."""
@@ -283,7 +292,7 @@ def place(
             )
             more.update(dests)
     known = {v.node_id: v for v in views}
-    order = [n for n in candidates.nodes() if n in more]
+    order = candidates.in_order(more)
     return policy.place(checkpoint, nbytes, [known.get(n) or view(n) for n in order], slots)
 
 

@@ -163,13 +163,17 @@ class StartupTimeEstimator:
         with self._lock:
             return self._s_per_byte.get((node, "registry")), self._overhead.get(node)
 
-    def download_estimate(self, calibration: tuple[float | None, float | None], nbytes: int) -> float:
-        """estimate().total_s of a node with this calibration, an empty loading queue and
+    def download_estimates(
+        self, calibrations: Sequence[tuple[float | None, float | None]], nbytes: int
+    ) -> list[float]:
+        """estimate().total_s of a node with each calibration, an empty loading queue and
         not the checkpoint: a download, computed as _estimate computes it (same float)."""
-        spb, overhead = calibration
         with self._lock:
-            spb = 1.0 / self._priors["registry"] if spb is None else spb
-            return nbytes * spb + (self._any_overhead if overhead is None else overhead)
+            prior, shared = 1.0 / self._priors["registry"], self._any_overhead
+            return [
+                nbytes * (prior if spb is None else spb) + (shared if overhead is None else overhead)
+                for spb, overhead in calibrations
+            ]
 
     def loading(self, node: str) -> bool:
         """Whether a load is queued or running on `node` (its estimates then wait)."""
