@@ -86,22 +86,25 @@ class Candidates:
     def update(self, status: NodeStatus) -> None:
         """`status` is the node's now (and its estimator state may have changed)."""
         node = status.node_id
-        if node in self._status:
-            self._unindex(node)
+        old = self._status.get(node)
+        # a node holds hundreds of checkpoints and a change touches one: only that one
+        before, after = (_held(old) if old is not None else set()), _held(status)
+        if old is not None:
+            self._unindex(node, before - after)
         if node not in self._pos:
             self._pos[node] = len(self._ids)
             self._ids.append(node)
-        self._index(status)
+        self._index(status, after - before)
 
     def remove(self, node: str) -> None:
         """The node takes no placements any more (it is down)."""
         if node in self._status:
-            self._unindex(node)
+            self._unindex(node, _held(self._status[node]))
 
-    def _index(self, status: NodeStatus) -> None:
+    def _index(self, status: NodeStatus, gained: set[str]) -> None:
         node, pos = status.node_id, self._pos[status.node_id]
         self._status[node] = status
-        for checkpoint in _held(status):
+        for checkpoint in gained:
             self._holders.setdefault(checkpoint, set()).add(node)
         while len(self._room) <= status.free_slots:
             self._room.append([])
@@ -118,9 +121,9 @@ class Candidates:
             bisect.insort(group.room[k], (end, pos))
         self._entry[node] = (key, end)
 
-    def _unindex(self, node: str) -> None:
+    def _unindex(self, node: str, lost: set[str]) -> None:
         status, pos = self._status.pop(node), self._pos[node]
-        for checkpoint in _held(status):
+        for checkpoint in lost:
             holders = self._holders[checkpoint]
             holders.discard(node)
             if not holders:
