@@ -207,7 +207,9 @@ def test_a_large_idle_cluster_shortlists_its_holders_and_the_first_free_node() -
 
     p = place(StartupTimeAware(est, MigrationCost()), index, "m", GB, 1, view)
     assert p is not None and (p.node, p.tier) == ("n0500", "dram")
-    assert seen == ["n0000", "n0500"]  # two views built, not a thousand
+    # Two views built, not a thousand. (A new NodeView field turns shortlisting off
+    # until Candidates indexes it: ember.cluster.candidates._PROVEN_VIEW.)
+    assert seen == ["n0000", "n0500"]
 
 
 def test_a_loading_node_leaves_the_shortlist_once_idle_nodes_are_sooner() -> None:
