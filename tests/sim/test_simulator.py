@@ -66,10 +66,12 @@ def test_a_model_taking_several_slots_waits_for_all_of_them() -> None:
     sim = Simulator(config, "startup-time-aware-no-migration")
     out = sim.run(reqs)
     assert out[0].ttft_s == pytest.approx(10.6) and not out[0].waited_for_slot
-    # big holds all 4 slots until its keep-alive ends at 11.1 + 10 s; then small downloads
-    # (its 10 s load queued behind nothing): ready at 21.1 + 10.5, first token 0.1 s later.
+    # big holds all 4 slots while it serves, to 11.1 s; idle then, it gives them to small's
+    # start at once (not at the end of its keep-alive), which downloads in 10.5 s: ready at
+    # 11.1 + 10.5, first token 0.1 s later.
     assert out[1].waited_for_slot
-    assert out[1].ttft_s == pytest.approx(21.1 + 10.5 + 0.1 - 1.0)
+    assert out[1].ttft_s == pytest.approx(11.1 + 10.5 + 0.1 - 1.0)
+    assert sim.reclaims == 1
 
 
 def test_zoo_models_larger_than_a_gpu_take_several_slots() -> None:

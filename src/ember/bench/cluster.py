@@ -233,7 +233,9 @@ def run_policy(
                 "loads_recorded": server.loads(),  # by the controller, to check `starts` against
                 "inference": inference_costs(requests, outcomes),
             }
-            summary = policy_summary(outcomes, starts=log.by_tier(), migrations=log.migrations, extra=extra)
+            summary = policy_summary(
+                outcomes, starts=log.by_tier(), migrations=log.migrations, reclaims=log.reclaims, extra=extra
+            )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return PolicyRun(policy, outcomes, summary, wall)

@@ -64,7 +64,7 @@ def run_policies(
             "sim_requests_per_wall_s": round(len(workload) / wall) if wall > 0 else None,
         }
         report["policies"][name] = policy_summary(
-            outs, starts=sim.starts, migrations=sim.migrations, extra=extra
+            outs, starts=sim.starts, migrations=sim.migrations, reclaims=sim.reclaims, extra=extra
         )
         outcomes[name] = outs
     return report, outcomes

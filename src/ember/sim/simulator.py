@@ -22,11 +22,11 @@ from typing import Any
 
 from ember.bench.cluster_report import RequestOutcome
 from ember.bench.cluster_workload import ClusterRequest
-from ember.cluster.autoscaler import Autoscaler, InstanceLoad
+from ember.cluster.autoscaler import Autoscaler
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier
 from ember.cluster.migration_cost import MigrationCost
-from ember.cluster.placement import NodeView, Placement, RunningInstance, make_policy
+from ember.cluster.placement import IdleInstance, NodeView, Placement, RunningInstance, make_policy
 from ember.cluster.router import Router
 from ember.cluster.state import Deployment
 from ember.errors import InvalidRequestError
@@ -98,6 +98,7 @@ class Simulator:
         self.pending: dict[str, list[bool]] = {}  # deployment -> its unplaced starts (delayed yet?)
         self.starts: dict[str, int] = {}
         self.migrations = 0
+        self.reclaims = 0
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._ids = itertools.count()
@@ -165,8 +166,8 @@ class Simulator:
         del inst.active[r.index]
         if inst.queue:
             self._serve(inst, inst.queue.popleft())
-        if route.in_flight == 0:  # idle: its keep-alive runs from now
-            self.at(self.now + self.config.keep_alive_s, self._scale, route.deployment)
+        if route.in_flight == 0:
+            self._went_idle(route.deployment)
 
     def _time_out(self, r: _Request) -> None:
         waiting = self.waiting.get(r.req.model, {})
@@ -196,6 +197,9 @@ class Simulator:
         while pending:
             views = [self._view(s) for s in self.servers.values()]
             p = self.policy.place(name, model.nbytes, views, model.slots)
+            for victim in p.reclaim if p is not None and p.action == "start" else ():
+                self.reclaims += 1  # an idle instance gives its slots to this start
+                self._stop(self.instances[victim])
             if p is None or p.action != "start":
                 pending[0] = True  # this start waits for a slot
                 if p is not None and p.action == "wait":
@@ -206,44 +210,48 @@ class Simulator:
             self._start(name, p, delayed=pending.pop(0))
 
     def _retry(self, name: str | None = None) -> None:
-        """A slot may have freed: try every deployment's pending starts, oldest first,
-        skipping those no server has room for yet (their wait timers still fire)."""
+        """A slot may have freed (or an instance gone idle): try every deployment's
+        pending starts, oldest first, skipping those no server has room for yet, free or
+        idle (their wait timers still fire)."""
         if name is not None:
             if name in self.pending:
                 self._scale(name)
             return
-        room = max(s.free for s in self.servers.values())
+        room = self._room()
         for n in list(self.pending):
             if n in self.pending and self.models[n].slots <= room:
                 self._scale(n)
-                room = max(s.free for s in self.servers.values())
+                room = self._room()
+
+    def _room(self) -> int:
+        """The most slots a start could have on one server: free ones plus idle instances'."""
+        idle: dict[str, int] = {}
+        for route in self.router.routes():
+            if route.ready and route.in_flight == 0:
+                slots = self.instances[route.instance_id].model.slots
+                idle[route.node] = idle.get(route.node, 0) + slots
+        return max(s.free + idle.get(s.node_id, 0) for s in self.servers.values())
 
     def _view(self, server: SimServer) -> NodeView:
-        """The node as Instances.view() shows it to placement."""
+        """The node as Instances.view() shows it to placement: its busy instances (which
+        a migration may move) and its idle ones (which a start may stop, longest idle
+        first; a deployment keeps its min_instances)."""
         if server.free == server.spec.gpus:  # no instance there: nothing but its status
             return server.idle_view()
-        routes = self.router.on_node(server.node_id)
         running: list[RunningInstance] = []
-        free_in = float("inf")
-        for route in routes:
+        idle: list[tuple[float, IdleInstance]] = []
+        for route in self.router.on_node(server.node_id):
             inst = self.instances[route.instance_id]
-            if not route.ready:
+            if not route.ready or inst.migrating_to is not None or inst.source is not None:
                 continue
-            if route.in_flight > 0 and inst.migrating_to is None and inst.source is None:
-                running.append(
-                    RunningInstance(
-                        inst.id,
-                        inst.model.name,
-                        inst.model.nbytes,
-                        route.max_tokens_in_flight,
-                        inst.model.slots,
-                    )
-                )
-            load = InstanceLoad(route.instance_id, route.ready, route.in_flight, route.idle_since)
-            free_in = min(
-                free_in, max(0.0, self.autoscaler.expires_in(self.deployments[route.deployment], load))
-            )
-        return NodeView(server.status(), tuple(running), free_in)
+            if route.in_flight > 0:
+                tokens = route.max_tokens_in_flight
+                m = inst.model
+                running.append(RunningInstance(inst.id, m.name, m.nbytes, tokens, m.slots))
+            elif len(self.router.routes(route.deployment)) > self.deployments[route.deployment].min_instances:
+                idle.append((route.idle_since or 0.0, IdleInstance(inst.id, inst.model.slots)))
+        idle.sort(key=lambda pair: pair[0])
+        return NodeView(server.status(), tuple(running), idle=tuple(i for _, i in idle))
 
     def _start(self, name: str, p: Placement, *, delayed: bool, source: _Instance | None = None) -> _Instance:
         server = self.servers[p.node]
@@ -284,8 +292,17 @@ class Simulator:
             assert route is not None
             self._assign(self.instances[route.instance_id], r)
         self._scale(inst.model.name)
-        if self.router.get(inst.id) is not None and self.router.get(inst.id).in_flight == 0:  # type: ignore[union-attr]
-            self.at(self.now + self.config.keep_alive_s, self._scale, inst.model.name)
+        route = self.router.get(inst.id)
+        if route is not None and route.in_flight == 0:
+            self._went_idle(inst.model.name)
+
+    def _went_idle(self, name: str) -> None:
+        """An instance of `name` has nothing in flight: its keep-alive runs from now, and a
+        start waiting for a slot may take its slots at once (as Instances.place wakes
+        when a request ends)."""
+        self.at(self.now + self.config.keep_alive_s, self._scale, name)
+        if self.pending:
+            self.at(self.now, self._retry)
 
     def _stop(self, inst: _Instance) -> None:
         self.router.remove(inst.id)
