@@ -211,9 +211,7 @@ def _models(
         slots = int(_number(m, "slots", f"{where}.slots")) if "slots" in m else 1
         prefill, decode = costs.get(m["name"]) or (per_byte[0] * nbytes, per_byte[1] * nbytes)
         if m["name"] not in costs:
-            assumed.append(
-                f"{m['name']}: no request found it warm: its inference costs are the others' per byte"
-            )
+            assumed.append(f"{m['name']}: never warm; inference costs: the others' per byte")
         models.append(ModelSpec(m["name"], nbytes, slots, prefill, decode))
     return models
 
