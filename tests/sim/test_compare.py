@@ -78,11 +78,27 @@ def test_cli_from_bench_compare_end_to_end(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert list(report["policies"]) == ["startup-time-aware", "remote-only"]  # the real run's policies
     assert report["config"]["servers"] == 2 and report["config"]["requests"] == 3
-    assert report["config"]["from_bench"]["calibration"]["bytes_per_s"]["registry"] == 2e8
+    per_policy = report["config"]["from_bench"]["calibration"]["per_policy"]  # each policy its own physics
+    assert per_policy["startup-time-aware"]["bytes_per_s"]["registry"] == 1e8
+    assert per_policy["remote-only"]["bytes_per_s"]["registry"] == 2e8
     assert set(report["comparison"]["policies"]) == {"startup-time-aware", "remote-only"}
     # a and b from the registry; a again after its keep-alive: from DRAM, but remote-only downloads
     assert report["policies"]["remote-only"]["starts"] == {"dram": 0, "disk": 0, "registry": 3}
     assert report["policies"]["startup-time-aware"]["starts"] == {"dram": 1, "disk": 0, "registry": 2}
+
+
+def test_cli_pooled_calibration_is_one_config_for_every_policy(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(bench_json()))
+    out = tmp_path / "r.json"
+    args = ["sim", "--from-bench", str(bench), "--calibrate", "pooled", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads(out.read_text())["config"]["from_bench"]["calibration"]["bytes_per_s"]["registry"] == 2e8
+    )
+    bad = CliRunner().invoke(app, [*args[:-2], "--calibrate", "mine"])
+    assert bad.exit_code == 1 and "--calibrate takes pooled or per-policy" in bad.output
 
 
 def test_cli_from_bench_overrides_and_errors(tmp_path: Path) -> None:
@@ -105,6 +121,7 @@ def test_cli_from_bench_overrides_and_errors(tmp_path: Path) -> None:
     ]
     result = CliRunner().invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
+    assert "assumed: random: not in the real run: the physics pooled over its runs" in result.output
     report = json.loads(out.read_text())
     assert report["config"]["servers"] == 3 and report["config"]["requests"] == 1
     args = ["sim", "--from-bench", str(bench), "--rate", "2", "--requests", "7", "--json", str(out)]

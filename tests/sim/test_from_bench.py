@@ -52,7 +52,8 @@ def bench_json() -> dict[str, Any]:
             "max_instances": 1, "max_batch": 4, "start_timeout_s": 60.0, "max_model_len": 1024,
         },
         "models": [
-            {"name": "a", "nbytes": 100_000_000, "slots": 1}, {"name": "b", "nbytes": 200_000_000, "slots": 2},
+            {"name": "a", "nbytes": 100_000_000, "slots": 1},
+            {"name": "b", "nbytes": 200_000_000, "slots": 2},
         ],
         "requests": len(TRACE),
         "trace": copy.deepcopy(TRACE),
@@ -84,6 +85,21 @@ def test_the_config_is_the_real_runs() -> None:
     }
     assert run.assumed == ["b: never warm; inference costs: the others' per byte"]
     assert list(run.real) == ["startup-time-aware", "remote-only"]
+
+
+def test_per_policy_physics_come_from_that_policys_run_alone() -> None:
+    data = bench_json()
+    remote = bench_run(data, "remote-only").config
+    # its 4 registry loads at 2e8; no DRAM or disk load: its own snapshots' medians
+    assert (remote.server.network_bps, remote.server.dram_bps, remote.server.ssd_bps) == (2e8, 8e9, 3e8)
+    assert remote.server.overhead_s == 0.03
+    assert remote.models[0].prefill_s_per_token == 0.002
+    sta = bench_run(data, "startup-time-aware").config
+    assert (sta.server.network_bps, sta.server.dram_bps, sta.server.overhead_s) == (1e8, 5e9, 0.05)
+    assert (sta.models[0].prefill_s_per_token, sta.models[0].decode_s_per_step) == (0.004, 0.05)
+    assert sta.servers == remote.servers == 2 and sta.models[1].nbytes == 200_000_000
+    with pytest.raises(InvalidRequestError, match="no run of policy 'random'"):
+        bench_run(data, "random")
 
 
 def test_an_older_json_takes_the_bench_values_of_its_time_and_says_so() -> None:

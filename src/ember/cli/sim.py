@@ -43,6 +43,13 @@ def sim_cmd(
         float,
         typer.Option(min=0.0, help="--compare: assumed run-to-run spread of a mean TTFT (relative)."),
     ] = DEFAULT_SPREAD,
+    calibrate: Annotated[
+        str,
+        typer.Option(
+            help="--from-bench: 'per-policy' (each policy simulated with the bandwidths and inference costs "
+            "its own real run measured) or 'pooled' (one set over every policy's run)."
+        ),
+    ] = "per-policy",
     tolerance: Annotated[
         float, typer.Option(min=0.0, help="--compare: allowed |sim/real - 1| of mean TTFT.")
     ] = DEFAULT_TOLERANCE,
@@ -87,11 +94,18 @@ def sim_cmd(
         zipf=1.1 if zipf is None else zipf, arrivals=arrivals or "azure", trace=trace,
     )  # fmt: skip
     flags = {"servers": servers, "gpus_per_server": gpus_per_server, "models": models}
+    if calibrate not in ("pooled", "per-policy"):
+        raise InvalidRequestError(
+            f"--calibrate takes pooled or per-policy, not {calibrate!r}", param="calibrate"
+        )
     cfg, workload, run = _setup(config, from_bench, flags, spec, generate, seed)
     names = parse_policies(policies or (",".join(run.real) if run is not None else DEFAULT_POLICIES))
     for note in run.assumed if run is not None else ():
         typer.echo(f"assumed: {note}")
-    report, outcomes = run_policies(cfg, workload, names, seed=seed)
+    if calibrate == "per-policy" and run is not None:
+        report, outcomes = _per_policy(run, names, config, flags, workload, seed)
+    else:
+        report, outcomes = run_policies(cfg, workload, names, seed=seed)
     typer.echo(render_table(report))
     speed = ", ".join(f"{n} {p['sim_requests_per_wall_s']}" for n, p in report["policies"].items())
     typer.echo(f"simulated requests per wall second: {speed}")
@@ -127,6 +141,30 @@ def _setup(
     run = load_bench(from_bench)
     cfg = load_config(config, run.config, **flags)
     return cfg, bench_workload(run, cfg, spec, generate=generate, seed=seed), run
+
+
+def _per_policy(
+    run: BenchRun,
+    names: list[str],
+    config: Path | None,
+    flags: dict[str, Any],
+    workload: list[ClusterRequest],
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each policy simulated with the physics its own real run measured."""
+    from ember.sim.config import load_config
+    from ember.sim.from_bench import bench_run
+    from ember.sim.run import run_each
+
+    runs = {n: bench_run(run.data, n) if n in run.real else run for n in names}
+    for n in names:
+        if n not in run.real:
+            typer.echo(f"assumed: {n}: not in the real run: the physics pooled over its runs")
+    report, outcomes = run_each(
+        {n: load_config(config, r.config, **flags) for n, r in runs.items()}, workload, seed=seed
+    )
+    run.calibration = {"per_policy": {n: r.calibration for n, r in runs.items()}}
+    return report, outcomes
 
 
 def _compare(report: dict[str, Any], real: dict[str, Any], tolerance: float, spread: float) -> None:

@@ -7,8 +7,10 @@ From the bench's JSON (bench/cluster.py's `ClusterReport.to_json`):
   cache = its --dram-bytes / --disk-bytes, keep-alive, max batch (the engine's
   max_num_seqs), max instances (1) and the start time-out;
 - the models: names, bytes, slots an instance takes;
-- physics, one set for every policy (pooled over the policies' runs, so that the
-  simulator's policies differ only by their decisions, as the real ones should):
+- physics, by default one set for every policy (pooled over the policies' runs, so
+  that the simulator's policies differ only by their decisions), or with `policy`
+  each policy's from its own run alone (the machine may have been busier during one
+  policy's run than another's: `ember sim --calibrate per-policy`):
   per tier the median bytes/s of the measured loads, weighted by how many loads each
   policy's median stands for; where no policy loaded from a tier, the median of the
   estimator's per-node snapshots; the overhead (engine build: startup - load) the
@@ -60,6 +62,7 @@ class BenchRun:
     real: dict[str, dict[str, Any]]
     assumed: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)  # where each physics number came from
+    data: Mapping[str, Any] = field(default_factory=dict)  # the JSON read
 
 
 def read_bench_json(path: str | Path) -> dict[str, Any]:
@@ -82,13 +85,18 @@ def load_bench(path: str | Path) -> BenchRun:
     return bench_run(read_bench_json(path))
 
 
-def bench_run(data: Mapping[str, Any]) -> BenchRun:
+def bench_run(data: Mapping[str, Any], policy: str | None = None) -> BenchRun:
+    """The run `data` describes, its physics pooled over every policy's run, or (`policy`)
+    from that policy's run alone (`ember sim --calibrate per-policy`)."""
     assumed: list[str] = []
     cluster = _get(data, "cluster", dict)
     policies = _get(data, "policies", dict)
     if not policies:
         raise InvalidRequestError("the bench JSON's field policies holds no policy", param=PARAM)
-    summaries = {name: _get(policies, name, dict, f"policies.{name}") for name in policies}
+    if policy is not None and policy not in policies:
+        raise InvalidRequestError(f"the bench JSON has no run of policy {policy!r}", param="policies")
+    names = list(policies) if policy is None else [policy]
+    summaries = {name: _get(policies, name, dict, f"policies.{name}") for name in names}
     server, calibration = _server(cluster, summaries)
     models = _models(data, summaries, assumed)
     top = {k: _legacy(cluster, k, assumed) for k in LEGACY}
@@ -108,7 +116,7 @@ def bench_run(data: Mapping[str, Any]) -> BenchRun:
     except InvalidRequestError as e:
         raise InvalidRequestError(f"the bench JSON gives {e.message}", param=PARAM) from e
     calibration["inference"] = {m.name: [m.prefill_s_per_token, m.decode_s_per_step] for m in models}
-    return BenchRun(config, trace_from_bench(data), dict(policies), assumed, calibration)
+    return BenchRun(config, trace_from_bench(data), dict(policies), assumed, calibration, data)
 
 
 def trace_from_bench(data: Mapping[str, Any]) -> list[ClusterRequest] | None:

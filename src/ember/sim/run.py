@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,21 @@ class WorkloadSpec:
     zipf: float = 1.1
     arrivals: str = "azure"
     trace: Path | None = None  # a cluster trace instead of a generated workload
+
+
+def run_each(
+    configs: Mapping[str, SimConfig], workload: Sequence[ClusterRequest], *, seed: int
+) -> tuple[dict[str, Any], dict[str, list[RequestOutcome]]]:
+    """run_policies, each policy under its own config (`--calibrate per-policy`); the
+    report's "config" is the first policy's."""
+    report: dict[str, Any] = {}
+    outcomes: dict[str, list[RequestOutcome]] = {}
+    for name, config in configs.items():
+        one, outs = run_policies(config, workload, [name], seed=seed)
+        report = report or one
+        report["policies"].update(one["policies"])
+        outcomes.update(outs)
+    return report, outcomes
 
 
 def make_workload(config: SimConfig, spec: WorkloadSpec, seed: int) -> list[ClusterRequest]:
