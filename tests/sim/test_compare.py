@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.cli import app
-from ember.sim.compare import compare, render_comparison
+from ember.sim.compare import combine_runs, compare, render_comparison
 from tests.sim.test_from_bench import bench_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,6 +57,24 @@ def test_policies_only_one_side_has_are_left_out_and_missing_figures_fail() -> N
     assert c.policies[0].ratio is None and not c.policies[0].within and not c.passed
 
 
+def test_repeats_average_the_figures_and_measure_each_policys_spread() -> None:
+    again = {"a": _s(1.5, {"dram": 9}), "b": _s(1.1), "c": _s(2.2)}  # no d in the repeat
+    real, spreads = combine_runs([REAL, again])
+    assert real["a"]["mean_ttft_s"] == pytest.approx(1.25) and real["a"]["p99_ttft_s"] == pytest.approx(2.5)
+    assert real["a"]["starts"] == {"dram": 3, "registry": 1}  # the first run's
+    assert real["d"]["mean_ttft_s"] == 4.0
+    assert spreads == pytest.approx({"a": 0.5, "b": 0.0, "c": 0.1})
+    c = compare(real, SIM, spread=0.2, spreads=spreads)
+    # a (1.25) vs b (1.1): 14%, within a's 50%; a vs c (2.1): 68% beyond 50% and 10%;
+    # c vs d: 90%, beyond c's 10% and d's assumed 20%
+    got = {(p.faster, p.slower) for p in c.pairs}
+    assert got == {("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")}
+    assert "run-to-run spread of mean TTFT over the repeats: a 50%, b 0%, c 10%" in render_comparison(c)
+    assert c.to_json()["spreads"] == pytest.approx(spreads)
+    wide = compare(real, SIM, spreads={"a": 0.7})
+    assert ("a", "c") not in {(p.faster, p.slower) for p in wide.pairs}
+
+
 def test_render_and_json() -> None:
     c = compare(REAL, SIM)
     text = render_comparison(c)
@@ -99,6 +117,26 @@ def test_cli_pooled_calibration_is_one_config_for_every_policy(tmp_path: Path) -
     )
     bad = CliRunner().invoke(app, [*args[:-2], "--calibrate", "mine"])
     assert bad.exit_code == 1 and "--calibrate takes pooled or per-policy" in bad.output
+
+
+def test_cli_compare_with_a_repeat(tmp_path: Path) -> None:
+    data = bench_json()
+    bench, repeat = tmp_path / "bench.json", tmp_path / "again.json"
+    bench.write_text(json.dumps(data))
+    data["policies"]["remote-only"]["mean_ttft_s"] = 3.0
+    repeat.write_text(json.dumps(data))
+    out = tmp_path / "r.json"
+    args = ["sim", "--from-bench", str(bench), "--compare", "--repeat", str(repeat), "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    comparison = json.loads(out.read_text())["comparison"]
+    assert comparison["policies"]["remote-only"]["real"]["mean_ttft_s"] == 2.5
+    assert comparison["spreads"] == {"startup-time-aware": 0.0, "remote-only": 0.5}
+    assert comparison["repeats"] == [str(repeat)]
+    data["trace"].pop()
+    repeat.write_text(json.dumps(data))
+    bad = CliRunner().invoke(app, args)
+    assert bad.exit_code == 1 and "is not a repeat of the --from-bench run" in bad.output
 
 
 def test_cli_from_bench_overrides_and_errors(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ report, --plot the TTFT CDF. The simulator is imported when the command runs, so
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,6 +40,14 @@ def sim_cmd(
     compare: Annotated[
         bool, typer.Option("--compare", help="With --from-bench: real vs simulated per policy, and ordering.")
     ] = False,
+    repeat: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--repeat",
+            help="--compare: a repeat of the --from-bench run (same cluster and trace; may be given again): "
+            "the real figures are averaged and the spread measured.",
+        ),
+    ] = None,
     spread: Annotated[
         float,
         typer.Option(min=0.0, help="--compare: assumed run-to-run spread of a mean TTFT (relative)."),
@@ -84,6 +93,7 @@ def sim_cmd(
     own speed (simulated requests per wall second). --from-bench replays a real
     `ember bench cluster` run; --compare sets the simulation beside it."""
     from ember.bench.cluster_report import plot_ttft_cdf, render_table
+    from ember.sim.config import load_config
     from ember.sim.run import WorkloadSpec, from_bench_report, parse_policies, run_policies
 
     if compare and from_bench is None:
@@ -102,17 +112,22 @@ def sim_cmd(
     names = parse_policies(policies or (",".join(run.real) if run is not None else DEFAULT_POLICIES))
     for note in run.assumed if run is not None else ():
         typer.echo(f"assumed: {note}")
-    if calibrate == "per-policy" and run is not None:
-        report, outcomes = _per_policy(run, names, config, flags, workload, seed)
-    else:
-        report, outcomes = run_policies(cfg, workload, names, seed=seed)
+
+    def simulate(bench: BenchRun | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The policies over the workload under `bench`'s physics (or the config's)."""
+        if calibrate == "per-policy" and bench is not None:
+            return _per_policy(bench, names, config, flags, workload, seed)
+        base = cfg if bench is run or bench is None else load_config(config, bench.config, **flags)
+        return run_policies(base, workload, names, seed=seed)
+
+    report, outcomes = simulate(run)
     typer.echo(render_table(report))
     speed = ", ".join(f"{n} {p['sim_requests_per_wall_s']}" for n, p in report["policies"].items())
     typer.echo(f"simulated requests per wall second: {speed}")
     if run is not None and from_bench is not None:
         report["config"]["from_bench"] = from_bench_report(run, from_bench)
         if compare:
-            _compare(report, run.real, tolerance, spread)
+            _compare(report, run, repeat or [], simulate, tolerance=tolerance, spread=spread)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -167,10 +182,36 @@ def _per_policy(
     return report, outcomes
 
 
-def _compare(report: dict[str, Any], real: dict[str, Any], tolerance: float, spread: float) -> None:
-    from ember.sim.compare import compare, render_comparison
+def _compare(
+    report: dict[str, Any],
+    run: BenchRun,
+    repeats: list[Path],
+    simulate: Callable[[BenchRun], tuple[dict[str, Any], dict[str, Any]]],
+    *,
+    tolerance: float,
+    spread: float,
+) -> None:
+    """Print and add to `report` the comparison with the real run; with repeats, each
+    repeat simulated under its own measurements, real and simulated figures averaged."""
+    from ember.sim.compare import combine_runs, compare, render_comparison
+    from ember.sim.from_bench import load_bench
 
-    result = compare(real, report["policies"], tolerance=tolerance, spread=spread)
+    reals, sims = [run.real], [report["policies"]]
+    for path in repeats:
+        again = load_bench(path)
+        if any(again.data.get(k) != run.data.get(k) for k in ("trace", "cluster", "models")):
+            raise InvalidRequestError(
+                f"{path} is not a repeat of the --from-bench run: its cluster or trace differs",
+                param="repeat",
+            )
+        reals.append(again.real)
+        sims.append(simulate(again)[0]["policies"])
+    if repeats:
+        real, spreads = combine_runs(reals)
+        sim, _ = combine_runs(sims)
+        result = compare(real, sim, tolerance=tolerance, spread=spread, spreads=spreads)
+    else:
+        result = compare(run.real, report["policies"], tolerance=tolerance, spread=spread)
     typer.echo("")
     typer.echo(render_comparison(result))
-    report["comparison"] = result.to_json()
+    report["comparison"] = {**result.to_json(), "repeats": [str(p) for p in repeats]}

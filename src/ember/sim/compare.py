@@ -3,9 +3,11 @@ ratio sim/real of mean TTFT against a tolerance (issue 15: within 25%), and whet
 simulator orders the policies as the real run did.
 
 Ordering is judged only where the real run separates two policies: their real mean
-TTFTs differ by more than `spread`, the run-to-run spread of a mean TTFT, relative to
-the smaller of the two (bench cluster runs each policy once, so the spread is assumed
-and given as a flag). The simulator agrees when it puts the pair the same way round.
+TTFTs differ by more than the run-to-run spread of a mean TTFT, relative to the smaller
+of the two. bench cluster runs each policy once, so the spread is assumed (a flag),
+unless repeats of the run are given: then the real figures are the repeats' means and
+each policy's spread is measured (combine_runs). The simulator agrees when it puts the
+pair the same way round.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ class PairOrder:
 @dataclass(frozen=True)
 class Comparison:
     tolerance: float
-    spread: float
+    spread: float  # assumed, where `spreads` does not give a policy's
     policies: list[TtftMatch]
-    pairs: list[PairOrder]  # only those the real run separates by more than `spread`
+    pairs: list[PairOrder]  # only those the real run separates by more than the spread
+    spreads: dict[str, float] | None = None  # per policy, measured over repeats
 
     @property
     def passed(self) -> bool:
@@ -55,6 +58,7 @@ class Comparison:
         return {
             "tolerance": self.tolerance,
             "spread": self.spread,
+            "spreads": self.spreads,
             "mean_ttft_within": all(p.within for p in self.policies),
             "ordering_agrees": all(p.agrees for p in self.pairs),
             "passed": self.passed,
@@ -69,9 +73,11 @@ def compare(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     spread: float = DEFAULT_SPREAD,
+    spreads: Mapping[str, float] | None = None,
 ) -> Comparison:
     """Real vs simulated summaries (bench cluster's policy_summary dicts), for the
-    policies both have, in the simulation's order."""
+    policies both have, in the simulation's order. `spreads`: each policy's measured
+    spread (combine_runs); a pair is then judged beyond the larger of its two."""
     names = [n for n in sim if n in real]
     matches = [_match(n, real[n], sim[n], tolerance) for n in names]
     pairs = []
@@ -81,11 +87,32 @@ def compare(
             continue
         faster, slower = (a, b) if ra <= rb else (b, a)
         gap = _gap(real[slower]["mean_ttft_s"], real[faster]["mean_ttft_s"])
-        if gap is None or gap <= spread:
+        beyond = spread if spreads is None else max(spreads.get(a, spread), spreads.get(b, spread))
+        if gap is None or gap <= beyond:
             continue
         sim_gap = _gap(sim[slower].get("mean_ttft_s"), sim[faster].get("mean_ttft_s"))
         pairs.append(PairOrder(faster, slower, gap, sim_gap, sim_gap is not None and sim_gap > 0))
-    return Comparison(tolerance, spread, matches, pairs)
+    return Comparison(tolerance, spread, matches, pairs, dict(spreads) if spreads is not None else None)
+
+
+def combine_runs(
+    runs: Sequence[Mapping[str, Mapping[str, Any]]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Repeats of one real run (the same cluster and trace): per policy, each of METRICS
+    averaged over the runs that have it, the first run's starts, and the spread of its
+    mean TTFT, (max - min) / min over the runs."""
+    real: dict[str, dict[str, Any]] = {}
+    spreads: dict[str, float] = {}
+    for name in runs[0]:
+        summaries = [r[name] for r in runs if name in r]
+        real[name] = {"starts": _starts(summaries[0])}
+        for k in METRICS:
+            values = [v for s in summaries if (v := _float(s.get(k))) is not None]
+            real[name][k] = sum(values) / len(values) if values else None
+        means = [v for s in summaries if (v := _float(s.get("mean_ttft_s"))) is not None and v > 0]
+        if len(means) >= 2:
+            spreads[name] = max(means) / min(means) - 1.0
+    return real, spreads
 
 
 def _match(name: str, real: Mapping[str, Any], sim: Mapping[str, Any], tolerance: float) -> TtftMatch:
@@ -130,9 +157,14 @@ def render_comparison(c: Comparison) -> str:
         starts = "/".join(_tiers(s) for s in (p.starts_real, p.starts_sim))
         rows.append([p.policy, *cells, _fmt(p.ratio, ".2f"), "pass" if p.within else "FAIL", starts])
     lines = _table(head, rows)
-    lines.append(
-        f"ordering (pairs whose real mean TTFTs differ by more than the assumed spread {c.spread:.0%}):"
-    )
+    if c.spreads is None:
+        lines.append(
+            f"ordering (pairs whose real mean TTFTs differ by more than the assumed spread {c.spread:.0%}):"
+        )
+    else:
+        measured = ", ".join(f"{n} {v:.0%}" for n, v in c.spreads.items())
+        lines.append(f"run-to-run spread of mean TTFT over the repeats: {measured}")
+        lines.append("ordering (pairs whose real mean TTFTs differ by more than both policies' spreads):")
     if not c.pairs:
         lines.append("  none: the real run does not separate any two policies by more than the spread")
     for pair in c.pairs:
