@@ -99,7 +99,13 @@ def test_the_json_records_what_the_simulator_replays(report: dict[str, Any]) -> 
          "num_decode_tokens": r.output_tokens}
         for r in sent
     ]  # fmt: skip
-    run = bench_run(json.loads(json.dumps(data)))  # as `ember sim --from-bench` reads the file
+    read = json.loads(json.dumps(data))  # as `ember sim --from-bench` reads the file
+    with pytest.raises(InvalidRequestError, match=r"policies\.\*\.inference"):
+        bench_run(read)  # every request here waited for a start: no inference cost was measured
+    read["policies"]["random"]["inference"] = {
+        "tiny": {"prefill_s_per_token": 0.001, "decode_s_per_step": 0.01, "warm_requests": 1}
+    }
+    run = bench_run(read)
     assert run.trace == sent and list(run.real) == list(BENCH_POLICIES)
     assert (run.config.servers, run.config.server.gpus, run.config.max_batch) == (2, 1, 4)
     assert run.config.server.dram_bytes == cluster["dram_bytes"] and run.config.keep_alive_s == 0.3

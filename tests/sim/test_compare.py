@@ -168,6 +168,8 @@ def test_cli_from_bench_overrides_and_errors(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["config"]["requests"] == 7
     lone = CliRunner().invoke(app, ["sim", "--compare"])
     assert lone.exit_code == 1 and "--from-bench" in lone.output
+    stray = CliRunner().invoke(app, ["sim", "--from-bench", str(bench), "--repeat", str(bench)])
+    assert stray.exit_code == 1 and "--repeat gives repeats of the real run to --compare" in stray.output
     del data["trace"]
     bench.write_text(json.dumps(data))
     old = CliRunner().invoke(app, ["sim", "--from-bench", str(bench)])

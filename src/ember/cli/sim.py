@@ -98,6 +98,8 @@ def sim_cmd(
 
     if compare and from_bench is None:
         raise InvalidRequestError("--compare compares with a real run: give --from-bench RESULT.json")
+    if repeat and not compare:
+        raise InvalidRequestError("--repeat gives repeats of the real run to --compare", param="repeat")
     generate = any(v is not None for v in (rate, zipf, arrivals))
     spec = WorkloadSpec(
         requests=requests or (0 if from_bench and not generate else 1000), rate=1.0 if rate is None else rate,
