@@ -17,6 +17,7 @@ from ember.bench.cluster import ClusterBenchConfig, fit, run_cluster_bench
 from ember.bench.cluster_models import MIN_LAYERS, ClusterModel, link_registry, random_models
 from ember.bench.cluster_server import BENCH_POLICIES, ClusterShape
 from ember.bench.cluster_workload import ClusterRequest
+from ember.bench.code_version import code_commit
 from ember.bench.random_llama import LADDER, plan_llama
 from ember.cli import app
 from ember.cli.bench_cluster import parse_policies, parse_sizes
@@ -93,6 +94,7 @@ def test_the_json_records_what_the_simulator_replays(report: dict[str, Any]) -> 
     assert cluster["max_model_len"] == 128 and cluster["engine_options"] == ENGINE
     assert [m["slots"] for m in data["models"]] == [1, 1]
     assert data["workload"] == {"seed": 0}  # a workload given as requests records only its seed
+    assert data["code"] == code_commit()
     sent = [fit(r, 128) for r in WORKLOAD]
     assert data["trace"] == [
         {"arrived_at": r.arrival_s, "model": r.model, "num_prefill_tokens": r.prompt_tokens,

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from ember.bench.cluster_workload import ClusterRequest
+from ember.bench.code_version import code_commit
 from ember.cluster.migration_cost import PRIOR_FIXED_S, PRIOR_S_PER_TOKEN
 from ember.errors import InvalidRequestError
 from ember.sim.config import ModelSpec, ServerSpec, SimConfig, load_config
-from ember.sim.from_bench import bench_run, load_bench, weighted_median
+from ember.sim.from_bench import bench_run, code_note, load_bench, weighted_median
 from ember.sim.run import WorkloadSpec, bench_workload, run_policies
 
 pytestmark = pytest.mark.timeout(60)
@@ -202,3 +203,13 @@ def test_weighted_median() -> None:
     assert weighted_median([(2.0, 1), (4.0, 1)]) == 2.0  # the lower middle
     with pytest.raises(ValueError):
         weighted_median([])
+
+
+def test_a_run_of_other_code_is_noted(tmp_path: Path) -> None:
+    assert "does not say which code it ran (field code)" in (code_note(bench_json(), "abc") or "")
+    data = {**bench_json(), "code": "abc"}
+    assert code_note(data, "abc") is None and code_note(data, None) is None
+    assert "ran code abc, this is def" in (code_note(data, "def") or "")
+    assert code_commit(tmp_path) is None  # not a checkout
+    ours = code_commit()
+    assert ours is None or len(ours.split("+")[0]) == 40

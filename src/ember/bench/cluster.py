@@ -29,6 +29,7 @@ from ember.bench.cluster_models import ClusterModel, link_registry
 from ember.bench.cluster_report import RequestOutcome, policy_summary
 from ember.bench.cluster_server import ClusterServer, ClusterShape
 from ember.bench.cluster_workload import CLUSTER_COLUMNS, ClusterRequest
+from ember.bench.code_version import code_commit
 from ember.bench.registry_server import serve_registry
 from ember.engine.options import DEFAULT_MAX_NUM_SEQS
 from ember.errors import EmberError, MissingDependencyError
@@ -88,6 +89,7 @@ class ClusterReport:
             "requests": len(self.requests),
             "duration_s": self.requests[-1].arrival_s if self.requests else 0.0,
             "workload": {**self.config.workload, "seed": self.config.seed},
+            "code": code_commit(),
             "trace": [dict(zip(CLUSTER_COLUMNS, astuple(r), strict=True)) for r in self.requests],
             "policies": {r.policy: r.summary for r in self.runs},
             "notes": self.notes,

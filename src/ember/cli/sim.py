@@ -114,6 +114,8 @@ def sim_cmd(
     names = parse_policies(policies or (",".join(run.real) if run is not None else DEFAULT_POLICIES))
     for note in run.assumed if run is not None else ():
         typer.echo(f"assumed: {note}")
+    if run is not None:
+        _code_note(run)
 
     def simulate(bench: BenchRun | None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The policies over the workload under `bench`'s physics (or the config's)."""
@@ -137,6 +139,15 @@ def sim_cmd(
         c = report["config"]
         title = f"ember sim: {c['servers']} servers x {c['gpus_per_server']} GPUs, {c['models']} models"
         plot_ttft_cdf(outcomes, plot, title)
+
+
+def _code_note(run: BenchRun) -> None:
+    from ember.bench.code_version import code_commit
+    from ember.sim.from_bench import code_note
+
+    note = code_note(run.data, code_commit())
+    if note is not None:
+        typer.echo(f"note: {note}")
 
 
 def _setup(

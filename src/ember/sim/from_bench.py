@@ -119,6 +119,19 @@ def bench_run(data: Mapping[str, Any], policy: str | None = None) -> BenchRun:
     return BenchRun(config, trace_from_bench(data), dict(policies), assumed, calibration, data)
 
 
+def code_note(data: Mapping[str, Any], ours: str | None) -> str | None:
+    """A warning when the real run ran other code than this simulator's (or says not)."""
+    theirs = data.get("code")
+    if not isinstance(theirs, str):
+        return "the bench JSON does not say which code it ran (field code): its control plane may differ"
+    if ours is not None and theirs != ours:
+        return (
+            f"the real run ran code {theirs}, this is {ours}: "
+            "a control-plane change between them is simulated, not measured"
+        )
+    return None
+
+
 def trace_from_bench(data: Mapping[str, Any]) -> list[ClusterRequest] | None:
     """The requests the run sent, in order (None when the JSON records no trace)."""
     rows = data.get("trace")
