@@ -101,6 +101,10 @@ def test_per_policy_physics_come_from_that_policys_run_alone() -> None:
     assert sta.servers == remote.servers == 2 and sta.models[1].nbytes == 200_000_000
     with pytest.raises(InvalidRequestError, match="no run of policy 'random'"):
         bench_run(data, "random")
+    data["policies"]["remote-only"]["inference"] = {}  # every request of its run was a cold start
+    cold = bench_run(data, "remote-only")
+    assert cold.config.models[0].prefill_s_per_token == 0.004  # the one run that measured it
+    assert cold.assumed[0].startswith("remote-only: no request found an instance warm")
 
 
 def test_an_older_json_takes_the_bench_values_of_its_time_and_says_so() -> None:

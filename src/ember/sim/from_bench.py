@@ -98,7 +98,12 @@ def bench_run(data: Mapping[str, Any], policy: str | None = None) -> BenchRun:
     names = list(policies) if policy is None else [policy]
     summaries = {name: _get(policies, name, dict, f"policies.{name}") for name in names}
     server, calibration = _server(cluster, summaries)
-    models = _models(data, summaries, assumed)
+    if policy is not None and not _pooled_costs(summaries):  # every request of its run waited for a start
+        assumed.append(f"{policy}: no request found an instance warm: inference costs pooled over every run")
+        summaries_for_costs = {name: _get(policies, name, dict, f"policies.{name}") for name in policies}
+    else:
+        summaries_for_costs = summaries
+    models = _models(data, summaries_for_costs, assumed)
     top = {k: _legacy(cluster, k, assumed) for k in LEGACY}
     config = SimConfig(
         servers=int(_number(cluster, "nodes", "cluster.nodes")),
