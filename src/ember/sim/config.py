@@ -115,10 +115,12 @@ def _section(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, **overrides: Any) -> SimConfig:
-    """The TOML file at `path` (or the defaults), then the flags given (None: unset).
+def load_config(path: str | Path | None, base: SimConfig | None = None, **overrides: Any) -> SimConfig:
+    """`base` (the defaults when None; `ember sim --from-bench` passes the real run's),
+    then the TOML file at `path` over it, then the flags given (None: unset).
     TOML: top-level SimConfig keys, [server] ServerSpec keys, [zoo] mix = [...] and
-    count = N, or [[models]] tables with ModelSpec keys (a `base` zoo name fills the rest)."""
+    count = N, or [[models]] tables with ModelSpec keys (a `base` zoo name fills the rest).
+    The models stay `base`'s unless the file or the --models flag names others."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -128,24 +130,27 @@ def load_config(path: str | Path | None, **overrides: Any) -> SimConfig:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise InvalidRequestError(f"cannot read the config {path}: {e}", param="config") from e
     try:
-        return _build(data, {k: v for k, v in overrides.items() if v is not None})
+        return _build(data, {k: v for k, v in overrides.items() if v is not None}, base or SimConfig())
     except (TypeError, ValueError) as e:
         raise InvalidRequestError(f"bad config: {e}", param="config") from e
 
 
-def _build(data: dict[str, Any], flags: dict[str, Any]) -> SimConfig:
-    server = ServerSpec(**_section(dict(data.pop("server", {})), ServerSpec, "[server]"))
+def _build(data: dict[str, Any], flags: dict[str, Any], base: SimConfig) -> SimConfig:
+    server = replace(base.server, **_section(dict(data.pop("server", {})), ServerSpec, "[server]"))
     if "gpus_per_server" in flags:
         server = replace(server, gpus=flags.pop("gpus_per_server"))
     zoo = dict(data.pop("zoo", {}))
     model_tables = data.pop("models", None)
     top = _section(data, SimConfig, "the top level")
-    count = flags.pop("models", zoo.get("count", 16))
-    config = replace(SimConfig(**top), server=server, **flags)
-    if model_tables is not None and "models" not in flags:
+    count = flags.pop("models", None)
+    config = replace(replace(base, **top), server=server, **flags)
+    if model_tables is not None and count is None:
         models = tuple(_model_from_table(t, server) for t in model_tables)
+    elif count is None and not zoo and base.models:
+        models = base.models
     else:
-        models = default_models(int(count), server, tuple(zoo["mix"]) if "mix" in zoo else None)
+        mix = tuple(zoo["mix"]) if "mix" in zoo else None
+        models = default_models(int(count or zoo.get("count", 16)), server, mix)
     config = replace(config, models=models)
     validate(config)
     return config
