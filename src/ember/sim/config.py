@@ -9,7 +9,11 @@ states them; where it does not, the number is an estimate and says so:
 - Bandwidths into GPU memory: DRAM 20 GB/s (PCIe 4.0 x16 is 32 GB/s raw; ServerlessLLM
   reports loading near PCIe bandwidth: estimate), SSD 6 GB/s (a PCIe 4.0 NVMe's
   sequential read; estimate), network 1.25 GB/s (the paper's 10 Gbps cluster network,
-  which its Ray Serve / KServe baselines download checkpoints over).
+  which its Ray Serve / KServe baselines download checkpoints over). Those baselines
+  then load the downloaded checkpoint with a standard loader: ServerlessLLM measures
+  its own loader 3.6-8.2x faster than safetensors and PyTorch from the same SSD, so
+  `remote-only+safetensors` loads at 1 GB/s after its download (6 GB/s over about 6:
+  estimate); plain `remote-only` streams the download with Ember's loader.
 - Models: OPT-6.7B/13B/30B/66B and Llama-2-7B/13B/70B at 2 bytes a parameter (fp16),
   the parameter counts their model cards give.
 - Inference: no per-model measurement on A5000s is published, so each model's costs
@@ -55,6 +59,7 @@ class ServerSpec:
     dram_bps: float = 20e9  # bytes/s, DRAM -> GPU
     ssd_bps: float = 6e9  # bytes/s, SSD -> GPU
     network_bps: float = 1.25e9  # bytes/s, registry -> GPU (10 Gbps)
+    baseline_load_bps: float = 1e9  # bytes/s, a standard loader, SSD -> GPU (remote-only+safetensors)
     overhead_s: float = 0.5  # building the model and engine once the weights are in (estimate)
 
 

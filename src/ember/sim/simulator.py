@@ -33,7 +33,14 @@ from ember.errors import InvalidRequestError
 from ember.sim.config import ModelSpec, SimConfig
 from ember.sim.physics import SimServer
 
-POLICIES = ("startup-time-aware", "random", "round-robin", "remote-only", "startup-time-aware-no-migration")
+# remote-only+safetensors: remote-only placement whose starts download the checkpoint and
+# then load it with a standard loader (ServerSpec.baseline_load_bps), as ServerlessLLM's
+# Ray Serve and KServe baselines do; plain remote-only loads with Ember's own loader.
+SAFETENSORS = "remote-only+safetensors"
+POLICIES = (
+    "startup-time-aware", "random", "round-robin", "remote-only",
+    "startup-time-aware-no-migration", SAFETENSORS,
+)  # fmt: skip
 
 
 @dataclass
@@ -77,6 +84,8 @@ class Simulator:
         self.cost = MigrationCost(config.migration_s_per_token, config.migration_fixed_s)
         migrate = policy == "startup-time-aware"
         base = "startup-time-aware" if policy.startswith("startup-time-aware") else policy
+        self.standard_loader = policy == SAFETENSORS
+        base = "remote-only" if self.standard_loader else base
         self.policy = make_policy(
             base, self.estimator, migration=self.cost if migrate else None, rng=random.Random(seed)
         )
@@ -261,7 +270,7 @@ class Simulator:
         self.router.add(inst_id, name, server.node_id)
         tier = server.tier_of(name, cold=p.cold)
         token = self.estimator.begin(p.estimate)
-        load_s, ready_at = server.queue_load(self.now, tier, model.nbytes)
+        load_s, ready_at = server.queue_load(self.now, tier, model.nbytes, standard=self.standard_loader)
         inst = _Instance(inst_id, model, server, tier, token, delayed, source=source.id if source else None)
         self.instances[inst_id] = inst
         self.starts[tier] = self.starts.get(tier, 0) + 1
