@@ -13,14 +13,16 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from ember.bench.cluster import ClusterBenchConfig, run_cluster_bench
+from ember.bench.cluster import ClusterBenchConfig, fit, run_cluster_bench
 from ember.bench.cluster_models import MIN_LAYERS, ClusterModel, link_registry, random_models
 from ember.bench.cluster_server import BENCH_POLICIES, ClusterShape
 from ember.bench.cluster_workload import ClusterRequest
+from ember.bench.code_version import code_commit
 from ember.bench.random_llama import LADDER, plan_llama
 from ember.cli import app
 from ember.cli.bench_cluster import parse_policies, parse_sizes
 from ember.errors import InvalidRequestError
+from ember.sim.from_bench import bench_run
 from ember.store.format import read_index
 
 FIELDS = ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_e2e_s", "p99_e2e_s", "starts", "migrations")
@@ -81,6 +83,35 @@ def test_each_start_comes_from_the_tier_the_policy_allows(report: dict[str, Any]
             assert report["json"]["policies"][name]["starts"] == {"dram": 0, "disk": 0, "registry": 3}
         if name.startswith("startup-time-aware"):
             assert again.start_tier == "dram", name  # its node's pool still held it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_json_records_what_the_simulator_replays(report: dict[str, Any]) -> None:
+    data = report["json"]
+    cluster = data["cluster"]
+    assert (cluster["max_batch"], cluster["max_instances"], cluster["start_timeout_s"]) == (4, 1, 60.0)
+    assert cluster["max_model_len"] == 128 and cluster["engine_options"] == ENGINE
+    assert [m["slots"] for m in data["models"]] == [1, 1]
+    assert data["workload"] == {"seed": 0}  # a workload given as requests records only its seed
+    assert data["code"] == code_commit()
+    sent = [fit(r, 128) for r in WORKLOAD]
+    assert data["trace"] == [
+        {"arrived_at": r.arrival_s, "model": r.model, "num_prefill_tokens": r.prompt_tokens,
+         "num_decode_tokens": r.output_tokens}
+        for r in sent
+    ]  # fmt: skip
+    read = json.loads(json.dumps(data))  # as `ember sim --from-bench` reads the file
+    with pytest.raises(InvalidRequestError, match=r"policies\.\*\.inference"):
+        bench_run(read)  # every request here waited for a start: no inference cost was measured
+    read["policies"]["random"]["inference"] = {
+        "tiny": {"prefill_s_per_token": 0.001, "decode_s_per_step": 0.01, "warm_requests": 1}
+    }
+    run = bench_run(read)
+    assert run.trace == sent and list(run.real) == list(BENCH_POLICIES)
+    assert (run.config.servers, run.config.server.gpus, run.config.max_batch) == (2, 1, 4)
+    assert run.config.server.dram_bytes == cluster["dram_bytes"] and run.config.keep_alive_s == 0.3
+    assert {m.name for m in run.config.models} == {"tiny", "tiny2"}
 
 
 def test_random_models_are_made_once_with_sizes_in_turn(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ember.cluster.events import NoEvents
 from ember.cluster.node import EmbeddedNode
 from ember.cluster.state import ClusterState, Deployment
 from ember.errors import CheckpointNotFoundError, EmberError, ModelNotFoundError, OverloadedError
@@ -292,6 +293,58 @@ def test_a_burst_on_a_full_node_waits_as_requests_not_instances_and_is_served_on
         assert tiny["waiting_requests"] == 0
         assert [(i["node"], i["state"]) for i in tiny["instances"]] == [("node0", "ready")]
         assert len(c.state.instances(live_only=False)) == 2  # other's and tiny's, nothing else
+        await c.close()
+
+    run(main)
+
+
+class CountedReclaims(NoEvents):
+    def __init__(self) -> None:
+        self.stopped_early: list[str] = []
+
+    def reclaimed(self, deployment: str) -> None:
+        self.stopped_early.append(deployment)
+
+
+def test_a_start_stops_an_idle_instance_instead_of_waiting_out_its_keep_alive(
+    ember_home: Path, models: list[str]
+) -> None:
+    events = CountedReclaims()
+
+    async def main() -> None:
+        c = make_controller(ember_home, events=events)  # one node, one slot; the clock stands still
+        await c.start()
+        await c.deploy(Deployment("a", "tiny", min_instances=0, keep_alive_s=600))
+        await c.deploy(Deployment("b", "tiny2", min_instances=0, keep_alive_s=600))
+        want = await collect(c, "a", request("a1"))
+        assert await collect(c, "b", request("b1")) == want  # a's idle instance gave b its slot
+        assert await collect(c, "a", request("a2")) == want  # and b's gives it back
+        assert events.stopped_early == ["a", "b"]
+        # a's weights stayed in the node's DRAM pool while b ran: its restart reads no file.
+        assert [(load.model, load.tier) for load in c.state.loads()] == [
+            ("tiny", "registry"), ("tiny2", "registry"), ("tiny", "dram"),
+        ]  # fmt: skip
+        status = {d["name"]: d for d in (await c.status())["deployments"]}
+        assert [i["state"] for i in status["a"]["instances"]] == ["ready"] and status["b"]["instances"] == []
+        await c.close()
+
+    run(main)
+
+
+def test_concurrent_starts_on_one_idle_slot_are_each_served_in_turn(
+    ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        c = make_controller(ember_home)  # one node, one slot
+        await c.start()
+        for name, model in (("idle", "tiny"), ("x", "tiny2"), ("y", "tiny")):
+            await c.deploy(Deployment(name, model, min_instances=0, keep_alive_s=600))
+        want = await collect(c, "idle", request("first"))
+        x, y = await asyncio.gather(collect(c, "x", request("x")), collect(c, "y", request("y")))
+        assert x == y == want
+        await c.settle()
+        live = [i for d in (await c.status())["deployments"] for i in d["instances"]]
+        assert len(live) == 1 and (await c.status())["nodes"][0]["free_slots"] == 0
         await c.close()
 
     run(main)

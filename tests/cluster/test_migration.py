@@ -99,6 +99,9 @@ class RecordingEvents:
     def failed_over(self, deployment: str) -> None:
         pass
 
+    def reclaimed(self, deployment: str) -> None:
+        pass
+
 
 class RiggedEstimator(StartupTimeEstimator):
     """Measured estimates plus a fixed penalty per (node, checkpoint)."""

@@ -10,12 +10,14 @@ from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.messages import BandwidthProbe
 from ember.cluster.migration_cost import MigrationCost
 from ember.cluster.placement import (
+    IdleInstance,
     NodeView,
     RandomPlacement,
     RemoteOnlyPlacement,
     RoundRobinPlacement,
     RunningInstance,
     StartupTimeAware,
+    reclaimable,
 )
 from tests.cluster.fakes import GB, FakeClock, status
 
@@ -117,3 +119,42 @@ def test_migration_frees_the_slots_the_new_instance_needs() -> None:
         StartupTimeAware(est, cost).place("m", N, [big, NodeView(status("b", free=1, slots=2))], slots=2)
         is None
     )
+
+
+def test_a_start_takes_an_idle_instances_slot_rather_than_wait_out_its_keep_alive() -> None:
+    est = _estimator(FakeClock())
+    # a holds the model in DRAM, but its one slot is held by an idle instance (keep-alive
+    # ending in 100 s); b is free but would download (~40 s).
+    held = NodeView(status("a", free=0, dram=("m",)), slot_free_in_s=100.0, idle=(IdleInstance("old"),))
+    p = StartupTimeAware(est).place("m", N, [held, NodeView(status("b"))])
+    assert p is not None and (p.action, p.node, p.tier, p.reclaim) == ("start", "a", "dram", ("old",))
+    # Where a free node starts as fast, the idle instance is kept.
+    p = StartupTimeAware(est).place("m", N, [held, NodeView(status("b", dram=("m",)))])
+    assert p is not None and (p.node, p.reclaim) == ("b", ())
+
+
+def test_baselines_reclaim_idle_slots_only_when_no_node_is_free() -> None:
+    est = _estimator(FakeClock())
+    idle_a = NodeView(status("a", free=0), idle=(IdleInstance("x"),))
+    busy_b = NodeView(status("b", free=0))
+    free_c = NodeView(status("c"))
+    baselines = (RandomPlacement(est, random.Random(0)), RoundRobinPlacement(est), RemoteOnlyPlacement(est))
+    for policy in baselines:
+        p = policy.place("m", N, [idle_a, busy_b, free_c])
+        assert p is not None and (p.node, p.reclaim) == ("c", ())
+        p = policy.place("m", N, [idle_a, busy_b])
+        assert p is not None and (p.action, p.node, p.reclaim) == ("start", "a", ("x",))
+        assert policy.place("m", N, [busy_b]) is None
+
+
+def test_reclaiming_stops_the_longest_idle_first_and_only_as_many_as_needed() -> None:
+    idle = (IdleInstance("oldest", 1), IdleInstance("older", 2), IdleInstance("newest", 1))
+    node = NodeView(status("a", free=1, slots=5), idle=idle)
+    assert reclaimable(node, 1) == ()
+    assert reclaimable(node, 2) == ("oldest",)
+    assert reclaimable(node, 3) == ("oldest", "older")
+    assert reclaimable(node, 5) == ("oldest", "older", "newest")
+    assert reclaimable(node, 6) is None
+    est = _estimator(FakeClock())
+    p = StartupTimeAware(est).place("m", N, [node], slots=4)
+    assert p is not None and p.reclaim == ("oldest", "older")

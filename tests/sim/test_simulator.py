@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 # 1 s from DRAM (10 GB/s), plus 0.5 s to build; prefill 0.01 s/token, decode 0.1 s/step.
 SERVER = ServerSpec(
     gpus=1, gpu_bytes=24 * GB, dram_bytes=20 * GB, ssd_bytes=40 * GB,
-    dram_bps=10e9, ssd_bps=5e9, network_bps=1e9, overhead_s=0.5,
+    dram_bps=10e9, ssd_bps=5e9, network_bps=1e9, overhead_s=0.5, baseline_load_bps=2e9,
 )  # fmt: skip
 MODEL = ModelSpec("m", 10 * GB, 1, 0.01, 0.1)
 
@@ -56,6 +56,16 @@ def test_remote_only_downloads_every_start() -> None:
     out = Simulator(_config(), "remote-only").run(reqs)
     assert [o.ttft_s for o in out] == pytest.approx([10.6, 10.6])
     assert [o.start_tier for o in out] == ["registry", "registry"]
+    # As Ray Serve and KServe start: the download, then a standard loader (2 GB/s) reads it.
+    out = Simulator(_config(), "remote-only+safetensors").run(reqs)
+    assert [o.ttft_s for o in out] == pytest.approx([15.6, 15.6])
+
+
+def test_the_cli_runs_every_policy_by_default() -> None:
+    from ember.cli.sim import DEFAULT_POLICIES
+    from ember.sim.simulator import POLICIES
+
+    assert DEFAULT_POLICIES.split(",") == list(POLICIES)
 
 
 def test_a_model_taking_several_slots_waits_for_all_of_them() -> None:
@@ -66,10 +76,12 @@ def test_a_model_taking_several_slots_waits_for_all_of_them() -> None:
     sim = Simulator(config, "startup-time-aware-no-migration")
     out = sim.run(reqs)
     assert out[0].ttft_s == pytest.approx(10.6) and not out[0].waited_for_slot
-    # big holds all 4 slots until its keep-alive ends at 11.1 + 10 s; then small downloads
-    # (its 10 s load queued behind nothing): ready at 21.1 + 10.5, first token 0.1 s later.
+    # big holds all 4 slots while it serves, to 11.1 s; idle then, it gives them to small's
+    # start at once (not at the end of its keep-alive), which downloads in 10.5 s: ready at
+    # 11.1 + 10.5, first token 0.1 s later.
     assert out[1].waited_for_slot
-    assert out[1].ttft_s == pytest.approx(21.1 + 10.5 + 0.1 - 1.0)
+    assert out[1].ttft_s == pytest.approx(11.1 + 10.5 + 0.1 - 1.0)
+    assert sim.reclaims == 1
 
 
 def test_zoo_models_larger_than_a_gpu_take_several_slots() -> None:

@@ -36,6 +36,7 @@ NAMES = (  # file order deliberately unlike a forward pass's
     "model.embed_tokens.weight",
 )
 FORWARD = NAMES[4], NAMES[3], NAMES[1]  # embeddings, layer 0, layer 1; then the head and norm
+BOTH_PATHS = pytest.mark.parametrize("direct", [True, False], ids=["into-buffer", "httpx"])
 ONE_AT_A_TIME = StreamSettings(connections=1, range_bytes=CHUNK, retries=2, backoff_s=0.0)
 
 Piece = Callable[[str, int, bytes], bytes]  # (file, range start, piece) -> piece to deliver
@@ -51,37 +52,58 @@ def _layered(path: Path) -> dict[str, torch.Tensor]:
 
 class _Source(HttpSource):
     """An HttpSource that records each range asked for, may hold it at a gate, and may
-    alter the bytes it delivers."""
+    alter the bytes it delivers (into the buffer, or as httpx pieces)."""
 
     def __init__(self, base: HttpSource, registry: TestRegistry) -> None:
-        super().__init__(base.client, base.location)
+        super().__init__(base.client, base.location, base.ranges if registry.direct else None)
         self.registry = registry
 
-    def read_range(self, rel: str, start: int, length: int, total: int) -> Generator[bytes]:
+    def _asked(self, start: int) -> None:
         reg = self.registry
         with reg.lock:
             reg.ranges.append(start)
             held = len(reg.ranges) > reg.free_ranges
         if held:
             assert reg.gate.wait(30), "the test never opened the gate"
+
+    def read_range_into(self, rel: str, start: int, total: int, out: memoryview) -> Iterator[int]:
+        if self.ranges is None:  # through httpx: read_range below records and alters
+            yield from super().read_range_into(rel, start, total, out)
+            return
+        self._asked(start)
+        at = 0
+        for n in super().read_range_into(rel, start, total, out):
+            landed = bytes(out[at : at + n])
+            out[at : at + n] = self.registry.alter(rel, start, landed)
+            at += n
+            yield n
+
+    def read_range(self, rel: str, start: int, length: int, total: int) -> Generator[bytes]:
+        self._asked(start)
         for piece in super().read_range(rel, start, length, total):
-            yield reg.alter(rel, start, piece)
+            yield self.registry.alter(rel, start, piece)
 
 
 class TestRegistry(HttpRegistry):
     """An HttpRegistry whose ranges are recorded (by start offset), and held at `gate`
-    after the first `free_ranges` while it is clear."""
+    after the first `free_ranges` while it is clear. `direct`: ranges are read straight
+    into the buffer (RangeReader), else through httpx."""
 
     __test__ = False
 
     def __init__(
-        self, url: str, settings: StreamSettings = ONE_AT_A_TIME, free_ranges: int = 1 << 30
+        self,
+        url: str,
+        settings: StreamSettings = ONE_AT_A_TIME,
+        free_ranges: int = 1 << 30,
+        direct: bool = True,
     ) -> None:
         super().__init__(url, stream=settings, backoff_s=0.0)
         self.ranges: list[int] = []
         self.lock = threading.Lock()
         self.gate = threading.Event()
         self.free_ranges = free_ranges
+        self.direct = direct
         self.alter: Piece = lambda rel, start, piece: piece
 
     def _source(self, name: str) -> HttpSource:
@@ -113,9 +135,10 @@ def test_ranges_are_planned_in_need_order(tmp_path: Path) -> None:
     assert [(r.first, r.end) for r in joined] == [(0, 3), (3, 5)]
 
 
-def test_a_start_serves_its_first_layers_while_later_ranges_are_held(tmp_path: Path) -> None:
+@BOTH_PATHS
+def test_a_start_serves_its_first_layers_while_later_ranges_are_held(tmp_path: Path, direct: bool) -> None:
     want = _layered(tmp_path / "reg" / "m")
-    with _registry(tmp_path / "reg", free_ranges=2) as registry:
+    with _registry(tmp_path / "reg", free_ranges=2, direct=direct) as registry:
         node = NodeStore("n1", registry=registry)
         lease, path, report = node.acquire("m", stream=True)
         assert report.tier == "registry" and lease.loading is not None
@@ -141,10 +164,11 @@ def test_a_start_serves_its_first_layers_while_later_ranges_are_held(tmp_path: P
         lease.release()
 
 
-def test_a_corrupt_chunk_is_fetched_again(tmp_path: Path) -> None:
+@BOTH_PATHS
+def test_a_corrupt_chunk_is_fetched_again(tmp_path: Path, direct: bool) -> None:
     want = _layered(tmp_path / "reg" / "m")
     head = read_index(tmp_path / "reg" / "m").tensors["lm_head.weight"].offset
-    with _registry(tmp_path / "reg") as registry:
+    with _registry(tmp_path / "reg", direct=direct) as registry:
         bad_once = {head}
 
         def flip_once(rel: str, start: int, piece: bytes) -> bytes:
@@ -179,10 +203,11 @@ def test_a_chunk_corrupt_on_every_try_fails_the_load_and_leaves_nothing(tmp_path
     assert not partial_dir(node.root / "disk" / "m").exists()  # wrong bytes: nothing to resume
 
 
-def test_a_registry_killed_mid_download_fails_the_load_cleanly(tmp_path: Path) -> None:
+@BOTH_PATHS
+def test_a_registry_killed_mid_download_fails_the_load_cleanly(tmp_path: Path, direct: bool) -> None:
     want = _layered(tmp_path / "reg" / "m")
     with serve_registry(tmp_path / "reg") as url:
-        registry = TestRegistry(url, free_ranges=1)
+        registry = TestRegistry(url, free_ranges=1, direct=direct)
         node = NodeStore("n1", registry=registry)
         lease, _, _ = node.acquire("m", stream=True)
         assert lease.loading is not None

@@ -21,19 +21,22 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ember.bench.cluster_models import ClusterModel, link_registry
 from ember.bench.cluster_report import RequestOutcome, policy_summary
 from ember.bench.cluster_server import ClusterServer, ClusterShape
-from ember.bench.cluster_workload import ClusterRequest
+from ember.bench.cluster_workload import CLUSTER_COLUMNS, ClusterRequest
+from ember.bench.code_version import code_commit
 from ember.bench.registry_server import serve_registry
+from ember.engine.options import DEFAULT_MAX_NUM_SEQS
 from ember.errors import EmberError, MissingDependencyError
 
 Progress = Callable[[str, int, int], None]
 _VOCAB_LOW, _VOCAB_HIGH = 300, 40000  # prompt token ids drawn from here (SmolLM2's vocabulary)
+MAX_INSTANCES = 1  # of every deployment (server.deploy's default)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class ClusterBenchConfig:
     shape: ClusterShape
     seed: int = 0
     max_model_len: int = 2048  # prompt + output of each request is cut to fit
+    # how the workload was made (the CLI's flags: requests, rate, zipf, ... or trace),
+    # recorded in the JSON beside the trace itself
+    workload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +67,9 @@ class ClusterReport:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The report; "cluster", "models" (slots: GPU slots an instance takes) and
+        "trace" (every request as sent, after `fit`) are what `ember sim --from-bench`
+        reads to replay the run."""
         shape = self.config.shape
         return {
             "benchmark": "cluster",
@@ -70,10 +79,18 @@ class ClusterReport:
                 "dram_bytes": shape.dram_bytes,
                 "disk_bytes": shape.disk_bytes,
                 "keep_alive_s": shape.keep_alive_s,
+                "max_instances": MAX_INSTANCES,
+                "max_batch": shape.engine_options.get("max_num_seqs", DEFAULT_MAX_NUM_SEQS),
+                "start_timeout_s": shape.start_timeout_s,
+                "max_model_len": self.config.max_model_len,
+                "engine_options": shape.engine_options,
             },
-            "models": [{"name": m.name, "nbytes": m.nbytes} for m in self.models],
+            "models": [{"name": m.name, "nbytes": m.nbytes, "slots": 1} for m in self.models],
             "requests": len(self.requests),
             "duration_s": self.requests[-1].arrival_s if self.requests else 0.0,
+            "workload": {**self.config.workload, "seed": self.config.seed},
+            "code": code_commit(),
+            "trace": [dict(zip(CLUSTER_COLUMNS, astuple(r), strict=True)) for r in self.requests],
             "policies": {r.policy: r.summary for r in self.runs},
             "notes": self.notes,
         }
@@ -218,7 +235,7 @@ def run_policy(
     try:
         with ClusterServer(home, registry_url, registry_root, policy, cfg.shape) as server:
             for m in models:
-                server.deploy(m.name)
+                server.deploy(m.name, max_instances=MAX_INSTANCES)
             began = time.perf_counter()
             outcomes = asyncio.run(send_workload(server, requests, prompts, on_done))
             wall = time.perf_counter() - began
@@ -233,7 +250,9 @@ def run_policy(
                 "loads_recorded": server.loads(),  # by the controller, to check `starts` against
                 "inference": inference_costs(requests, outcomes),
             }
-            summary = policy_summary(outcomes, starts=log.by_tier(), migrations=log.migrations, extra=extra)
+            summary = policy_summary(
+                outcomes, starts=log.by_tier(), migrations=log.migrations, reclaims=log.reclaims, extra=extra
+            )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return PolicyRun(policy, outcomes, summary, wall)

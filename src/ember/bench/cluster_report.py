@@ -48,6 +48,7 @@ def policy_summary(
     *,
     starts: Mapping[str, int],
     migrations: int,
+    reclaims: int = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One policy's figures (seconds); latencies over the requests that got a token."""
@@ -61,6 +62,7 @@ def policy_summary(
         "p99_e2e_s": percentile(e2es, 99),
         "starts": {tier: int(starts.get(tier, 0)) for tier in sorted({*TIERS, *starts})},
         "migrations": migrations,
+        "reclaims": reclaims,  # idle instances stopped early for a start's slot
         "waited_for_slot": sum(o.waited_for_slot for o in outcomes),
         "timeouts": sum(o.timed_out for o in outcomes),
         "errors": sum(o.error is not None for o in outcomes),
@@ -87,9 +89,9 @@ _COLUMNS = ("policy", "mean TTFT s", "P50 TTFT s", "P99 TTFT s", "mean E2E s", "
 
 def render_table(report: Mapping[str, Any]) -> str:
     """A plain text table, one row per policy: latencies, starts by tier (dram/disk/
-    registry), migrations, waits for a slot, time-outs; `report` is {"policies": {...}}
-    or the policies mapping itself."""
-    columns = [*_COLUMNS, "starts d/s/r", "migr", "waited", "timeouts"]
+    registry), migrations, idle instances reclaimed, waits for a slot, time-outs;
+    `report` is {"policies": {...}} or the policies mapping itself."""
+    columns = [*_COLUMNS, "starts d/s/r", "migr", "reclaim", "waited", "timeouts"]
     rows = []
     for name, s in _policies(report).items():
         starts = s.get("starts", {})
@@ -102,6 +104,7 @@ def render_table(report: Mapping[str, Any]) -> str:
                 ),
                 "/".join(str(starts.get(t, 0)) for t in TIERS),
                 _fmt(s.get("migrations")),
+                _fmt(s.get("reclaims")),
                 _fmt(s.get("waited_for_slot")),
                 _fmt(s.get("timeouts")),
             ]

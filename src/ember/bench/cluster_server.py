@@ -56,6 +56,7 @@ class StartLog:
     held: set[str] = field(default_factory=set)  # models placed after waiting, their instance not started yet
     migrations: int = 0
     migrated_requests: int = 0
+    reclaims: int = 0  # idle instances stopped early because a start needed their slot
 
     def by_tier(self) -> dict[str, int]:
         counts = Counter(self.tiers.values())
@@ -140,6 +141,10 @@ class CountingEvents:
 
     def failed_over(self, deployment: str) -> None:
         self.inner.failed_over(deployment)
+
+    def reclaimed(self, deployment: str) -> None:
+        self.log.reclaims += 1
+        self.inner.reclaimed(deployment)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,17 @@
 """The registry tier against the wire: how fast the same files come over the same
 HTTP server with a plain parallel ranged download into touched memory (no format,
-no checksums, no order: the raw limit, best of a few thread and range settings),
-next to Ember's download into the DRAM pool (need order, every chunk checksummed).
-The registry's files are dropped from the page cache before every run."""
+no checksums, no order: the raw limit, best of a few clients, thread and range
+settings), next to Ember's download into the DRAM pool (need order, every chunk
+checksummed). The raw clients are httpx (bodies as `bytes`, copied into the
+buffer) and http.client's readinto (the socket fills the buffer: Ember's own path,
+store/http_ranges.py). The registry's files are dropped from the page cache before
+every run."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,16 @@ from ember.bench.raw_read import prepared_buffer
 from ember.errors import EmberError
 from ember.store.buffer import byte_view
 from ember.store.format import read_index
+from ember.store.http_ranges import Check, RangeReader
 from ember.store.http_source import make_client
 from ember.store.registry import HttpRegistry
 
 MiB = 1 << 20
-RAW_GRID = ((4, 8 * MiB), (8, 8 * MiB), (4, 32 * MiB), (8, 32 * MiB))  # (connections, range bytes)
+# (client, connections, range bytes)
+RAW_GRID = (
+    ("httpx", 4, 32 * MiB), ("httpx", 8, 32 * MiB),
+    ("into", 2, 32 * MiB), ("into", 4, 8 * MiB), ("into", 4, 32 * MiB), ("into", 8, 32 * MiB),
+)  # fmt: skip
 EMBER = "ember into DRAM"
 
 
@@ -40,7 +48,7 @@ class WireServer:
 @dataclass
 class WireRow:
     server: str
-    method: str  # "raw t8 r32M" or EMBER
+    method: str  # "raw httpx t8 r32M", "raw into t4 r32M" or EMBER
     nbytes: int
     samples_s: list[float] = field(default_factory=list)
 
@@ -58,7 +66,7 @@ class WireRow:
 
 
 def raw_download(
-    client: httpx.Client,
+    client: httpx.Client | RangeReader,
     base: str,
     files: Sequence[tuple[str, int]],
     buf: torch.Tensor,
@@ -67,7 +75,7 @@ def raw_download(
     range_bytes: int,
 ) -> int:
     """GET every file in `range_bytes` ranges on `threads` threads into `buf`, back to
-    back. Returns bytes received."""
+    back, with httpx or straight into the buffer (a RangeReader). Returns bytes received."""
     jobs, at = [], 0
     for rel, size in files:
         jobs += [(rel, off, at + off, min(range_bytes, size - off)) for off in range(0, size, range_bytes)]
@@ -76,14 +84,12 @@ def raw_download(
 
     def run(job: tuple[str, int, int, int]) -> int:
         rel, off, pos, n = job
-        end = pos + n
-        with client.stream("GET", f"{base}/{rel}", headers={"Range": f"bytes={off}-{off + n - 1}"}) as resp:
-            if resp.status_code != 206:
-                raise EmberError(f"raw download: HTTP {resp.status_code} for {rel}")
-            for piece in resp.iter_raw():
-                whole[pos : pos + len(piece)] = piece
-                pos += len(piece)
-        if pos != end:
+        url = f"{base}/{rel}"
+        if isinstance(client, RangeReader):
+            got = sum(client.read_into(url, off, whole[pos : pos + n], _partial_content(url)))
+        else:
+            got = _httpx_range(client, url, off, whole[pos : pos + n])
+        if got != n:
             raise EmberError(f"raw download: {rel} ended early")
         return n
 
@@ -94,8 +100,29 @@ def raw_download(
         whole.release()
 
 
+def _httpx_range(client: httpx.Client, url: str, off: int, out: memoryview) -> int:
+    at = 0
+    headers = {"Range": f"bytes={off}-{off + len(out) - 1}"}
+    with client.stream("GET", url, headers=headers) as resp:
+        if resp.status_code != 206:
+            raise EmberError(f"raw download: HTTP {resp.status_code} for {url}")
+        for piece in resp.iter_raw():
+            out[at : at + len(piece)] = piece
+            at += len(piece)
+    return at
+
+
+def _partial_content(url: str) -> Check:
+    def check(status: int, headers: Mapping[str, str]) -> int:
+        if status != 206:
+            raise EmberError(f"raw download: HTTP {status} for {url}")
+        return 0
+
+    return check
+
+
 def _raw_run(
-    client: httpx.Client,
+    client: httpx.Client | RangeReader,
     url: str,
     files: list[tuple[str, int]],
     buf: torch.Tensor,
@@ -109,13 +136,13 @@ def _raw_run(
     return run
 
 
-def ember_download(url: str, name: str) -> None:
+def ember_download(registry: HttpRegistry, name: str) -> None:
     """Ember's registry download of `name` into a DRAM buffer, start to last
-    verified byte (the index and model files included)."""
-    with HttpRegistry(url) as registry:
-        stream = registry.open_stream(name)
-        stream.start().wait()
-        touch_pages([stream.buf])
+    verified byte (the index and model files included), over a node's registry
+    client (made once per node, as its connections are)."""
+    stream = registry.open_stream(name)
+    stream.start().wait()
+    touch_pages([stream.buf])
 
 
 def measure_wire(
@@ -127,15 +154,19 @@ def measure_wire(
     files = [(f"{name}/{p.file}", p.size) for p in index.partitions]
     buf = prepared_buffer(index.total_bytes)
     rows: dict[tuple[str, str], WireRow] = {}
-    clients = {t: make_client(t) for t, _ in RAW_GRID}
+    registries: dict[str, HttpRegistry] = {}
+    clients: dict[tuple[str, int], httpx.Client | RangeReader] = {
+        (kind, t): make_client(t) if kind == "httpx" else RangeReader(t) for kind, t, _ in RAW_GRID
+    }
     try:
         for _ in range(repeats + 1):  # round 0 warms connections and imports, and is dropped
             for server in servers:
                 runs: list[tuple[str, Callable[[], object]]] = [
-                    (f"raw t{t} r{r // MiB}M", _raw_run(clients[t], server.url, files, buf, t, r))
-                    for t, r in RAW_GRID
+                    (f"raw {k} t{t} r{r // MiB}M", _raw_run(clients[k, t], server.url, files, buf, t, r))
+                    for k, t, r in RAW_GRID
                 ]
-                runs.append((EMBER, lambda s=server: ember_download(s.url, name)))  # type: ignore[misc]
+                registry = registries.setdefault(server.name, HttpRegistry(server.url))
+                runs.append((EMBER, lambda r=registry: ember_download(r, name)))  # type: ignore[misc]
                 for method, run in runs:
                     evict()
                     t0 = time.perf_counter()
@@ -147,7 +178,7 @@ def measure_wire(
         for row in rows.values():
             row.samples_s = row.samples_s[1:]
     finally:
-        for c in clients.values():
+        for c in [*clients.values(), *registries.values()]:
             c.close()
     return list(rows.values())
 

@@ -135,14 +135,15 @@ def cluster_command(
     _check("--keep-alive", keep_alive, positive=False)
     home = ember_home()
     shape = ClusterShape(nodes, slots, dram_bytes, disk_bytes, keep_alive, engine_options=ENGINE)
-    cfg = ClusterBenchConfig(names, shape, seed=seed, max_model_len=MAX_MODEL_LEN)
+    opts: dict[str, float | int | str] = {
+        "requests": requests, "rate": rate, "zipf": zipf, "seed": seed, "arrivals": arrivals,
+        "prompt_scale": prompt_scale, "output_scale": output_scale,
+    }  # fmt: skip
+    made = {"trace": str(trace), "requests": requests} if trace is not None else opts
+    cfg = ClusterBenchConfig(names, shape, seed=seed, max_model_len=MAX_MODEL_LEN, workload=dict(made))
     with stage_progress({}) as p:
         p("preparing the models", 0, 0)
         bench_models = _models(models, random_models, sizes, home)
-        opts: dict[str, float | int | str] = {
-            "requests": requests, "rate": rate, "zipf": zipf, "seed": seed, "arrivals": arrivals,
-            "prompt_scale": prompt_scale, "output_scale": output_scale,
-        }  # fmt: skip
         workload = _workload(trace, [m.name for m in bench_models], opts)
         report = run_cluster_bench(bench_models, workload, home / "bench-cluster" / "work", cfg, progress=p)
     _output(report, json_path, plot)

@@ -65,9 +65,18 @@ class _Group:
     # room[k]: (queue end, position) of the members with >= k free slots, sorted; the
     # queue end is 0 for idle members, so they are in the given order
     room: list[list[tuple[float, int]]] = field(default_factory=list)
+    # reclaim[k]: likewise, the members with fewer than k free slots that have k once
+    # their idle instances stop
+    reclaim: list[list[tuple[float, int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.room = [[] for _ in range(self.slots + 1)]
+        self.reclaim = [[] for _ in range(self.slots + 1)]
+
+    def lists(self, free: int, idle: int) -> Iterable[list[tuple[float, int]]]:
+        """The lists a member with `free` free slots and `idle` idle ones' slots is in."""
+        yield from self.room[: min(free, self.slots) + 1]
+        yield from self.reclaim[free + 1 : min(free + idle, self.slots) + 1]
 
 
 class Candidates:
@@ -83,13 +92,16 @@ class Candidates:
         self._groups: dict[_Key, _Group] = {}
         self._holders: dict[str, set[str]] = {}  # checkpoint -> nodes holding it (DRAM or disk)
         self._room: list[list[int]] = [[]]  # room[k]: positions of every node with >= k free
+        self._idle: dict[str, int] = {}  # node -> slots its idle instances hold
+        self._total: list[list[int]] = [[]]  # total[k]: nodes with >= k free + idle slots
         for status in statuses:
             self.update(status)
 
     # -- keeping it true --------------------------------------------------------------
 
-    def update(self, status: NodeStatus) -> None:
-        """`status` is the node's now (and its estimator state may have changed)."""
+    def update(self, status: NodeStatus, idle: int = 0) -> None:
+        """`status` is the node's now (and its estimator state may have changed); its
+        idle instances (those NodeView.idle offers) hold `idle` slots."""
         node = status.node_id
         old = self._status.get(node)
         # a node holds hundreds of checkpoints and a change touches one: only that one
@@ -99,22 +111,24 @@ class Candidates:
         if node not in self._pos:
             self._pos[node] = len(self._ids)
             self._ids.append(node)
-        self._index(status, after - before)
+        self._index(status, idle, after - before)
 
     def remove(self, node: str) -> None:
         """The node takes no placements any more (it is down)."""
         if node in self._status:
             self._unindex(node, _held(self._status[node]))
 
-    def _index(self, status: NodeStatus, gained: set[str]) -> None:
+    def _index(self, status: NodeStatus, idle: int, gained: set[str]) -> None:
         node, pos = status.node_id, self._pos[status.node_id]
         self._status[node] = status
+        self._idle[node] = idle
         for checkpoint in gained:
             self._holders.setdefault(checkpoint, set()).add(node)
-        while len(self._room) <= status.free_slots:
-            self._room.append([])
-        for k in range(status.free_slots + 1):
-            bisect.insort(self._room[k], pos)
+        for lists, top in ((self._room, status.free_slots), (self._total, status.free_slots + idle)):
+            while len(lists) <= top:
+                lists.append([])
+            for k in range(top + 1):
+                bisect.insort(lists[k], pos)
         loading = self.estimator.loading(node)
         calibration = self.estimator.calibration(node)
         key: _Key = (loading, status.slots, *calibration)
@@ -122,12 +136,12 @@ class Candidates:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(loading, status.slots, calibration)
-        for k in range(min(status.free_slots, status.slots) + 1):
-            bisect.insort(group.room[k], (end, pos))
+        for entries in group.lists(status.free_slots, idle):
+            bisect.insort(entries, (end, pos))
         self._entry[node] = (key, end)
 
     def _unindex(self, node: str, lost: set[str]) -> None:
-        status, pos = self._status.pop(node), self._pos[node]
+        status, pos, idle = self._status.pop(node), self._pos[node], self._idle.pop(node)
         for checkpoint in lost:
             holders = self._holders[checkpoint]
             holders.discard(node)
@@ -135,10 +149,12 @@ class Candidates:
                 del self._holders[checkpoint]
         for k in range(status.free_slots + 1):
             _remove(self._room[k], pos)
+        for k in range(status.free_slots + idle + 1):
+            _remove(self._total[k], pos)
         key, end = self._entry.pop(node)
         group = self._groups[key]
-        for k in range(min(status.free_slots, status.slots) + 1):
-            _remove(group.room[k], (end, pos))
+        for entries in group.lists(status.free_slots, idle):
+            _remove(entries, (end, pos))
         if not group.room[0]:
             del self._groups[key]
 
@@ -153,8 +169,12 @@ class Candidates:
         groups = self._priced(slots, nbytes)
         for room in (0, slots):
             bound = min((e.total_s for s, e in held if s.free_slots >= room), default=math.inf)
-            bound = self._best_idle(groups, room, holders, bound, picked)
-            self._near_loading(groups, room, (checkpoint, holders), nbytes, bound, picked)
+            bound = self._best_idle(groups, _Room(room), holders, bound, picked)
+            self._near_loading(groups, _Room(room), (checkpoint, holders), nbytes, bound, picked)
+        # the best node that has room once its idle instances stop (and not before)
+        reclaim = [e.total_s for s, e in held if s.free_slots < slots <= s.free_slots + self._idle[s.node_id]]
+        bound = self._best_idle(groups, _Reclaim(slots), holders, min(reclaim, default=math.inf), picked)
+        self._near_loading(groups, _Reclaim(slots), (checkpoint, holders), nbytes, bound, picked)
         return [self._ids[p] for p in sorted(picked)]
 
     def _priced(self, slots: int, nbytes: int) -> list[tuple[_Group, float]]:
@@ -164,15 +184,20 @@ class Candidates:
         return list(zip(groups, prices, strict=True))
 
     def _best_idle(
-        self, groups: list[tuple[_Group, float]], room: int, holders: set[str], bound: float, picked: set[int]
+        self,
+        groups: list[tuple[_Group, float]],
+        room: _Lists,
+        holders: set[str],
+        bound: float,
+        picked: set[int],
     ) -> float:
-        """Pick the first idle node (with `room` free) of the idle groups with the lowest
-        download estimate; return the bound lowered to it."""
+        """Pick the first idle node (of those `room` lists) of the idle groups with the
+        lowest download estimate; return the bound lowered to it."""
         best: tuple[float, int] | None = None
         for group, download in groups:
-            if group.loading or not group.room[room]:
+            if group.loading or not room(group):
                 continue
-            first = self._first(group.room[room], holders)
+            first = self._first(room(group), holders)
             if first is not None:
                 value = (download, first)
                 best = value if best is None or value < best else best
@@ -184,21 +209,21 @@ class Candidates:
     def _near_loading(
         self,
         groups: list[tuple[_Group, float]],
-        room: int,
+        room: _Lists,
         held: tuple[str, set[str]],
         nbytes: int,
         bound: float,
         picked: set[int],
         floor: float = -math.inf,
     ) -> None:
-        """Pick the loading nodes (with `room` free) that may estimate at most `bound` (or
+        """Pick the loading nodes (of those `room` lists) that may estimate at most `bound` (or
         `floor`, if higher):
         a node's estimate is at least its queue end - now + its download estimate, and a
         group's members come by queue end, so each group is read until that passes."""
         checkpoint, holders = held
         now = self.estimator.clock()
         for group, download in groups:
-            entries = group.room[room]
+            entries = room(group)
             if not group.loading or not entries:
                 continue
             for end, pos in entries:
@@ -237,12 +262,16 @@ class Candidates:
             if not group.loading and (first := self._first(group.room[slots], skip)) is not None:
                 picked.add(first)
                 bound = min(bound, download)
-        self._near_loading(groups, slots, (checkpoint, skip), nbytes, bound, picked, floor=plateau_s)
+        self._near_loading(groups, _Room(slots), (checkpoint, skip), nbytes, bound, picked, floor=plateau_s)
         return [self._ids[p] for p in sorted(picked)]
 
     def with_room(self, slots: int) -> list[str]:
         """Every node with at least `slots` free slots, in order."""
         return [self._ids[p] for p in self._room[slots]] if slots < len(self._room) else []
+
+    def with_reclaim(self, slots: int) -> list[str]:
+        """Every node with at least `slots` free slots once its idle instances stop, in order."""
+        return [self._ids[p] for p in self._total[slots]] if slots < len(self._total) else []
 
     def most_room(self) -> int:
         """The most free slots any node has."""
@@ -266,6 +295,29 @@ class Candidates:
         return None
 
 
+@dataclass(frozen=True)
+class _Room:
+    """A group's members with at least `slots` free slots."""
+
+    slots: int
+
+    def __call__(self, group: _Group) -> list[tuple[float, int]]:
+        return group.room[self.slots]
+
+
+@dataclass(frozen=True)
+class _Reclaim:
+    """A group's members with fewer than `slots` free slots but that many once their idle
+    instances stop."""
+
+    slots: int
+
+    def __call__(self, group: _Group) -> list[tuple[float, int]]:
+        return group.reclaim[self.slots]
+
+
+_Lists = Callable[[_Group], list[tuple[float, int]]]
+
 FEW_NODES = 16  # measured: ember sim at 10 servers ran faster without a shortlist
 
 # the code the shortlist was proven against (tests/cluster/test_candidates.py)
@@ -273,7 +325,7 @@ _PROVEN_PLACE = (StartupTimeAware.place, RandomPlacement.place, RoundRobinPlacem
 _PROVEN_ESTIMATE = (StartupTimeEstimator.estimate, StartupTimeEstimator._estimate)
 # what a NodeView tells a policy; a new field (a new way to make room) is not indexed
 # here, so until it is, placement gets every node
-_PROVEN_VIEW = ("status", "running", "slot_free_in_s")
+_PROVEN_VIEW = ("status", "running", "slot_free_in_s", "idle")
 
 
 def place(
@@ -291,8 +343,10 @@ def place(
     most `few` nodes is shown whole: there, shortlisting costs more than it saves."""
     if len(candidates) <= few or not _understood(policy, candidates):
         return policy.place(checkpoint, nbytes, [view(n) for n in candidates.nodes()], slots)
-    if isinstance(policy, RandomPlacement | RoundRobinPlacement):  # they choose among free nodes
-        return policy.place(checkpoint, nbytes, [view(n) for n in candidates.with_room(slots)], slots)
+    if isinstance(policy, RandomPlacement | RoundRobinPlacement):
+        # they choose among free nodes, and failing those among nodes with idle instances to stop
+        names = candidates.with_room(slots) or candidates.with_reclaim(slots)
+        return policy.place(checkpoint, nbytes, [view(n) for n in names], slots)
     assert isinstance(policy, StartupTimeAware)
     names = candidates.shortlist(checkpoint, nbytes, slots)
     views = [view(n) for n in names]

@@ -99,7 +99,7 @@ class Controller:
         self._stats: dict[str, EngineStats] = {}  # instance id -> its engine's, at the last collection
         self.instances = Instances(
             self.nodes, router=self.router, state=self.state, estimator=self.estimator, policy=self.policy,
-            cost=self.migration_cost, autoscaler=self.autoscaler, events=self.events, config=self.config,
+            cost=self.migration_cost, events=self.events, config=self.config,
             deployment=self._deps.get, starts=self.starts,
         )  # fmt: skip
         self._changed = self.instances.changed

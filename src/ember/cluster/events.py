@@ -28,6 +28,11 @@ class ClusterEvents(Protocol):
         """A request whose node failed resumed on another instance."""
         ...
 
+    def reclaimed(self, deployment: str) -> None:
+        """An idle instance of `deployment` was stopped before its keep-alive ended: a
+        start needed its slot."""
+        ...
+
 
 class NoEvents:
     def instance_started(self, deployment: str, info: InstanceInfo, observed: Observation) -> None:
@@ -40,4 +45,7 @@ class NoEvents:
         pass
 
     def failed_over(self, deployment: str) -> None:
+        pass
+
+    def reclaimed(self, deployment: str) -> None:
         pass

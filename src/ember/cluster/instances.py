@@ -23,11 +23,10 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from ember.cluster import candidates
-from ember.cluster.autoscaler import Autoscaler, InstanceLoad
 from ember.cluster.candidates import Candidates
 from ember.cluster.config import ControllerConfig
 from ember.cluster.estimator import StartupTimeEstimator
@@ -35,7 +34,7 @@ from ember.cluster.events import ClusterEvents
 from ember.cluster.messages import InstanceInfo, NodeStatus
 from ember.cluster.migration import LiveMigration, MigrationReport
 from ember.cluster.migration_cost import MigrationCost
-from ember.cluster.placement import NodeView, Placement, PlacementPolicy, RunningInstance
+from ember.cluster.placement import IdleInstance, NodeView, Placement, PlacementPolicy, RunningInstance
 from ember.cluster.relay import Relay
 from ember.cluster.router import Route, Router
 from ember.cluster.runtime import NodeRuntime
@@ -62,7 +61,6 @@ class Instances:
         estimator: StartupTimeEstimator,
         policy: PlacementPolicy,
         cost: MigrationCost,
-        autoscaler: Autoscaler,
         events: ClusterEvents,
         config: ControllerConfig,
         deployment: Callable[[str], Deployment | None],
@@ -76,7 +74,6 @@ class Instances:
         self.estimator = estimator
         self.policy = policy
         self.cost = cost
-        self.autoscaler = autoscaler
         self.events = events
         self.config = config
         self.deployment = deployment
@@ -287,9 +284,9 @@ class Instances:
     async def place(
         self, dep: Deployment, nbytes: int, wanted: Callable[[], bool] = lambda: True
     ) -> Placement | None:
-        """A node to start on; waits (bounded) while every node is full, migrating a
-        running instance away when the policy says that is fastest. None as soon as
-        `wanted()` is False (checked after every await, so a "start" it returns is
+        """A node to start on; waits (bounded) while every node is full, stopping idle
+        instances or migrating a running one away when the policy says so. None as soon
+        as `wanted()` is False (checked after every await, so a "start" it returns is
         still wanted)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout_s
@@ -302,7 +299,10 @@ class Instances:
                 raise NodeFailedError("every node of the cluster is down")
             placement = self._place(dep, nbytes, statuses)
             if placement is not None and placement.action == "start":
-                return placement
+                if not placement.reclaim:
+                    return placement
+                await self.reclaim(placement.reclaim)  # then place again, on the freed slots
+                continue
             if placement is not None and placement.action == "migrate":
                 assert placement.migrate_instance is not None and placement.migrate_to is not None
                 self.begin_migration(placement.migrate_instance, placement.migrate_to)
@@ -316,39 +316,59 @@ class Instances:
                         await asyncio.wait_for(self.changed.wait(), wait)
 
     def _place(self, dep: Deployment, nbytes: int, statuses: list[NodeStatus]) -> Placement | None:
-        """The policy's placement over the live nodes, building the views of the nodes it
-        needs only (ember.cluster.candidates: the same decision as over every node)."""
-        by_id = {s.node_id: s for s in statuses}
-        index = Candidates(self.estimator, [self._placeable(s) for s in statuses])
-        return candidates.place(self.policy, index, dep.model, nbytes, 1, lambda n: self.view(by_id[n]))
+        """The policy's placement over the live nodes, estimating only the nodes it needs
+        (ember.cluster.candidates: the same decision as over every node). Every view is
+        built, in order: the idle instances a node offers depend on the nodes before it
+        (a deployment's min_instances are kept once, see view())."""
+        spare: dict[str, int] = {}
+        views = {s.node_id: self.view(s, spare) for s in statuses}
+        index = Candidates(self.estimator)
+        for v in views.values():
+            index.update(v.status, sum(i.slots for i in v.idle))
+        return candidates.place(self.policy, index, dep.model, nbytes, 1, views.__getitem__)
 
-    def _placeable(self, status: NodeStatus) -> NodeStatus:
-        """`status` with the free slots view() gives it."""
-        free = max(0, min(status.free_slots, status.slots - len(self.router.on_node(status.node_id))))
-        return dataclasses.replace(status, free_slots=free)
+    async def reclaim(self, instance_ids: Sequence[str]) -> None:
+        """Stop idle instances for a start that needs their slots. They drain first, at
+        once, so no request and no other placement takes them meanwhile; one that a
+        request reached first is left alone. A stop that fails leaves its instance
+        serving (stop() says how), and the start places again either way."""
+        routes = []
+        for instance_id in instance_ids:
+            route = self.router.get(instance_id)
+            if route is not None and route.ready and not route.draining and route.in_flight == 0:
+                self.router.drain(instance_id)
+                self.events.reclaimed(route.deployment)
+                routes.append(route)
+        await asyncio.gather(*(self.stop(r) for r in routes))
 
-    def view(self, status: NodeStatus) -> NodeView:
+    def view(self, status: NodeStatus, spare: dict[str, int] | None = None) -> NodeView:
         """A node as placement sees it; slots count this controller's instances, so two
-        placements in a row never take one slot twice."""
+        placements in a row never take one slot twice. `spare` (deployment -> idle
+        instances it can lose; shared by the views of one placement) keeps a
+        deployment's min_instances out of the idle instances a start may stop."""
+        spare = {} if spare is None else spare
         mine = self.router.on_node(status.node_id)
         free = max(0, min(status.free_slots, status.slots - len(mine)))
-        running, free_in = [], math.inf
+        running, idle, free_in = [], [], math.inf
         for r in mine:
             dep = self.deployment(r.deployment)
             if r.draining:
                 free_in = min(free_in, 0.0 if r.in_flight == 0 else math.inf)
-            elif dep is not None and r.ready:
-                # r is one of the deployment's live (not draining) instances
-                load = InstanceLoad(r.instance_id, r.ready, r.in_flight, r.idle_since)
-                live = len(self.router.loads(dep.name))
-                if live > dep.min_instances:
-                    free_in = min(free_in, max(0.0, self.autoscaler.expires_in(dep, load)))
-                relays = self.relays.get(r.instance_id, ())
-                if r.in_flight > 0 and relays:
-                    size = self._sizes.get(dep.model, 0)
-                    tokens = max(relay.num_tokens for relay in relays)
-                    running.append(RunningInstance(r.instance_id, dep.model, size, tokens))
-        return NodeView(dataclasses.replace(status, free_slots=free), tuple(running), free_in)
+            elif dep is None or not r.ready:
+                continue
+            elif r.in_flight == 0:
+                if dep.name not in spare:
+                    spare[dep.name] = len(self.router.loads(dep.name)) - dep.min_instances
+                if spare[dep.name] > 0:
+                    spare[dep.name] -= 1
+                    idle.append((r.idle_since or 0.0, IdleInstance(r.instance_id)))
+            elif relays := self.relays.get(r.instance_id, ()):
+                size = self._sizes.get(dep.model, 0)
+                tokens = max(relay.num_tokens for relay in relays)
+                running.append(RunningInstance(r.instance_id, dep.model, size, tokens))
+        idle.sort(key=lambda pair: pair[0])  # longest idle first
+        status = dataclasses.replace(status, free_slots=free)
+        return NodeView(status, tuple(running), free_in, tuple(i for _, i in idle))
 
     # -- migrating --------------------------------------------------------------------
 

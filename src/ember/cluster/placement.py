@@ -12,6 +12,15 @@ The baselines (random, round robin, remote-only: every start downloads from the
 registry, as a serving system without a local cache does) place among free nodes.
 All are plain objects over `NodeView`s, testable without a model.
 
+An idle instance (no request in flight, not needed for the deployment's minimum)
+keeps its slot only while nobody else needs it: keep-alive saves its model's next
+start, but a start that finds no free slot takes an idle instance's slot at once
+rather than wait out its keep-alive (`Placement.reclaim`: the instances to stop
+first, longest idle first; their weights stay in the node's DRAM pool). Every
+policy reclaims, and only where no node has a free slot it would use instead:
+random and round robin when no node is free, startup-time-aware when reclaiming
+gives the fastest start.
+
 An instance takes `slots` slots of one node (a model larger than one GPU takes
 several, as tensor parallelism will): a node has room when its free_slots are at
 least that many. Ties go to the node first in the given order (deterministic for a
@@ -47,13 +56,23 @@ class RunningInstance:
 
 
 @dataclass(frozen=True)
+class IdleInstance:
+    """An instance with nothing in flight that a start may stop to take its slots."""
+
+    instance_id: str
+    slots: int = 1
+
+
+@dataclass(frozen=True)
 class NodeView:
-    """What placement knows of a node: its status, the instances it runs, and when a
-    slot is expected to free up there (an idle instance's keep-alive ending)."""
+    """What placement knows of a node: its status, the instances it runs, the idle ones
+    a start may stop (longest idle first), and when a slot is expected to free up there
+    otherwise (a draining instance finishing, a kept instance's keep-alive ending)."""
 
     status: NodeStatus
     running: tuple[RunningInstance, ...] = ()
     slot_free_in_s: float = math.inf
+    idle: tuple[IdleInstance, ...] = ()
 
     @property
     def node_id(self) -> str:
@@ -75,6 +94,7 @@ class Placement:
     migrate_instance: str | None = None
     migrate_to: str | None = None
     cold: bool = False
+    reclaim: tuple[str, ...] = ()  # idle instances on `node` to stop first, for their slots
 
 
 class PlacementPolicy(Protocol):
@@ -92,8 +112,29 @@ def has_room(node: NodeView, slots: int) -> bool:
     return node.status.free_slots >= slots
 
 
-def _start(est: StartupEstimate, *, cold: bool = False) -> Placement:
-    return Placement("start", est.node, est.tier, est.total_s, est, cold=cold)
+def reclaimable(node: NodeView, slots: int) -> tuple[str, ...] | None:
+    """The idle instances to stop, longest idle first, so that `node` has `slots` free:
+    () if it has them already, None if stopping every idle one would not do."""
+    free, victims = node.status.free_slots, []
+    for inst in node.idle:
+        if free >= slots:
+            break
+        victims.append(inst.instance_id)
+        free += inst.slots
+    return tuple(victims) if free >= slots else None
+
+
+def with_room(nodes: Sequence[NodeView], slots: int) -> list[tuple[NodeView, tuple[str, ...]]]:
+    """The nodes a baseline places on, each with the idle instances to stop there: the
+    nodes with free slots; failing those, the nodes where stopping idle ones frees enough."""
+    free: list[tuple[NodeView, tuple[str, ...]]] = [(n, ()) for n in nodes if has_room(n, slots)]
+    if free:
+        return free
+    return [(n, r) for n in nodes if (r := reclaimable(n, slots)) is not None]
+
+
+def _start(est: StartupEstimate, *, cold: bool = False, reclaim: tuple[str, ...] = ()) -> Placement:
+    return Placement("start", est.node, est.tier, est.total_s, est, cold=cold, reclaim=reclaim)
 
 
 class StartupTimeAware:
@@ -119,6 +160,10 @@ class StartupTimeAware:
         options: list[Placement] = []
         if free:
             options.append(_start(ests[min(free, key=lambda n: ests[n.node_id].total_s).node_id]))
+        reclaims = [(n, r) for n in nodes if not has_room(n, slots) and (r := reclaimable(n, slots))]
+        if reclaims:  # after the free start: a tie keeps the idle instance
+            node, victims = min(reclaims, key=lambda nr: ests[nr[0].node_id].total_s)
+            options.append(_start(ests[node.node_id], reclaim=victims))
         if math.isfinite(best.slot_free_in_s):
             wait = max(best.slot_free_in_s, best_est.queue_s)
             options.append(
@@ -162,10 +207,11 @@ class RandomPlacement:
     def place(
         self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
     ) -> Placement | None:
-        free = [n for n in nodes if has_room(n, slots)]
-        if not free:
+        room = with_room(nodes, slots)
+        if not room:
             return None
-        return _start(self.estimator.estimate(self.rng.choice(free).status, checkpoint, nbytes))
+        node, victims = self.rng.choice(room)
+        return _start(self.estimator.estimate(node.status, checkpoint, nbytes), reclaim=victims)
 
 
 class RoundRobinPlacement:
@@ -179,13 +225,14 @@ class RoundRobinPlacement:
     def place(
         self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
     ) -> Placement | None:
-        free = sorted((n for n in nodes if has_room(n, slots)), key=lambda n: n.node_id)
-        if not free:
+        room = sorted(with_room(nodes, slots), key=lambda nr: nr[0].node_id)
+        if not room:
             return None
-        status = free[next(self._turn) % len(free)].status
+        node, victims = room[next(self._turn) % len(room)]
+        status = node.status
         if self.cold:  # as if the node held nothing: the estimate of a download
             status = NodeStatus(status.node_id, status.slots, status.free_slots)
-        return _start(self.estimator.estimate(status, checkpoint, nbytes), cold=self.cold)
+        return _start(self.estimator.estimate(status, checkpoint, nbytes), cold=self.cold, reclaim=victims)
 
 
 class RemoteOnlyPlacement(RoundRobinPlacement):

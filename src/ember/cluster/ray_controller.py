@@ -90,6 +90,9 @@ class _EventLog:
     def failed_over(self, deployment: str) -> None:
         self.pending.append(("failed_over", (deployment,)))
 
+    def reclaimed(self, deployment: str) -> None:
+        self.pending.append(("reclaimed", (deployment,)))
+
 
 class ControllerActor:
     """The control plane as a Ray actor; every method starts it first if needed."""

@@ -149,6 +149,11 @@ class ClusterMetrics:
             "ember:request_failovers", "Requests resumed on another instance after their node failed.",
             labels, registry=registry,
         )  # fmt: skip
+        self.reclaims = Counter(
+            "ember:idle_instances_reclaimed",
+            "Idle instances stopped before their keep-alive ended because a start needed their slot.",
+            labels, registry=registry,
+        )  # fmt: skip
 
     def instance_started(self, deployment: str, info: InstanceInfo, observed: Observation) -> None:
         self.cold_starts.labels(deployment, info.tier).inc()
@@ -167,3 +172,6 @@ class ClusterMetrics:
 
     def failed_over(self, deployment: str) -> None:
         self.failovers.labels(deployment).inc()
+
+    def reclaimed(self, deployment: str) -> None:
+        self.reclaims.labels(deployment).inc()

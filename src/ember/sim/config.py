@@ -9,7 +9,11 @@ states them; where it does not, the number is an estimate and says so:
 - Bandwidths into GPU memory: DRAM 20 GB/s (PCIe 4.0 x16 is 32 GB/s raw; ServerlessLLM
   reports loading near PCIe bandwidth: estimate), SSD 6 GB/s (a PCIe 4.0 NVMe's
   sequential read; estimate), network 1.25 GB/s (the paper's 10 Gbps cluster network,
-  which its Ray Serve / KServe baselines download checkpoints over).
+  which its Ray Serve / KServe baselines download checkpoints over). Those baselines
+  then load the downloaded checkpoint with a standard loader: ServerlessLLM measures
+  its own loader 3.6-8.2x faster than safetensors and PyTorch from the same SSD, so
+  `remote-only+safetensors` loads at 1 GB/s after its download (6 GB/s over about 6:
+  estimate); plain `remote-only` streams the download with Ember's loader.
 - Models: OPT-6.7B/13B/30B/66B and Llama-2-7B/13B/70B at 2 bytes a parameter (fp16),
   the parameter counts their model cards give.
 - Inference: no per-model measurement on A5000s is published, so each model's costs
@@ -55,6 +59,7 @@ class ServerSpec:
     dram_bps: float = 20e9  # bytes/s, DRAM -> GPU
     ssd_bps: float = 6e9  # bytes/s, SSD -> GPU
     network_bps: float = 1.25e9  # bytes/s, registry -> GPU (10 Gbps)
+    baseline_load_bps: float = 1e9  # bytes/s, a standard loader, SSD -> GPU (remote-only+safetensors)
     overhead_s: float = 0.5  # building the model and engine once the weights are in (estimate)
 
 
@@ -115,10 +120,12 @@ def _section(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, **overrides: Any) -> SimConfig:
-    """The TOML file at `path` (or the defaults), then the flags given (None: unset).
+def load_config(path: str | Path | None, base: SimConfig | None = None, **overrides: Any) -> SimConfig:
+    """`base` (the defaults when None; `ember sim --from-bench` passes the real run's),
+    then the TOML file at `path` over it, then the flags given (None: unset).
     TOML: top-level SimConfig keys, [server] ServerSpec keys, [zoo] mix = [...] and
-    count = N, or [[models]] tables with ModelSpec keys (a `base` zoo name fills the rest)."""
+    count = N, or [[models]] tables with ModelSpec keys (a `base` zoo name fills the rest).
+    The models stay `base`'s unless the file or the --models flag names others."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -128,24 +135,27 @@ def load_config(path: str | Path | None, **overrides: Any) -> SimConfig:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise InvalidRequestError(f"cannot read the config {path}: {e}", param="config") from e
     try:
-        return _build(data, {k: v for k, v in overrides.items() if v is not None})
+        return _build(data, {k: v for k, v in overrides.items() if v is not None}, base or SimConfig())
     except (TypeError, ValueError) as e:
         raise InvalidRequestError(f"bad config: {e}", param="config") from e
 
 
-def _build(data: dict[str, Any], flags: dict[str, Any]) -> SimConfig:
-    server = ServerSpec(**_section(dict(data.pop("server", {})), ServerSpec, "[server]"))
+def _build(data: dict[str, Any], flags: dict[str, Any], base: SimConfig) -> SimConfig:
+    server = replace(base.server, **_section(dict(data.pop("server", {})), ServerSpec, "[server]"))
     if "gpus_per_server" in flags:
         server = replace(server, gpus=flags.pop("gpus_per_server"))
     zoo = dict(data.pop("zoo", {}))
     model_tables = data.pop("models", None)
     top = _section(data, SimConfig, "the top level")
-    count = flags.pop("models", zoo.get("count", 16))
-    config = replace(SimConfig(**top), server=server, **flags)
-    if model_tables is not None and "models" not in flags:
+    count = flags.pop("models", None)
+    config = replace(replace(base, **top), server=server, **flags)
+    if model_tables is not None and count is None:
         models = tuple(_model_from_table(t, server) for t in model_tables)
+    elif count is None and not zoo and base.models:
+        models = base.models
     else:
-        models = default_models(int(count), server, tuple(zoo["mix"]) if "mix" in zoo else None)
+        mix = tuple(zoo["mix"]) if "mix" in zoo else None
+        models = default_models(int(count or zoo.get("count", 16)), server, mix)
     config = replace(config, models=models)
     validate(config)
     return config

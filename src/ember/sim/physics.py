@@ -89,9 +89,15 @@ class SimServer:
         bps = {"dram": self.spec.dram_bps, "disk": self.spec.ssd_bps, "registry": self.spec.network_bps}[tier]
         return nbytes / bps
 
-    def queue_load(self, now: float, tier: LoadTier, nbytes: int) -> tuple[float, float]:
-        """Join the loading queue: (load seconds, virtual time the instance is ready)."""
+    def queue_load(
+        self, now: float, tier: LoadTier, nbytes: int, *, standard: bool = False
+    ) -> tuple[float, float]:
+        """Join the loading queue: (load seconds, virtual time the instance is ready).
+        `standard`: a download is written to SSD first, then read by a standard loader
+        at baseline_load_bps (no streaming, not Ember's loader)."""
         load_s = self.load_seconds(tier, nbytes)
+        if standard and tier == "registry":
+            load_s += nbytes / self.spec.baseline_load_bps
         begin = max(now, self.load_free_at)
         self.load_free_at = begin + load_s + self.spec.overhead_s
         return load_s, self.load_free_at

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,19 +23,26 @@ from typing import Any
 from ember.bench.cluster_report import RequestOutcome
 from ember.bench.cluster_workload import ClusterRequest
 from ember.cluster import candidates
-from ember.cluster.autoscaler import Autoscaler, InstanceLoad
+from ember.cluster.autoscaler import Autoscaler
 from ember.cluster.candidates import Candidates
 from ember.cluster.estimator import StartupTimeEstimator
 from ember.cluster.messages import BandwidthProbe, InstanceInfo, LoadTier
 from ember.cluster.migration_cost import MigrationCost
-from ember.cluster.placement import NodeView, Placement, RunningInstance, make_policy
-from ember.cluster.router import Router
+from ember.cluster.placement import IdleInstance, NodeView, Placement, RunningInstance, make_policy
+from ember.cluster.router import Route, Router
 from ember.cluster.state import Deployment
 from ember.errors import InvalidRequestError
 from ember.sim.config import ModelSpec, SimConfig
 from ember.sim.physics import SimServer
 
-POLICIES = ("startup-time-aware", "random", "round-robin", "remote-only", "startup-time-aware-no-migration")
+# remote-only+safetensors: remote-only placement whose starts download the checkpoint and
+# then load it with a standard loader (ServerSpec.baseline_load_bps), as ServerlessLLM's
+# Ray Serve and KServe baselines do; plain remote-only loads with Ember's own loader.
+SAFETENSORS = "remote-only+safetensors"
+POLICIES = (
+    "startup-time-aware", "random", "round-robin", "remote-only",
+    "startup-time-aware-no-migration", SAFETENSORS,
+)  # fmt: skip
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Simulator:
         self.cost = MigrationCost(config.migration_s_per_token, config.migration_fixed_s)
         migrate = policy == "startup-time-aware"
         base = "startup-time-aware" if policy.startswith("startup-time-aware") else policy
+        self.standard_loader = policy == SAFETENSORS
+        base = "remote-only" if self.standard_loader else base
         self.policy = make_policy(
             base, self.estimator, migration=self.cost if migrate else None, rng=random.Random(seed)
         )
@@ -92,6 +101,10 @@ class Simulator:
             self.estimator.calibrate(BandwidthProbe(s.node_id, bps))
         # which servers hold what, have room, are loading: placement shortlists from it
         self.candidates = Candidates(self.estimator, [s.status() for s in self.servers.values()])
+        # server -> its free slots plus those of its instances with nothing in flight (the
+        # most a start could have there), and how many servers have each such count
+        self._total_of = {n: s.free for n, s in self.servers.items()}
+        self._totals: Counter[int] = Counter(self._total_of.values())
         self.models = {m.name: m for m in config.models}
         self.deployments = {
             m.name: Deployment(m.name, m.name, 0, config.max_instances, config.max_batch, config.keep_alive_s)
@@ -102,6 +115,7 @@ class Simulator:
         self.pending: dict[str, list[bool]] = {}  # deployment -> its unplaced starts (delayed yet?)
         self.starts: dict[str, int] = {}
         self.migrations = 0
+        self.reclaims = 0
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._ids = itertools.count()
@@ -145,6 +159,8 @@ class Simulator:
         route = self.router.get(inst.id)
         assert route is not None
         self.router.begin(route, r.req.prompt_tokens + r.req.output_tokens)
+        if route.in_flight == 1:  # it was idle
+            self._touch(inst.server)
         r.instance = inst.id
         if len(inst.active) < self.config.max_batch:
             self._serve(inst, r)
@@ -169,8 +185,9 @@ class Simulator:
         del inst.active[r.index]
         if inst.queue:
             self._serve(inst, inst.queue.popleft())
-        if route.in_flight == 0:  # idle: its keep-alive runs from now
-            self.at(self.now + self.config.keep_alive_s, self._scale, route.deployment)
+        if route.in_flight == 0:
+            self._touch(inst.server)
+            self._went_idle(route.deployment)
 
     def _time_out(self, r: _Request) -> None:
         waiting = self.waiting.get(r.req.model, {})
@@ -199,6 +216,9 @@ class Simulator:
         model = self.models[name]
         while pending:
             p = candidates.place(self.policy, self.candidates, name, model.nbytes, model.slots, self._view_of)
+            for victim in p.reclaim if p is not None and p.action == "start" else ():
+                self.reclaims += 1  # an idle instance gives its slots to this start
+                self._stop(self.instances[victim])
             if p is None or p.action != "start":
                 pending[0] = True  # this start waits for a slot
                 if p is not None and p.action == "wait":
@@ -209,47 +229,74 @@ class Simulator:
             self._start(name, p, delayed=pending.pop(0))
 
     def _retry(self, name: str | None = None) -> None:
-        """A slot may have freed: try every deployment's pending starts, oldest first,
-        skipping those no server has room for yet (their wait timers still fire)."""
+        """A slot may have freed (or an instance gone idle): try every deployment's
+        pending starts, oldest first, skipping those no server has room for yet, free or
+        idle (their wait timers still fire)."""
         if name is not None:
             if name in self.pending:
                 self._scale(name)
             return
-        room = self.candidates.most_room()
+        room = self._room()
         for n in list(self.pending):
             if n in self.pending and self.models[n].slots <= room:
                 self._scale(n)
-                room = self.candidates.most_room()
+                room = self._room()
 
     def _view_of(self, node: str) -> NodeView:
         return self._view(self.servers[node])
 
+    def _room(self) -> int:
+        """The most slots a start could have on one server: free ones plus idle instances'."""
+        return max(self._totals)
+
+    def _touch(self, server: SimServer) -> None:
+        """`server` changed (a slot, a cache, a load, an instance gone idle or busy): index
+        it again, with the slots of the idle instances its view offers."""
+        spare = offered = 0
+        for route in self.router.on_node(server.node_id):
+            if route.ready and route.in_flight == 0:
+                inst = self.instances[route.instance_id]
+                spare += inst.model.slots
+                offered += inst.model.slots if self._offered(route, inst) else 0
+        self.candidates.update(server.status(), offered)
+        before = self._total_of[server.node_id]
+        self._totals[before] -= 1
+        if not self._totals[before]:
+            del self._totals[before]
+        self._total_of[server.node_id] = server.free + spare
+        self._totals[server.free + spare] += 1
+
+    def _offered(self, route: Route, inst: _Instance) -> bool:
+        """An instance with nothing in flight that a start may stop, as _view offers it
+        (the simulator's deployments keep no min_instances, so whether one is offered
+        changes only with its own server, which _touch then indexes again)."""
+        dep = self.deployments[route.deployment]
+        return (
+            inst.migrating_to is None
+            and inst.source is None
+            and len(self.router.routes(route.deployment)) > dep.min_instances
+        )
+
     def _view(self, server: SimServer) -> NodeView:
-        """The node as Instances.view() shows it to placement."""
+        """The node as Instances.view() shows it to placement: its busy instances (which
+        a migration may move) and its idle ones (which a start may stop, longest idle
+        first; a deployment keeps its min_instances)."""
         if server.free == server.spec.gpus:  # no instance there: nothing but its status
             return server.idle_view()
-        routes = self.router.on_node(server.node_id)
         running: list[RunningInstance] = []
-        free_in = float("inf")
-        for route in routes:
+        idle: list[tuple[float, IdleInstance]] = []
+        for route in self.router.on_node(server.node_id):
             inst = self.instances[route.instance_id]
-            if not route.ready:
+            if not route.ready or inst.migrating_to is not None or inst.source is not None:
                 continue
-            if route.in_flight > 0 and inst.migrating_to is None and inst.source is None:
-                running.append(
-                    RunningInstance(
-                        inst.id,
-                        inst.model.name,
-                        inst.model.nbytes,
-                        route.max_tokens_in_flight,
-                        inst.model.slots,
-                    )
-                )
-            load = InstanceLoad(route.instance_id, route.ready, route.in_flight, route.idle_since)
-            free_in = min(
-                free_in, max(0.0, self.autoscaler.expires_in(self.deployments[route.deployment], load))
-            )
-        return NodeView(server.status(), tuple(running), free_in)
+            if route.in_flight > 0:
+                tokens = route.max_tokens_in_flight
+                m = inst.model
+                running.append(RunningInstance(inst.id, m.name, m.nbytes, tokens, m.slots))
+            elif self._offered(route, inst):
+                idle.append((route.idle_since or 0.0, IdleInstance(inst.id, inst.model.slots)))
+        idle.sort(key=lambda pair: pair[0])
+        return NodeView(server.status(), tuple(running), idle=tuple(i for _, i in idle))
 
     def _start(self, name: str, p: Placement, *, delayed: bool, source: _Instance | None = None) -> _Instance:
         server = self.servers[p.node]
@@ -259,8 +306,8 @@ class Simulator:
         self.router.add(inst_id, name, server.node_id)
         tier = server.tier_of(name, cold=p.cold)
         token = self.estimator.begin(p.estimate)
-        load_s, ready_at = server.queue_load(self.now, tier, model.nbytes)
-        self.candidates.update(server.status())  # a slot taken, a load queued
+        load_s, ready_at = server.queue_load(self.now, tier, model.nbytes, standard=self.standard_loader)
+        self._touch(server)  # a slot taken, a load queued
         inst = _Instance(inst_id, model, server, tier, token, delayed, source=source.id if source else None)
         self.instances[inst_id] = inst
         self.starts[tier] = self.starts.get(tier, 0) + 1
@@ -275,13 +322,14 @@ class Simulator:
         )
         self.estimator.finish(inst.token, info)
         server.loaded(m.name, m.nbytes, inst.tier)
-        self.candidates.update(server.status())  # its caches, its queue, its calibration
+        self._touch(server)  # its caches, its queue, its calibration
         if inst.source is not None:  # a migration's destination: hand the requests over
             src_route = self.router.get(inst.source)  # None: it stopped meanwhile
             tokens = 0 if src_route is None else src_route.max_tokens_in_flight
             self.at(self.now + self.cost.seconds(tokens), self._handover, inst)
             return
         self.router.set_ready(inst.id)
+        self._touch(server)  # an instance with nothing in flight yet
         self._drain_waiting(inst)
 
     def _drain_waiting(self, inst: _Instance) -> None:
@@ -292,13 +340,22 @@ class Simulator:
             assert route is not None
             self._assign(self.instances[route.instance_id], r)
         self._scale(inst.model.name)
-        if self.router.get(inst.id) is not None and self.router.get(inst.id).in_flight == 0:  # type: ignore[union-attr]
-            self.at(self.now + self.config.keep_alive_s, self._scale, inst.model.name)
+        route = self.router.get(inst.id)
+        if route is not None and route.in_flight == 0:
+            self._went_idle(inst.model.name)
+
+    def _went_idle(self, name: str) -> None:
+        """An instance of `name` has nothing in flight: its keep-alive runs from now, and a
+        start waiting for a slot may take its slots at once (as Instances.place wakes
+        when a request ends)."""
+        self.at(self.now + self.config.keep_alive_s, self._scale, name)
+        if self.pending:
+            self.at(self.now, self._retry)
 
     def _stop(self, inst: _Instance) -> None:
         self.router.remove(inst.id)
         inst.server.give_back(inst.model.slots)
-        self.candidates.update(inst.server.status())
+        self._touch(inst.server)
         self.at(self.now, self._retry)
 
     # -- live migration ---------------------------------------------------------------
@@ -314,6 +371,7 @@ class Simulator:
         move = Placement("start", dest.node_id, est.tier, est.total_s, est)
         new = self._start(victim.model.name, move, delayed=False, source=victim)
         victim.migrating_to = new.id
+        self._touch(victim.server)  # not offered as idle any more
         self.migrations += 1
 
     def _handover(self, new: _Instance) -> None:
@@ -335,4 +393,5 @@ class Simulator:
             new.active, new.queue = src.active, src.queue
             src.active, src.queue = {}, deque()
             self._stop(src)
+        self._touch(new.server)  # ready, with its source's requests
         self._drain_waiting(new)

@@ -10,8 +10,9 @@ RegistryUnavailableError, which keeps a partial copy for the next try to resume.
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Iterator
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from collections.abc import Generator, Iterator, Mapping
+from contextlib import closing
+from urllib.parse import quote, unquote
 
 import httpx
 
@@ -22,6 +23,7 @@ from ember.errors import (
     RegistryUnavailableError,
 )
 from ember.store.format import INDEX_FILE
+from ember.store.http_ranges import RangeReader, shown_url
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 PIECE = 1 << 20  # bytes handed to the copier at a time
@@ -38,14 +40,6 @@ def make_client(connections: int) -> httpx.Client:
     )
 
 
-def shown_url(url: str) -> str:
-    """`url` as a log may show it: without user, password or query (where tokens go)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def _status_error(url: str, rel: str, status: int, what: str) -> RegistryError:
     message = f"the registry answered {status} for {rel} ({what})"
     if status >= 500 or status == 429:
@@ -57,9 +51,11 @@ class HttpSource:
     """The checkpoint directory at `url` (no trailing slash). Errors name the file;
     the URL (without credentials) is their detail, for the log."""
 
-    def __init__(self, client: httpx.Client, url: str) -> None:
+    def __init__(self, client: httpx.Client, url: str, ranges: RangeReader | None = None) -> None:
         self.client = client
         self.location = url.rstrip("/")
+        # byte ranges into a caller's buffer, without httpx's copies (None: through httpx)
+        self.ranges = ranges if ranges is not None and RangeReader.usable(self.location) else None
 
     def url_of(self, rel: str) -> str:
         return f"{self.location}/{quote(rel)}"
@@ -96,44 +92,33 @@ class HttpSource:
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         try:
             with self.client.stream("GET", url, headers=headers) as resp:
-                skip = self._check_range_answer(resp, rel, url, start, length, total)
+                skip = _check_range_answer(resp.status_code, resp.headers, rel, url, start, length, total)
                 yield from _take(_body(resp), skip, length, rel, url)
         except httpx.HTTPError as exc:
             raise _unavailable("transfer", rel, url, exc) from exc
 
-    @staticmethod
-    def _check_range_answer(
-        resp: httpx.Response, rel: str, url: str, start: int, length: int, total: int
-    ) -> int:
-        """Check status and sizes; returns how many leading body bytes to skip."""
-        where = shown_url(url)
-        if resp.status_code == 416:
-            raise RegistryError(
-                f"{rel} is shorter than the index says ({total} bytes): 416 for a range", detail=where
-            )
-        if resp.status_code == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
-            if m is None:
-                raise RegistryError(
-                    f"{rel}: bad Content-Range {resp.headers.get('content-range')!r}", detail=where
-                )
-            first, last, whole = int(m[1]), int(m[2]), m[3]
-            if whole != "*" and int(whole) != total:
-                raise RegistryError(f"{rel} is {whole} bytes, the index says {total}", detail=where)
-            if first != start or last != start + length - 1:
-                raise RegistryError(
-                    f"{rel}: the registry sent bytes {first}-{last} for a request of "
-                    f"{start}-{start + length - 1}",
-                    detail=where,
-                )
-            return 0
-        if resp.status_code == 200:
-            # A server that ignores Range sends the whole file; use the part we asked for.
-            size = resp.headers.get("content-length")
-            if size is not None and int(size) != total:
-                raise RegistryError(f"{rel} is {size} bytes, the index says {total}", detail=where)
-            return start
-        raise _status_error(url, rel, resp.status_code, f"bytes {start}-{start + length - 1}")
+    def read_range_into(self, rel: str, start: int, total: int, out: memoryview) -> Iterator[int]:
+        """Bytes [start, start + len(out)) of file `rel` (`total` bytes) into `out`,
+        yielding how many more landed as they arrive; checked as read_range checks."""
+        url, length = self.url_of(rel), len(out)
+        if self.ranges is not None:
+
+            def check(status: int, headers: Mapping[str, str]) -> int:
+                if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+                    raise _EncodedError
+                return _check_range_answer(status, headers, rel, url, start, length, total)
+
+            try:
+                yield from self.ranges.read_into(url, start, out, check)
+                return
+            except _EncodedError:
+                pass  # encoded although asked for identity: httpx decodes it below
+        at = 0
+        with closing(self.read_range(rel, start, length, total)) as pieces:
+            for piece in pieces:
+                out[at : at + len(piece)] = piece
+                at += len(piece)
+                yield len(piece)
 
     def read_file(self, rel: str, size: int) -> bytes:
         url = self.url_of(rel)
@@ -155,6 +140,42 @@ class HttpSource:
     def where(self, rel: str) -> str:
         """Where file `rel` is, for the log (the URL without credentials)."""
         return shown_url(self.url_of(rel))
+
+
+class _EncodedError(Exception):
+    """A range answer with a Content-Encoding, which only httpx decodes."""
+
+
+def _check_range_answer(
+    status: int, headers: Mapping[str, str], rel: str, url: str, start: int, length: int, total: int
+) -> int:
+    """Check status and sizes; returns how many leading body bytes to skip."""
+    where = shown_url(url)
+    if status == 416:
+        raise RegistryError(
+            f"{rel} is shorter than the index says ({total} bytes): 416 for a range", detail=where
+        )
+    if status == 206:
+        m = _CONTENT_RANGE.match(headers.get("content-range", ""))
+        if m is None:
+            raise RegistryError(f"{rel}: bad Content-Range {headers.get('content-range')!r}", detail=where)
+        first, last, whole = int(m[1]), int(m[2]), m[3]
+        if whole != "*" and int(whole) != total:
+            raise RegistryError(f"{rel} is {whole} bytes, the index says {total}", detail=where)
+        if first != start or last != start + length - 1:
+            raise RegistryError(
+                f"{rel}: the registry sent bytes {first}-{last} for a request of "
+                f"{start}-{start + length - 1}",
+                detail=where,
+            )
+        return 0
+    if status == 200:
+        # A server that ignores Range sends the whole file; use the part we asked for.
+        size = headers.get("content-length")
+        if size is not None and int(size) != total:
+            raise RegistryError(f"{rel} is {size} bytes, the index says {total}", detail=where)
+        return start
+    raise _status_error(url, rel, status, f"bytes {start}-{start + length - 1}")
 
 
 def _unavailable(what: str, rel: str, url: str, exc: httpx.HTTPError) -> RegistryUnavailableError:

@@ -24,7 +24,8 @@ from ember.errors import (
 from ember.store.catalog import check_name
 from ember.store.checksum import digest
 from ember.store.format import INDEX_FILE, CheckpointIndex
-from ember.store.http_source import HttpSource, make_client, shown_url
+from ember.store.http_ranges import RangeReader, shown_url
+from ember.store.http_source import HttpSource, make_client
 from ember.store.local import is_store_root
 from ember.store.transfer import (
     DEFAULT_RANGE_BYTES,
@@ -90,24 +91,45 @@ class DirectorySource:
             ) from exc
 
     def read_range(self, rel: str, start: int, length: int, total: int) -> Generator[bytes]:
+        fd = self._open(rel, total)
+        try:
+            done = 0
+            while done < length:
+                data = os.pread(fd, min(PIECE, length - done), start + done)
+                if not data:
+                    raise self._bad(f"{rel} ended early at byte {start + done}", detail=self.where(rel))
+                done += len(data)
+                yield data
+        finally:
+            os.close(fd)
+
+    def read_range_into(self, rel: str, start: int, total: int, out: memoryview) -> Iterator[int]:
+        """Bytes [start, start + len(out)) of `rel` read straight into `out` (no copy
+        through Python bytes), yielding how many more landed, a piece at a time."""
+        fd = self._open(rel, total)
+        try:
+            done = 0
+            while done < len(out):
+                n = os.preadv(fd, [out[done : done + min(PIECE, len(out) - done)]], start + done)
+                if n == 0:
+                    raise self._bad(f"{rel} ended early at byte {start + done}", detail=self.where(rel))
+                done += n
+                yield n
+        finally:
+            os.close(fd)
+
+    def _open(self, rel: str, total: int) -> int:
+        """File `rel` open for reading, checked to be `total` bytes."""
         path = self.root / rel
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise self._bad(f"{rel} is missing", detail=str(path)) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if size != total:
-                raise self._bad(f"{rel} is {size} bytes, the index says {total}", detail=str(path))
-            done = 0
-            while done < length:
-                data = os.pread(fd, min(PIECE, length - done), start + done)
-                if not data:
-                    raise self._bad(f"{rel} ended early at byte {start + done}", detail=str(path))
-                done += len(data)
-                yield data
-        finally:
+        size = os.fstat(fd).st_size
+        if size != total:
             os.close(fd)
+            raise self._bad(f"{rel} is {size} bytes, the index says {total}", detail=str(path))
+        return fd
 
     def read_file(self, rel: str, size: int) -> bytes:
         try:
@@ -199,9 +221,10 @@ class HttpRegistry:
         self.retries, self.backoff_s = retries, backoff_s
         self.stream_settings = stream or StreamSettings(retries=retries, backoff_s=backoff_s)
         self._client = make_client(max(connections, self.stream_settings.connections))
+        self._ranges = RangeReader(self.stream_settings.connections)  # downloads into DRAM
 
     def _source(self, name: str) -> HttpSource:
-        return HttpSource(self._client, f"{self.location}/{quote(check_name(name))}")
+        return HttpSource(self._client, f"{self.location}/{quote(check_name(name))}", self._ranges)
 
     def fetch(self, name: str, dest: Path, *, progress: Progress | None = None) -> Path:
         with _in_registry(self.described, shown_url(self.location), name):
@@ -239,6 +262,7 @@ class HttpRegistry:
 
     def close(self) -> None:
         self._client.close()
+        self._ranges.close()
 
     def __enter__(self) -> HttpRegistry:
         return self

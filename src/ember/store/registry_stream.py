@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from ember.store.checksum import digest
 from ember.store.format import INDEX_FILE, CheckpointIndex, PartitionEntry
 from ember.store.loader import LoadProgress, in_need_order
 from ember.store.read_plan import ReadJob, plan_reads, tensor_views
-from ember.store.transfer import CheckpointSource, Progress, StreamSettings
+from ember.store.transfer import CheckpointSource, IntoSource, Progress, StreamSettings
 
 
 @dataclass(frozen=True)
@@ -219,12 +219,9 @@ class RegistryStream:
         stop = min(end * cs, part.size)
         at = start  # file offset of the next byte
         boundary = min((k + 1) * cs, part.size)
-        with closing(self.source.read_range(part.file, start, stop - start, part.size)) as pieces:
-            for piece in pieces:
-                n = len(piece)
-                if at + n > stop:
-                    n = stop - at  # a source never sends more; this guards the buffer
-                whole[base + at : base + at + n] = piece[:n] if n != len(piece) else piece
+        out = whole[base + start : base + stop]
+        with closing(self._land(part, start, out)) as landed:
+            for n in landed:
                 at += n
                 while at >= boundary and k < end:
                     self._verify(p, part, k, whole)
@@ -237,6 +234,20 @@ class RegistryStream:
                 f"{part.file}: the body ended early", detail=self.source.where(part.file)
             )
         return k
+
+    def _land(self, part: PartitionEntry, start: int, out: memoryview) -> Generator[int]:
+        """Bytes [start, start + len(out)) of the partition into `out`, yielding how
+        many more landed: read straight into it where the source can, else copied."""
+        if isinstance(self.source, IntoSource):
+            yield from self.source.read_range_into(part.file, start, part.size, out)
+            return
+        at = 0
+        with closing(self.source.read_range(part.file, start, len(out), part.size)) as pieces:
+            for piece in pieces:
+                n = min(len(piece), len(out) - at)  # a source never sends more; this guards the buffer
+                out[at : at + n] = piece[:n] if n != len(piece) else piece
+                at += n
+                yield n
 
     def _verify(self, p: int, part: PartitionEntry, k: int, whole: memoryview) -> None:
         cs = self.index.chunk_size

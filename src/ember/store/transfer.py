@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ember.errors import (
     CheckpointError,
@@ -87,6 +87,16 @@ class CheckpointSource(Protocol):
 
     def where(self, rel: str) -> str:
         """Where file `rel` is, for the log: a path, or a URL without credentials."""
+        ...
+
+
+@runtime_checkable
+class IntoSource(Protocol):
+    """A source that can also read a range straight into a caller's buffer."""
+
+    def read_range_into(self, rel: str, start: int, total: int, out: memoryview) -> Iterator[int]:
+        """Bytes [start, start + len(out)) of file `rel` (`total` bytes) into `out`,
+        yielding how many more bytes landed (in order) as they arrive."""
         ...
 
 
