@@ -11,21 +11,27 @@ policy decides the same over a shortlist, in the given order, of:
   estimated one by one;
 - of the groups with the lowest download estimate, the first node in the given order,
   once among all their nodes and once among those with room for the instance (a
-  group's first node is the one a tie goes to).
+  group's first node is the one a tie goes to);
+- likewise among the nodes that lack room but have it once their idle instances
+  stop (NodeView.idle: the policy's reclaim option), holders and loading nodes
+  included.
 
 When the shortlist's best node is full and runs instances the policy may migrate,
 the destinations of those instances need the same treatment for their models:
 `place` then adds, for each, its holders and the first node with room of every
 group (a migration's value stops falling once the move is shorter than the source's
 loading queue, so every group's first node can be the answer). The baselines look at
-nodes with room only, and get exactly those.
+nodes with room, and when there are none, at the nodes with room once their idle
+instances stop: they get exactly those.
 
 Proven for NodeView's fields as they are: a field that gives a node room another way
-(stopping its idle instances, say) must be indexed here before shortlisting is
-trusted with it, and until then `place` shows the policy every node.
+must be indexed here before shortlisting is trusted with it, and until then `place`
+shows the policy every node.
 
-The index is its owner's to keep true: update(status) after a node's status or its
-estimator state changed (a load begun, finished or cancelled; a calibration).
+The index is its owner's to keep true: update(status, idle) after a node's status,
+its idle instances (`idle`: the slots of those its NodeView offers; one turned idle,
+busy, or stopped) or its estimator state changed (a load begun, finished or
+cancelled; a calibration).
 Nodes are ordered by their first update. tests/cluster/test_candidates.py checks
 the decisions against the policy's over every node on random clusters.
 """
@@ -80,8 +86,9 @@ class _Group:
 
 
 class Candidates:
-    """Which nodes hold which checkpoint, which have room, which are loading and until
-    when: the index behind shortlist() (see the module doc)."""
+    """Which nodes hold which checkpoint, which have room (free, or once their idle
+    instances stop), which are loading and until when: the index behind shortlist()
+    (see the module doc)."""
 
     def __init__(self, estimator: StartupTimeEstimator, statuses: Iterable[NodeStatus] = ()) -> None:
         self.estimator = estimator
