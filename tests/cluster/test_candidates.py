@@ -142,7 +142,10 @@ def _build(cluster: list[Node], later_s: float) -> Built:
             est.finish(token, loaded(node, "dram", 1 << 20, 0.01, n.overhead_s))
         for nbytes in n.loads:
             est.begin(est.estimate(n.status, "z", nbytes))
-        index.update(n.status, sum(i.slots for i in n.idle))
+        idle = sum(i.slots for i in n.idle)
+        index.update(n.status, idle + 1)  # then instances turn busy and idle again:
+        index.set_idle(node, 0)
+        index.set_idle(node, idle)
     clock.advance(later_s)
     views = {n.status.node_id: NodeView(n.status, n.running, n.free_in, n.idle) for n in cluster}
     return est, index, views

@@ -120,6 +120,29 @@ class Candidates:
             self._ids.append(node)
         self._index(status, idle, after - before)
 
+    def set_idle(self, node: str, idle: int) -> None:
+        """Only the slots of `node`'s idle instances changed (an instance turned idle or
+        busy; its status and estimator state are as last updated): update() for less."""
+        old, status, pos = self._idle[node], self._status[node], self._pos[node]
+        if idle == old:
+            return
+        key, end = self._entry[node]
+        group = self._groups[key]
+        lo, hi = status.free_slots + min(old, idle) + 1, status.free_slots + max(old, idle)
+        while len(self._total) <= hi:
+            self._total.append([])
+        for k in range(lo, hi + 1):  # the counts of free + idle slots it gains or loses
+            if idle > old:
+                bisect.insort(self._total[k], pos)
+            else:
+                _remove(self._total[k], pos)
+        for k in range(lo, min(hi, group.slots) + 1):
+            if idle > old:
+                bisect.insort(group.reclaim[k], (end, pos))
+            else:
+                _remove(group.reclaim[k], (end, pos))
+        self._idle[node] = idle
+
     def remove(self, node: str) -> None:
         """The node takes no placements any more (it is down)."""
         if node in self._status:

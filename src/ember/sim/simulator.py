@@ -160,7 +160,7 @@ class Simulator:
         assert route is not None
         self.router.begin(route, r.req.prompt_tokens + r.req.output_tokens)
         if route.in_flight == 1:  # it was idle
-            self._touch(inst.server)
+            self._touch(inst.server, idle_only=True)
         r.instance = inst.id
         if len(inst.active) < self.config.max_batch:
             self._serve(inst, r)
@@ -186,7 +186,7 @@ class Simulator:
         if inst.queue:
             self._serve(inst, inst.queue.popleft())
         if route.in_flight == 0:
-            self._touch(inst.server)
+            self._touch(inst.server, idle_only=True)
             self._went_idle(route.deployment)
 
     def _time_out(self, r: _Request) -> None:
@@ -249,16 +249,20 @@ class Simulator:
         """The most slots a start could have on one server: free ones plus idle instances'."""
         return max(self._totals)
 
-    def _touch(self, server: SimServer) -> None:
+    def _touch(self, server: SimServer, *, idle_only: bool = False) -> None:
         """`server` changed (a slot, a cache, a load, an instance gone idle or busy): index
-        it again, with the slots of the idle instances its view offers."""
+        it again, with the slots of the idle instances its view offers. `idle_only`:
+        nothing changed but which instances are idle."""
         spare = offered = 0
         for route in self.router.on_node(server.node_id):
             if route.ready and route.in_flight == 0:
                 inst = self.instances[route.instance_id]
                 spare += inst.model.slots
                 offered += inst.model.slots if self._offered(route, inst) else 0
-        self.candidates.update(server.status(), offered)
+        if idle_only:
+            self.candidates.set_idle(server.node_id, offered)
+        else:
+            self.candidates.update(server.status(), offered)
         before = self._total_of[server.node_id]
         self._totals[before] -= 1
         if not self._totals[before]:
