@@ -101,6 +101,8 @@ class Simulator:
             self.estimator.calibrate(BandwidthProbe(s.node_id, bps))
         # which servers hold what, have room, are loading: placement shortlists from it
         self.candidates = Candidates(self.estimator, [s.status() for s in self.servers.values()])
+        # a cluster this small is shown to placement whole: the index is not asked, nor kept
+        self._indexed = config.servers > candidates.FEW_NODES
         # server -> its free slots plus those of its instances with nothing in flight (the
         # most a start could have there), and how many servers have each such count
         self._total_of = {n: s.free for n, s in self.servers.items()}
@@ -258,10 +260,11 @@ class Simulator:
             if route.ready and route.in_flight == 0:
                 inst = self.instances[route.instance_id]
                 spare += inst.model.slots
-                offered += inst.model.slots if self._offered(route, inst) else 0
-        if idle_only:
+                if self._indexed and self._offered(route, inst):
+                    offered += inst.model.slots
+        if self._indexed and idle_only:
             self.candidates.set_idle(server.node_id, offered)
-        else:
+        elif self._indexed:
             self.candidates.update(server.status(), offered)
         before = self._total_of[server.node_id]
         self._totals[before] -= 1
