@@ -241,7 +241,8 @@ class ColdTiers:
             for name in node.store.disk.names():
                 copy = node.store.disk.path(name)
                 if copy is not None and "dram" not in node.store.holds(name):
-                    paths.extend(files_under(copy))
+                    with contextlib.suppress(OSError):  # evicted while we list it
+                        paths.extend(files_under(copy))
         for path in paths:
             with contextlib.suppress(OSError):  # a copy written or dropped meanwhile
                 evict_page_cache([path])

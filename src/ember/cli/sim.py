@@ -21,9 +21,15 @@ if TYPE_CHECKING:  # the simulator loads when the command runs
     from ember.sim.from_bench import BenchRun
     from ember.sim.run import WorkloadSpec
 
-DEFAULT_POLICIES = (
-    "startup-time-aware,random,round-robin,remote-only,"
-    "startup-time-aware-no-migration,remote-only+safetensors"
+DEFAULT_POLICIES = ",".join(
+    [
+        "startup-time-aware",
+        "random",
+        "round-robin",
+        "remote-only",
+        "startup-time-aware-no-migration",
+        "remote-only+safetensors",
+    ]
 )
 
 

@@ -100,7 +100,7 @@ class Controller:
         self.instances = Instances(
             self.nodes, router=self.router, state=self.state, estimator=self.estimator, policy=self.policy,
             cost=self.migration_cost, events=self.events, config=self.config,
-            deployment=self._deps.get, starts=self.starts,
+            deployment=self._deps.get, starts=self.starts, waiting=self._waiting.__getitem__,
         )  # fmt: skip
         self._changed = self.instances.changed
         self._ticker: asyncio.Task[None] | None = None
@@ -362,37 +362,47 @@ class Controller:
     # -- routing ----------------------------------------------------------------------
 
     async def _route(self, name: str) -> Route:
-        route = self.router.pick(name)
-        if route is not None:
-            return route
-        failures = self.instances.failures
+        """A ready instance of `name`, waiting (bounded) while one starts; the start's
+        error if it failed with no other instance or start left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.start_timeout_s
+        while (route := self.router.pick(name)) is None:
+            if name not in self._deps:
+                raise ModelNotFoundError(f"the model '{name}' was deleted", param="model")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise OverloadedError(
+                    f"no instance of {name!r} became ready within {self.config.start_timeout_s:g} s",
+                    retry_after_s=5.0,
+                )
+            await self._wait_for_instance(name, remaining)  # starts one if none is starting
+            if self.router.pick(name) is None and (error := self._failed(name)) is not None:
+                raise error
+        return route
+
+    def _failed(self, name: str) -> BaseException | None:
+        """Why `name` cannot start, once no instance or start of it is left."""
+        if self.router.routes(name) or self.instances.placing[name]:
+            return None
+        return self.instances.failures.get(name)
+
+    async def _wait_for_instance(self, name: str, timeout_s: float) -> None:
+        """Until an instance of `name` is ready, it is deleted, its start failed, or
+        `timeout_s`; a waiting request counts as demand (reconcile starts one). The
+        caller looks again: a new start may have begun meanwhile."""
         self._waiting[name] += 1
         try:
             self.reconcile(name)
 
             def settled() -> bool:
                 gone = name not in self._deps
-                failed = (
-                    name in failures and not self.router.routes(name) and not self.instances.placing[name]
-                )
-                return gone or failed or self.router.pick(name) is not None
+                return gone or self._failed(name) is not None or self.router.pick(name) is not None
 
             async with self._changed:
-                try:
-                    await asyncio.wait_for(self._changed.wait_for(settled), self.config.start_timeout_s)
-                except TimeoutError:
-                    raise OverloadedError(
-                        f"no instance of {name!r} became ready within {self.config.start_timeout_s:g} s",
-                        retry_after_s=5.0,
-                    ) from None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait_for(settled), timeout_s)
         finally:
             self._waiting[name] -= 1
-        route = self.router.pick(name)
-        if route is not None:
-            return route
-        if name not in self._deps:
-            raise ModelNotFoundError(f"the model '{name}' was deleted", param="model")
-        raise failures[name]
 
     # -- scaling ----------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class Instances:
         deployment: Callable[[str], Deployment | None],
         starts: StartFailures | None = None,
         new_id: Callable[[], str] | None = None,
+        waiting: Callable[[str], int] = lambda deployment: 0,
     ) -> None:
         self.nodes = nodes
         self.new_id = new_id or _random_id  # instance ids; inject a counter for reproducible runs
@@ -77,6 +78,7 @@ class Instances:
         self.events = events
         self.config = config
         self.deployment = deployment
+        self.waiting = waiting  # deployment -> its requests waiting for an instance
         self.failures: dict[str, BaseException] = {}  # deployment -> why its last start failed
         self.placing: Counter[str] = Counter()  # deployment -> its starts not placed yet (no route)
         self.stopping: set[str] = set()  # instance ids a stop() is under way for
@@ -335,7 +337,10 @@ class Instances:
         routes = []
         for instance_id in instance_ids:
             route = self.router.get(instance_id)
-            if route is not None and route.ready and not route.draining and route.in_flight == 0:
+            if (
+                route is not None and route.ready and not route.draining and route.in_flight == 0
+                and instance_id not in self._sources and not self.waiting(route.deployment)
+            ):  # fmt: skip
                 self.router.drain(instance_id)
                 self.events.reclaimed(route.deployment)
                 routes.append(route)
@@ -354,9 +359,9 @@ class Instances:
             dep = self.deployment(r.deployment)
             if r.draining:
                 free_in = min(free_in, 0.0 if r.in_flight == 0 else math.inf)
-            elif dep is None or not r.ready:
-                continue
-            elif r.in_flight == 0:
+            elif dep is None or not r.ready or r.instance_id in self._sources:
+                continue  # a migration's destination is idle only until its hand-over
+            elif r.in_flight == 0 and not self.waiting(dep.name):  # else they are on their way to it
                 if dep.name not in spare:
                     spare[dep.name] = len(self.router.loads(dep.name)) - dep.min_instances
                 if spare[dep.name] > 0:
