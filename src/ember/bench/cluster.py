@@ -65,6 +65,7 @@ class ClusterReport:
     requests: list[ClusterRequest]
     runs: list[PolicyRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    code: str | None = field(default_factory=code_commit)  # the commit it started on (a checkout may move)
 
     def to_json(self) -> dict[str, Any]:
         """The report; "cluster", "models" (slots: GPU slots an instance takes) and
@@ -89,7 +90,7 @@ class ClusterReport:
             "requests": len(self.requests),
             "duration_s": self.requests[-1].arrival_s if self.requests else 0.0,
             "workload": {**self.config.workload, "seed": self.config.seed},
-            "code": code_commit(),
+            "code": self.code,
             "trace": [dict(zip(CLUSTER_COLUMNS, astuple(r), strict=True)) for r in self.requests],
             "policies": {r.policy: r.summary for r in self.runs},
             "notes": self.notes,
