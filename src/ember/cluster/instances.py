@@ -337,14 +337,20 @@ class Instances:
         routes = []
         for instance_id in instance_ids:
             route = self.router.get(instance_id)
-            if (
-                route is not None and route.ready and not route.draining and route.in_flight == 0
-                and instance_id not in self._sources and not self.waiting(route.deployment)
-            ):  # fmt: skip
+            if route is not None and self._stoppable(route):
                 self.router.drain(instance_id)
                 self.events.reclaimed(route.deployment)
                 routes.append(route)
         await asyncio.gather(*(self.stop(r) for r in routes))
+
+    def _stoppable(self, route: Route) -> bool:
+        """Idle and needed by nothing in flight: no request on it or on its way to it (its
+        deployment's waiting requests), not a migration's destination before its
+        hand-over. (A deployment's min_instances is view()'s to keep.)"""
+        return (
+            route.ready and not route.draining and route.in_flight == 0
+            and route.instance_id not in self._sources and not self.waiting(route.deployment)
+        )  # fmt: skip
 
     def view(self, status: NodeStatus, spare: dict[str, int] | None = None) -> NodeView:
         """A node as placement sees it; slots count this controller's instances, so two
@@ -359,9 +365,9 @@ class Instances:
             dep = self.deployment(r.deployment)
             if r.draining:
                 free_in = min(free_in, 0.0 if r.in_flight == 0 else math.inf)
-            elif dep is None or not r.ready or r.instance_id in self._sources:
-                continue  # a migration's destination is idle only until its hand-over
-            elif r.in_flight == 0 and not self.waiting(dep.name):  # else they are on their way to it
+            elif dep is None or not r.ready:
+                continue
+            elif self._stoppable(r):
                 if dep.name not in spare:
                     spare[dep.name] = len(self.router.loads(dep.name)) - dep.min_instances
                 if spare[dep.name] > 0:
