@@ -45,7 +45,7 @@ def report(tiny_llama: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactor
         nodes=2, slots=1, dram_bytes=4 * nbytes, disk_bytes=4 * nbytes, keep_alive_s=0.3,
         start_timeout_s=60.0, engine_options=ENGINE,
     )  # fmt: skip
-    cfg = ClusterBenchConfig(BENCH_POLICIES, shape, max_model_len=128)
+    cfg = ClusterBenchConfig(BENCH_POLICIES, shape, max_model_len=128, registry_bps=1e9)  # an 8 Gb/s link
     work = tmp_path_factory.mktemp("cluster-bench")
     result = run_cluster_bench(models, WORKLOAD, work, cfg)
     return {"json": result.to_json(), "outcomes": result.outcomes()}
@@ -57,6 +57,7 @@ def test_every_policy_reports_latencies_and_starts_that_add_up(report: dict[str,
     data = report["json"]
     assert list(data["policies"]) == list(BENCH_POLICIES)
     assert data["cluster"]["nodes"] == 2 and data["requests"] == len(WORKLOAD)
+    assert data["cluster"]["registry_bps"] == 1e9 and "behind a 8 Gb/s link" in " ".join(data["notes"])
     for name, p in data["policies"].items():
         for f in FIELDS:
             assert f in p, (name, f)
@@ -150,6 +151,7 @@ def test_bad_flags_are_clear_errors() -> None:
         (["--policies", "fastest"], "--policies"),
         (["--random-models", "2", "--models", "a"], "not both"),
         (["--random-models", "2", "--rate", "0"], "--rate must be a positive number"),
+        (["--random-models", "2", "--registry-gbps", "-1"], "--registry-gbps must be a positive number"),
     ):
         result = runner.invoke(app, ["bench", "cluster", *args])
         assert result.exit_code == 1, result.output

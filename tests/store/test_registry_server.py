@@ -12,7 +12,7 @@ import pytest
 from ember.errors import CheckpointNotFoundError, RegistryError
 from ember.store import load_tensors
 from ember.store.registry import DirectoryRegistry, HttpRegistry
-from ember.store.registry_server import RegistryServer
+from ember.store.registry_server import Link, RegistryServer
 from tests.store.conftest import assert_same_tensors, write_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,3 +85,25 @@ def test_a_store_served_to_the_nodes_calls_itself_the_store_when_a_checkpoint_is
     assert "http" not in caught.value.public
     with HttpRegistry(server.url) as registry, pytest.raises(missing, match="not in the registry"):
         registry.size("ghost")
+
+
+def test_a_link_books_each_send_after_the_last_and_waits_until_its_bytes_crossed() -> None:
+    now, slept = [10.0], []
+    link = Link(100.0, clock=lambda: now[0], sleep=slept.append)
+    link.book(50)  # 0.5 s on an idle link
+    link.book(100)  # after the first: done 1.5 s from now
+    now[0] = 20.0  # the link went idle meanwhile: no backlog carried over
+    link.book(10)
+    assert slept == pytest.approx([0.5, 1.5, 0.1])
+    with pytest.raises(ValueError, match="positive"):
+        Link(0)
+
+
+def test_a_server_behind_a_link_serves_the_same_bytes_in_pieces(tmp_path: Path) -> None:
+    want = write_checkpoint(tmp_path / "store" / "m", mib=2, seed=4, partition_mib=1)
+    with (
+        RegistryServer(tmp_path / "store", link_bps=1e9) as server,
+        HttpRegistry(server.url, range_bytes=768 << 10) as registry,  # ranges of 3 link pieces
+    ):
+        dest = registry.fetch("m", tmp_path / "copy")
+    assert_same_tensors(load_tensors(dest), want)

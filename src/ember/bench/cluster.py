@@ -21,7 +21,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class ClusterBenchConfig:
     shape: ClusterShape
     seed: int = 0
     max_model_len: int = 2048  # prompt + output of each request is cut to fit
+    registry_bps: float | None = None  # the registry's link, bytes/s (None: loopback's own speed)
     # how the workload was made (the CLI's flags: requests, rate, zipf, ... or trace),
     # recorded in the JSON beside the trace itself
     workload: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +86,7 @@ class ClusterReport:
                 "start_timeout_s": shape.start_timeout_s,
                 "max_model_len": self.config.max_model_len,
                 "engine_options": shape.engine_options,
+                "registry_bps": self.config.registry_bps,
             },
             "models": [{"name": m.name, "nbytes": m.nbytes, "slots": 1} for m in self.models],
             "requests": len(self.requests),
@@ -237,7 +239,7 @@ def run_policy(
         with ClusterServer(home, registry_url, registry_root, policy, cfg.shape) as server:
             for m in models:
                 server.deploy(m.name, max_instances=MAX_INSTANCES)
-            began = time.perf_counter()
+            began, began_mono = time.perf_counter(), time.monotonic()
             outcomes = asyncio.run(send_workload(server, requests, prompts, on_done))
             wall = time.perf_counter() - began
             server.submit(server.controller.settle()).result()
@@ -250,6 +252,10 @@ def run_policy(
                 "loads": log.load_figures(),
                 "loads_recorded": server.loads(),  # by the controller, to check `starts` against
                 "inference": inference_costs(requests, outcomes),
+                # the raw records, for looking into a policy's choices
+                "outcomes": [asdict(o) for o in outcomes],
+                "start_records": log.start_records(),
+                "decisions": [{**d, "at": d["at"] - began_mono} for d in log.decisions],
             }
             summary = policy_summary(
                 outcomes, starts=log.by_tier(), migrations=log.migrations, reclaims=log.reclaims, extra=extra
@@ -287,10 +293,11 @@ def run_cluster_bench(
 
         return one
 
-    with serve_registry(registry) as url:
+    with serve_registry(registry, cfg.registry_bps) as url:
         for policy in cfg.policies:
             run = run_policy(policy, work, url, registry, cfg, requests, prompts, models, step(policy))
             report.runs.append(run)
     size = sum(m.nbytes for m in models)
-    report.notes.append(f"registry: {len(models)} models, {size / 1e9:.2f} GB over loopback HTTP")
+    link = f" behind a {cfg.registry_bps * 8 / 1e9:g} Gb/s link" if cfg.registry_bps else ""
+    report.notes.append(f"registry: {len(models)} models, {size / 1e9:.2f} GB over loopback HTTP{link}")
     return report

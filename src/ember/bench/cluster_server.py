@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,12 @@ class StartLog:
     migrations: int = 0
     migrated_requests: int = 0
     reclaims: int = 0  # idle instances stopped early because a start needed their slot
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # every placement, in order
+
+    def start_records(self) -> list[dict[str, Any]]:
+        """Every start, in order: where, from which tier, and its load and start-up s."""
+        keys = ("instance_id", "model", "node", "tier", "nbytes", "load_s", "startup_s")
+        return [{k: getattr(info, k) for k in keys} for info in self.infos.values()]
 
     def by_tier(self) -> dict[str, int]:
         counts = Counter(self.tiers.values())
@@ -114,12 +121,22 @@ class CountingPolicy:
         self, checkpoint: str, nbytes: int, nodes: Sequence[NodeView], slots: int = 1
     ) -> Placement | None:
         placement = self.inner.place(checkpoint, nbytes, nodes, slots)
+        self.log.decisions.append(_decision(checkpoint, placement))
         if placement is None or placement.action != "start":
             self._held.add(checkpoint)
         elif checkpoint in self._held:
             self._held.discard(checkpoint)
             self.log.held.add(checkpoint)
         return placement
+
+
+def _decision(checkpoint: str, p: Placement | None) -> dict[str, Any]:
+    if p is None:
+        return {"at": time.monotonic(), "model": checkpoint, "action": None}
+    return {
+        "at": time.monotonic(), "model": checkpoint, "action": p.action, "node": p.node, "tier": p.tier,
+        "estimate_s": p.estimate_s, "wait_s": p.wait_s, "reclaim": len(p.reclaim), "migrate_to": p.migrate_to,
+    }  # fmt: skip
 
 
 class CountingEvents:

@@ -98,6 +98,10 @@ def cluster_command(
     dram_bytes: Annotated[int, typer.Option(min=1, help="Each node's DRAM pool, bytes.")] = 1 << 30,
     disk_bytes: Annotated[int, typer.Option(min=1, help="Each node's disk cache, bytes.")] = 2 << 30,
     keep_alive: Annotated[float, typer.Option(help="Keep-alive of every deployment, s.")] = 10.0,
+    registry_gbps: Annotated[
+        float | None,
+        typer.Option(help="Put the registry behind a link of this many Gb/s (default: loopback's speed)."),
+    ] = None,
     policies: Annotated[str, typer.Option(help="Placement policies, run one after another.")] = (
         DEFAULT_POLICIES
     ),
@@ -133,6 +137,8 @@ def cluster_command(
                         ("--output-scale", output_scale)):  # fmt: skip
         _check(flag, value)
     _check("--keep-alive", keep_alive, positive=False)
+    if registry_gbps is not None:
+        _check("--registry-gbps", registry_gbps)
     home = ember_home()
     shape = ClusterShape(nodes, slots, dram_bytes, disk_bytes, keep_alive, engine_options=ENGINE)
     opts: dict[str, float | int | str] = {
@@ -140,7 +146,10 @@ def cluster_command(
         "prompt_scale": prompt_scale, "output_scale": output_scale,
     }  # fmt: skip
     made = {"trace": str(trace), "requests": requests} if trace is not None else opts
-    cfg = ClusterBenchConfig(names, shape, seed=seed, max_model_len=MAX_MODEL_LEN, workload=dict(made))
+    link_bps = registry_gbps * 1e9 / 8 if registry_gbps is not None else None
+    cfg = ClusterBenchConfig(
+        names, shape, seed=seed, max_model_len=MAX_MODEL_LEN, workload=dict(made), registry_bps=link_bps
+    )
     with stage_progress({}) as p:
         p("preparing the models", 0, 0)
         bench_models = _models(models, random_models, sizes, home)
