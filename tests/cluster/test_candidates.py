@@ -30,6 +30,7 @@ from tests.cluster.fakes import GB, FakeClock, loaded
 pytestmark = pytest.mark.timeout(120)
 CHECKPOINTS = ("a", "b", "c")
 SIZES = {"a": 2 * GB, "b": 8 * GB, "c": 30 * GB}
+IDLE_IN = (math.inf, math.inf, 0.5, 5.0, 60.0)  # a running instance going idle: unknown, soon, late
 
 
 @dataclass
@@ -52,16 +53,17 @@ def nodes(draw: st.DrawFn, index: int, alike: bool = False, busy: bool = False) 
     slots = draw(st.sampled_from((1, 2, 4)))
     free = 0 if busy else draw(st.integers(0, slots))
     used = slots - free
-    victim = st.tuples(st.sampled_from(CHECKPOINTS), st.integers(0, 4000))
+    victim = st.tuples(st.sampled_from(CHECKPOINTS), st.integers(0, 4000), st.sampled_from(IDLE_IN))
     victims = draw(st.lists(victim, min_size=draw(st.integers(0, min(1, used))), max_size=used))
     running = tuple(
-        RunningInstance(f"i{index}-{j}", m, SIZES[m], tokens, 1) for j, (m, tokens) in enumerate(victims)
+        RunningInstance(f"i{index}-{j}", m, SIZES[m], tokens, 1, idle_in)
+        for j, (m, tokens, idle_in) in enumerate(victims)
     )
     sizes = draw(st.lists(st.sampled_from((1, 1, 2, 4)), max_size=3))
     idle = _idle_instances(index, sizes, used - len(victims))
     dram = draw(st.sets(st.sampled_from(CHECKPOINTS), max_size=2))
     if draw(st.booleans()):  # what runs there is in its DRAM too, as a node's cache keeps it
-        dram |= {m for m, _ in victims}
+        dram |= {m for m, _, _ in victims}
     return Node(
         NodeStatus(
             f"n{index}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -19,6 +20,7 @@ from ember.cluster.placement import (
     StartupTimeAware,
     reclaimable,
 )
+from ember.cluster.relay import Pace
 from tests.cluster.fakes import GB, FakeClock, status
 
 pytestmark = pytest.mark.timeout(30)
@@ -158,3 +160,30 @@ def test_reclaiming_stops_the_longest_idle_first_and_only_as_many_as_needed() ->
     est = _estimator(FakeClock())
     p = StartupTimeAware(est).place("m", N, [node], slots=4)
     assert p is not None and p.reclaim == ("oldest", "older")
+
+
+def test_a_running_instance_going_idle_soon_is_waited_for_rather_than_a_slow_download() -> None:
+    est = _estimator(FakeClock())
+    policy = StartupTimeAware(est)
+    free = NodeView(status("b"))  # a download: ~40 s
+
+    def held(idle_in_s: float) -> NodeView:
+        busy = RunningInstance("busy", "other", GB, tokens=50, idle_in_s=idle_in_s)
+        return NodeView(status("a", free=0, dram=("m",)), running=(busy,))
+
+    soon = policy.place("m", N, [held(3.0), free])  # its requests end in 3 s, then a DRAM start
+    assert soon is not None and (soon.action, soon.node, soon.wait_s) == ("wait", "a", 3.0)
+    for late in (60.0, math.inf):  # ends after the download would, or its pace is not known yet
+        p = policy.place("m", N, [held(late), free])
+        assert p is not None and (p.action, p.node) == ("start", "b")
+
+
+def test_a_pace_is_known_from_two_deltas_and_counts_down_from_the_latest() -> None:
+    pace = Pace()
+    assert pace.seconds_for(10, now=0.0) == math.inf
+    pace.delivered(1, now=5.0)  # the first token (after the prefill: not the pace)
+    assert pace.seconds_for(10, now=5.0) == math.inf
+    pace.delivered(5, now=7.0)  # 4 tokens in 2 s
+    assert pace.seconds_for(10, now=7.0) == pytest.approx(5.0)
+    assert pace.seconds_for(10, now=9.0) == pytest.approx(3.0)
+    assert pace.seconds_for(10, now=20.0) == 0.0

@@ -361,6 +361,7 @@ class Instances:
         mine = self.router.on_node(status.node_id)
         free = max(0, min(status.free_slots, status.slots - len(mine)))
         running, idle, free_in = [], [], math.inf
+        now = time.monotonic()  # the relays' clock
         for r in mine:
             dep = self.deployment(r.deployment)
             if r.draining:
@@ -376,7 +377,8 @@ class Instances:
             elif relays := self.relays.get(r.instance_id, ()):
                 size = self._sizes.get(dep.model, 0)
                 tokens = max(relay.num_tokens for relay in relays)
-                running.append(RunningInstance(r.instance_id, dep.model, size, tokens))
+                idle_in = max(relay.idle_in_s(now) for relay in relays)
+                running.append(RunningInstance(r.instance_id, dep.model, size, tokens, idle_in_s=idle_in))
         idle.sort(key=lambda pair: pair[0])  # longest idle first
         status = dataclasses.replace(status, free_slots=free)
         return NodeView(status, tuple(running), free_in, tuple(i for _, i in idle))

@@ -3,7 +3,8 @@
 `StartupTimeAware` (ServerlessLLM) starts it on the node with the smallest
 estimated start-up time among nodes with a free slot. When the node with the
 smallest estimate overall is full, it compares three ways of using that node or
-not: start on the best free node instead; wait for a slot there; or live-migrate
+not: start on the best free node instead; wait for a slot there (a draining instance
+going, or a running one going idle at its requests' pace so far); or live-migrate
 one of its running inferences to a free node (a * tokens + b, plus the
 destination's own start-up) and start there. Migration is only considered when a
 migrator exists (`migration` is given).
@@ -53,6 +54,9 @@ class RunningInstance:
     nbytes: int
     tokens: int  # prompt + output so far of its longest in-flight request
     slots: int = 1  # slots it holds on its node (and needs on a destination)
+    # seconds until it has nothing in flight, if its requests run to their max_tokens at
+    # the pace they have streamed so far (inf: not known yet, e.g. still in prefill)
+    idle_in_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,13 @@ def _start(est: StartupEstimate, *, cold: bool = False, reclaim: tuple[str, ...]
     return Placement("start", est.node, est.tier, est.total_s, est, cold=cold, reclaim=reclaim)
 
 
+def _slot_free_in(node: NodeView, slots: int) -> float:
+    """Seconds until `node` should have `slots` for a start: a draining instance gone,
+    or a running one gone idle (a start may then stop it)."""
+    idle_in = (r.idle_in_s for r in node.running if node.status.free_slots + r.slots >= slots)
+    return min(node.slot_free_in_s, min(idle_in, default=math.inf))
+
+
 class StartupTimeAware:
     name = "startup-time-aware"
 
@@ -164,8 +175,8 @@ class StartupTimeAware:
         if reclaims:  # after the free start: a tie keeps the idle instance
             node, victims = min(reclaims, key=lambda nr: ests[nr[0].node_id].total_s)
             options.append(_start(ests[node.node_id], reclaim=victims))
-        if math.isfinite(best.slot_free_in_s):
-            wait = max(best.slot_free_in_s, best_est.queue_s)
+        if math.isfinite(free_in := _slot_free_in(best, slots)):
+            wait = max(free_in, best_est.queue_s)
             options.append(
                 Placement("wait", best.node_id, best_est.tier, wait + best_est.load_s, best_est, wait_s=wait)
             )

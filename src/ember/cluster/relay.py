@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,6 +71,29 @@ class _Handover:
     settled: asyncio.Future[bool]  # True once the destination streamed, False if it fell back
 
 
+class Pace:
+    """How fast a request's tokens come: the time and count of its first delta and the
+    time and count of its latest."""
+
+    def __init__(self) -> None:
+        self._first: tuple[float, int] | None = None
+        self._last: tuple[float, int] | None = None
+
+    def delivered(self, tokens: int, now: float) -> None:
+        """`tokens` delivered in all, the latest at `now`."""
+        if self._first is None:
+            self._first = (now, tokens)
+        self._last = (now, tokens)
+
+    def seconds_for(self, tokens: int, now: float) -> float:
+        """Seconds until `tokens` more have come at this pace, counted from the latest
+        delta; inf until two deltas have given a pace."""
+        if self._first is None or self._last is None or self._last[1] <= self._first[1]:
+            return math.inf
+        (t0, n0), (t1, n1) = self._first, self._last
+        return max(0.0, tokens * (t1 - t0) / (n1 - n0) - (now - t1))
+
+
 class Relay:
     """A request in flight; `stream()` yields its deltas from whichever instance serves it."""
 
@@ -77,6 +102,7 @@ class Relay:
         self.route = route
         self.host = host
         self.delivered: list[int] = []  # output tokens the client has been sent
+        self.pace = Pace()
         self.active = False  # streaming, not finished or closed
         self._handover: _Handover | None = None
         self._kill: asyncio.Future[None] | None = None  # set by interrupt(): stop reading now
@@ -94,6 +120,11 @@ class Relay:
     def remaining(self) -> int:
         """Output tokens the request may still produce."""
         return self.request.sampling_params.max_tokens - len(self.delivered)
+
+    def idle_in_s(self, now: float) -> float:
+        """Seconds until it has produced its max_tokens at the pace of its deltas so far
+        (time.monotonic() clock); inf until two deltas have given a pace."""
+        return self.pace.seconds_for(self.remaining, now)
 
     def park_request(self) -> EngineRequest:
         """The request with its tokens so far, for a destination to park (prewarm)."""
@@ -159,6 +190,7 @@ class Relay:
                 ):
                     return
                 self.delivered += out.token_ids
+                self.pace.delivered(len(self.delivered), time.monotonic())
                 if self._handover is not None and self._handover.dest is route:
                     self._settle(True)
                 yield delta

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ class _Request:
     ttft_s: float | None = None
     e2e_s: float | None = None
     timed_out: bool = False
+    paced_at: float = math.inf  # virtual time its second token comes: from then its pace is known
+    done_at: float = math.inf
 
 
 @dataclass
@@ -176,6 +179,7 @@ class Simulator:
         r.ttft_s = first - r.req.arrival_s
         done = first + m.decode_s_per_step * r.req.output_tokens
         r.e2e_s = done - r.req.arrival_s
+        r.paced_at, r.done_at = first + m.decode_s_per_step, done
         self.at(done, self._finish, r)
 
     def _finish(self, r: _Request) -> None:
@@ -299,11 +303,20 @@ class Simulator:
             if route.in_flight > 0:
                 tokens = route.max_tokens_in_flight
                 m = inst.model
-                running.append(RunningInstance(inst.id, m.name, m.nbytes, tokens, m.slots))
+                running.append(
+                    RunningInstance(inst.id, m.name, m.nbytes, tokens, m.slots, self._idle_in(inst))
+                )
             elif self._offered(route, inst):
                 idle.append((route.idle_since or 0.0, IdleInstance(inst.id, inst.model.slots)))
         idle.sort(key=lambda pair: pair[0])
         return NodeView(server.status(), tuple(running), idle=tuple(i for _, i in idle))
+
+    def _idle_in(self, inst: _Instance) -> float:
+        """RunningInstance.idle_in_s as the real relays estimate it: known once each of
+        its requests has streamed two tokens (they run to their max_tokens here)."""
+        if inst.queue or any(r.paced_at > self.now for r in inst.active.values()):
+            return math.inf
+        return max((r.done_at - self.now for r in inst.active.values()), default=math.inf)
 
     def _start(self, name: str, p: Placement, *, delayed: bool, source: _Instance | None = None) -> _Instance:
         server = self.servers[p.node]
