@@ -4,6 +4,7 @@ the errors a bad one gets. The JSON here is hand-written, as bench/cluster.py wr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ def test_the_config_is_the_real_runs() -> None:
         start_timeout_s=60.0, migration_s_per_token=PRIOR_S_PER_TOKEN, migration_fixed_s=PRIOR_FIXED_S,
     )  # fmt: skip
     assert run.config == expected
+    linked = bench_json()
+    linked["cluster"]["registry_bps"] = 125e6  # bench cluster --registry-gbps 1
+    assert bench_run(linked).config == dataclasses.replace(expected, registry_link_bps=125e6)
     assert run.calibration["bytes_per_s_from"] == {
         "dram": "1 loads",
         "disk": "estimator snapshot",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,17 @@ def test_remote_only_downloads_every_start() -> None:
     # As Ray Serve and KServe start: the download, then a standard loader (2 GB/s) reads it.
     out = Simulator(_config(), "remote-only+safetensors").run(reqs)
     assert [o.ttft_s for o in out] == pytest.approx([15.6, 15.6])
+
+
+def test_downloads_share_the_registrys_link_when_there_is_one() -> None:
+    other = ModelSpec("n", 10 * GB, 1, 0.01, 0.1)
+    reqs = [ClusterRequest(0.0, "m", 10, 5), ClusterRequest(0.0, "n", 10, 5)]
+    config = _config(servers=2, models=(MODEL, other))
+    # each server downloads at its own 1 GB/s: both ready at 10.5 s
+    assert [o.ttft_s for o in Simulator(config, "remote-only").run(reqs)] == pytest.approx([10.6, 10.6])
+    # one 1 GB/s link for both: the second download crosses it after the first
+    linked = Simulator(dataclasses.replace(config, registry_link_bps=1e9), "remote-only").run(reqs)
+    assert [o.ttft_s for o in linked] == pytest.approx([10.6, 20.6])
 
 
 def test_the_cli_runs_every_policy_by_default() -> None:

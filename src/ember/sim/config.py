@@ -83,6 +83,9 @@ class SimConfig:
     start_timeout_s: float = 300.0  # a request waiting longer for an instance times out
     migration_s_per_token: float = 2e-4  # MigrationCost's a (recompute per token; estimate)
     migration_fixed_s: float = 0.05  # MigrationCost's b
+    # bytes/s of one link in front of the registry that all downloads share (0: none, each
+    # server downloads at its own network_bps); bench cluster --registry-gbps runs have one
+    registry_link_bps: float = 0.0
 
 
 def zoo_model(base: str, name: str, server: ServerSpec) -> ModelSpec:
@@ -178,6 +181,7 @@ def validate(config: SimConfig) -> None:
         (s.gpus >= 1, "gpus per server must be >= 1"),
         (min(s.dram_bps, s.ssd_bps, s.network_bps) > 0, "bandwidths must be positive"),
         (s.dram_bytes >= 0 and s.ssd_bytes >= 0 and s.overhead_s >= 0, "capacities must be >= 0"),
+        (config.registry_link_bps >= 0, "registry_link_bps must be >= 0"),
         (config.keep_alive_s >= 0 and config.max_batch >= 1 and config.max_instances >= 1, "bad scaling"),
         (len(config.models) >= 1, "need at least one model"),
         (len({m.name for m in config.models}) == len(config.models), "model names must be unique"),

@@ -115,6 +115,7 @@ def bench_run(data: Mapping[str, Any], policy: str | None = None) -> BenchRun:
         start_timeout_s=float(top["start_timeout_s"]),
         migration_s_per_token=PRIOR_S_PER_TOKEN,  # the real run's MigrationCost() is never observed
         migration_fixed_s=PRIOR_FIXED_S,
+        registry_link_bps=float(cluster.get("registry_bps") or 0.0),  # --registry-gbps
     )
     try:
         validate(config)

@@ -38,6 +38,21 @@ class LruTier:
 
 
 @dataclass
+class RegistryLink:
+    """One link in front of the registry that every server's downloads share, first come
+    first served (a real link shares its bandwidth among them at once; over a download
+    the two end about alike, and the cluster's throughput is the same)."""
+
+    bps: float
+    free_at: float = 0.0  # when the link has sent every byte booked so far (virtual s)
+
+    def book(self, at: float, nbytes: int) -> float:
+        """A download of `nbytes` that may begin at `at`: the virtual time it has crossed."""
+        self.free_at = max(at, self.free_at) + nbytes / self.bps
+        return self.free_at
+
+
+@dataclass
 class SimServer:
     node_id: str
     spec: ServerSpec
@@ -90,15 +105,24 @@ class SimServer:
         return nbytes / bps
 
     def queue_load(
-        self, now: float, tier: LoadTier, nbytes: int, *, standard: bool = False
+        self,
+        now: float,
+        tier: LoadTier,
+        nbytes: int,
+        *,
+        standard: bool = False,
+        link: RegistryLink | None = None,
     ) -> tuple[float, float]:
         """Join the loading queue: (load seconds, virtual time the instance is ready).
         `standard`: a download is written to SSD first, then read by a standard loader
-        at baseline_load_bps (no streaming, not Ember's loader)."""
+        at baseline_load_bps (no streaming, not Ember's loader). `link`: downloads also
+        wait their turn on the registry's link."""
+        begin = max(now, self.load_free_at)
         load_s = self.load_seconds(tier, nbytes)
+        if link is not None and tier == "registry":
+            load_s = max(load_s, link.book(begin, nbytes) - begin)
         if standard and tier == "registry":
             load_s += nbytes / self.spec.baseline_load_bps
-        begin = max(now, self.load_free_at)
         self.load_free_at = begin + load_s + self.spec.overhead_s
         return load_s, self.load_free_at
 

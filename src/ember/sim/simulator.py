@@ -34,7 +34,7 @@ from ember.cluster.router import Route, Router
 from ember.cluster.state import Deployment
 from ember.errors import InvalidRequestError
 from ember.sim.config import ModelSpec, SimConfig
-from ember.sim.physics import SimServer
+from ember.sim.physics import RegistryLink, SimServer
 
 # remote-only+safetensors: remote-only placement whose starts download the checkpoint and
 # then load it with a standard loader (ServerSpec.baseline_load_bps), as ServerlessLLM's
@@ -94,6 +94,7 @@ class Simulator:
         self.policy = make_policy(
             base, self.estimator, migration=self.cost if migrate else None, rng=random.Random(seed)
         )
+        self.link = RegistryLink(config.registry_link_bps) if config.registry_link_bps > 0 else None
         self.router = Router(clock=self.clock)
         self.autoscaler = Autoscaler(clock=self.clock)
         self.servers = {
@@ -326,7 +327,9 @@ class Simulator:
         self.router.add(inst_id, name, server.node_id)
         tier = server.tier_of(name, cold=p.cold)
         token = self.estimator.begin(p.estimate)
-        load_s, ready_at = server.queue_load(self.now, tier, model.nbytes, standard=self.standard_loader)
+        load_s, ready_at = server.queue_load(
+            self.now, tier, model.nbytes, standard=self.standard_loader, link=self.link
+        )
         self._touch(server)  # a slot taken, a load queued
         inst = _Instance(inst_id, model, server, tier, token, delayed, source=source.id if source else None)
         self.instances[inst_id] = inst
