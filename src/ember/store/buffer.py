@@ -45,7 +45,9 @@ class HostBufferPool:
         nbytes = max(nbytes, 1)
         region = self._take(nbytes)
         lease = memoryview(region.mm)[:nbytes]
-        weakref.finalize(lease, self._give_back, region)
+        # not at exit: views still alive then would keep their memory exported, and a
+        # region closed under them raises BufferError
+        weakref.finalize(lease, self._give_back, region).atexit = False
         return torch.frombuffer(lease, dtype=torch.uint8)
 
     def _take(self, nbytes: int) -> _Region:
