@@ -185,5 +185,7 @@ def test_a_pace_is_known_from_two_deltas_and_counts_down_from_the_latest() -> No
     assert pace.seconds_for(10, now=5.0) == math.inf
     pace.delivered(5, now=7.0)  # 4 tokens in 2 s
     assert pace.seconds_for(10, now=7.0) == pytest.approx(5.0)
-    assert pace.seconds_for(10, now=9.0) == pytest.approx(3.0)
-    assert pace.seconds_for(10, now=20.0) == 0.0
+    assert pace.seconds_for(10, now=8.5) == pytest.approx(3.5)
+    assert pace.seconds_for(10, now=9.1) == math.inf  # silent for over 4 tokens' time: stalled
+    pace.delivered(6, now=9.2)  # going again, slower: 5 tokens in 4.2 s
+    assert pace.seconds_for(10, now=9.2) == pytest.approx(8.4)

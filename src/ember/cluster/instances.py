@@ -89,7 +89,7 @@ class Instances:
         self.changes = 0  # notify() calls so far: a waiter sees what it would have missed
         self.tasks: set[asyncio.Task[None]] = set()
         self._sizes: dict[str, int] = {}
-        self._migrating: set[str] = set()
+        self._migrating: dict[str, asyncio.Task[None]] = {}  # instance being moved -> the move
         self._sources: dict[str, Route] = {}  # a migration's destination instance id -> its source
 
     # -- nodes ------------------------------------------------------------------------
@@ -305,12 +305,13 @@ class Instances:
                     return placement
                 await self.reclaim(placement.reclaim)  # then place again, on the freed slots
                 continue
-            if placement is not None and placement.action == "migrate":
-                assert placement.migrate_instance is not None and placement.migrate_to is not None
-                self.begin_migration(placement.migrate_instance, placement.migrate_to)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise OverloadedError(f"no free instance slot for {dep.name!r} on any node", retry_after_s=10)
+            if placement is not None and placement.action == "migrate":
+                assert placement.migrate_instance is not None and placement.migrate_to is not None
+                await self._await_move(placement.migrate_instance, placement.migrate_to, remaining)
+                continue
             wait = remaining if placement is None else min(remaining, max(placement.wait_s, 0.05))
             async with self.changed:
                 if self.changes == seen:  # nothing (a slot freed) changed while the statuses came
@@ -385,10 +386,25 @@ class Instances:
 
     # -- migrating --------------------------------------------------------------------
 
-    def begin_migration(self, instance_id: str, to_node: str) -> None:
+    def begin_migration(self, instance_id: str, to_node: str) -> asyncio.Task[None]:
+        """Move the instance to `to_node` in the background (once: a move under way is
+        the one returned)."""
         if instance_id not in self._migrating:
-            self._migrating.add(instance_id)
-            self.spawn(self._migrate(instance_id, to_node))
+            self._migrating[instance_id] = self.spawn(self._migrate(instance_id, to_node))
+        return self._migrating[instance_id]
+
+    async def _await_move(self, instance_id: str, to_node: str, timeout_s: float) -> None:
+        """Move the instance for a start that wants its slot, and wait until the slot is
+        free (the source gone) or the move ended without freeing it. The start does not
+        place again at every change meanwhile, maybe elsewhere, leaving the move (a slot
+        and a load on the destination) for nothing."""
+        move = self.begin_migration(instance_id, to_node)
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: move.done() or self.router.get(instance_id) is None),
+                    timeout_s,
+                )
 
     async def _migrate(self, instance_id: str, to_node: str) -> None:
         try:
@@ -396,7 +412,8 @@ class Instances:
         except Exception:
             log.exception("migrating instance %s failed", instance_id)
         finally:
-            self._migrating.discard(instance_id)
+            self._migrating.pop(instance_id, None)
+            await self.notify()  # a start waiting for this move places again
 
     async def migrate(self, instance_id: str, to_node: str) -> MigrationReport | None:
         """Live-migrate the instance's requests to a new instance on `to_node`, then stop
@@ -524,10 +541,11 @@ class Instances:
             log.warning("stopping failed instance %s on %s: %s", instance_id, node_id, exc)
         await self.notify()
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def notify(self) -> None:
         async with self.changed:

@@ -71,6 +71,9 @@ class _Handover:
     settled: asyncio.Future[bool]  # True once the destination streamed, False if it fell back
 
 
+STALLED_STEPS = 4
+
+
 class Pace:
     """How fast a request's tokens come: the time and count of its first delta and the
     time and count of its latest."""
@@ -87,11 +90,16 @@ class Pace:
 
     def seconds_for(self, tokens: int, now: float) -> float:
         """Seconds until `tokens` more have come at this pace, counted from the latest
-        delta; inf until two deltas have given a pace."""
+        delta; inf until two deltas have given a pace, and while the request is silent
+        for more than STALLED_STEPS of its tokens' time (preempted, held: its pace says
+        nothing then)."""
         if self._first is None or self._last is None or self._last[1] <= self._first[1]:
             return math.inf
         (t0, n0), (t1, n1) = self._first, self._last
-        return max(0.0, tokens * (t1 - t0) / (n1 - n0) - (now - t1))
+        per_token = (t1 - t0) / (n1 - n0)
+        if now - t1 > STALLED_STEPS * per_token:
+            return math.inf
+        return max(0.0, tokens * per_token - (now - t1))
 
 
 class Relay:

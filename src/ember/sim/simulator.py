@@ -119,6 +119,9 @@ class Simulator:
         self.instances: dict[str, _Instance] = {}
         self.waiting: dict[str, dict[int, _Request]] = {}  # deployment -> requests with no instance
         self.pending: dict[str, list[bool]] = {}  # deployment -> its unplaced starts (delayed yet?)
+        # deployment -> the instance it is migrating away to make room: its start waits for
+        # that hand-over rather than placing again meanwhile (as Instances.place does)
+        self.committed: dict[str, str] = {}
         self.starts: dict[str, int] = {}
         self.migrations = 0
         self.reclaims = 0
@@ -221,7 +224,7 @@ class Simulator:
         """Place the pending starts of `name` while the policy finds room."""
         pending = self.pending.get(name, [])
         model = self.models[name]
-        while pending:
+        while pending and name not in self.committed:
             p = candidates.place(self.policy, self.candidates, name, model.nbytes, model.slots, self._view_of)
             for victim in p.reclaim if p is not None and p.action == "start" else ():
                 self.reclaims += 1  # an idle instance gives its slots to this start
@@ -231,7 +234,7 @@ class Simulator:
                 if p is not None and p.action == "wait":
                     self.at(self.now + p.wait_s, self._retry, name)
                 elif p is not None and p.action == "migrate":
-                    self._migrate(p)
+                    self._migrate(name, p)
                 return
             self._start(name, p, delayed=pending.pop(0))
 
@@ -383,8 +386,9 @@ class Simulator:
 
     # -- live migration ---------------------------------------------------------------
 
-    def _migrate(self, p: Placement) -> None:
-        """Placement chose to move a running instance away so this start can use its node."""
+    def _migrate(self, name: str, p: Placement) -> None:
+        """Placement chose to move a running instance away so a start of `name` can use
+        its node; that start waits for the hand-over."""
         assert p.migrate_instance is not None and p.migrate_to is not None
         victim = self.instances.get(p.migrate_instance)
         if victim is None or victim.migrating_to is not None:
@@ -396,6 +400,7 @@ class Simulator:
         victim.migrating_to = new.id
         self._touch(victim.server)  # not offered as idle any more
         self.migrations += 1
+        self.committed[name] = victim.id
 
     def _handover(self, new: _Instance) -> None:
         """The destination recomputed the tokens so far: its source's requests continue
@@ -403,6 +408,9 @@ class Simulator:
         instance stops, freeing its slots."""
         assert new.source is not None
         src = self.instances.get(new.source)
+        for name in [n for n, source in self.committed.items() if source == new.source]:
+            del self.committed[name]  # its start places again once the source has gone
+            self.at(self.now, self._retry, name)
         new.source = None
         self.router.set_ready(new.id)
         src_route = self.router.get(src.id) if src is not None else None
