@@ -89,7 +89,7 @@ class Instances:
         self.changes = 0  # notify() calls so far: a waiter sees what it would have missed
         self.tasks: set[asyncio.Task[None]] = set()
         self._sizes: dict[str, int] = {}
-        self._migrating: dict[str, asyncio.Task[None]] = {}  # instance being moved -> the move
+        self._migrating: set[str] = set()  # instances being moved
         self._sources: dict[str, Route] = {}  # a migration's destination instance id -> its source
 
     # -- nodes ------------------------------------------------------------------------
@@ -386,25 +386,25 @@ class Instances:
 
     # -- migrating --------------------------------------------------------------------
 
-    def begin_migration(self, instance_id: str, to_node: str) -> asyncio.Task[None]:
-        """Move the instance to `to_node` in the background (once: a move under way is
-        the one returned)."""
+    def begin_migration(self, instance_id: str, to_node: str) -> None:
+        """Move the instance to `to_node` in the background, unless a move is under way."""
         if instance_id not in self._migrating:
-            self._migrating[instance_id] = self.spawn(self._migrate(instance_id, to_node))
-        return self._migrating[instance_id]
+            self._migrating.add(instance_id)
+            self.spawn(self._migrate(instance_id, to_node))
 
     async def _await_move(self, instance_id: str, to_node: str, timeout_s: float) -> None:
         """Move the instance for a start that wants its slot, and wait until the slot is
         free (the source gone) or the move ended without freeing it. The start does not
         place again at every change meanwhile, maybe elsewhere, leaving the move (a slot
         and a load on the destination) for nothing."""
-        move = self.begin_migration(instance_id, to_node)
+        self.begin_migration(instance_id, to_node)
+
+        def settled() -> bool:  # _migrate forgets the move, then notifies
+            return instance_id not in self._migrating or self.router.get(instance_id) is None
+
         async with self.changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.changed.wait_for(lambda: move.done() or self.router.get(instance_id) is None),
-                    timeout_s,
-                )
+                await asyncio.wait_for(self.changed.wait_for(settled), timeout_s)
 
     async def _migrate(self, instance_id: str, to_node: str) -> None:
         try:
@@ -412,7 +412,7 @@ class Instances:
         except Exception:
             log.exception("migrating instance %s failed", instance_id)
         finally:
-            self._migrating.pop(instance_id, None)
+            self._migrating.discard(instance_id)
             await self.notify()  # a start waiting for this move places again
 
     async def migrate(self, instance_id: str, to_node: str) -> MigrationReport | None:
@@ -541,11 +541,10 @@ class Instances:
             log.warning("stopping failed instance %s on %s: %s", instance_id, node_id, exc)
         await self.notify()
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return task
 
     async def notify(self) -> None:
         async with self.changed:
