@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,10 @@ class FlakyNode:
     it dies once its streams delivered that many tokens. `broken`: the calls named
     there raise NodeFailedError while the rest work. `hang_status`: status() never
     answers (the health check's timeout). `start_errors`: what the next start_instance
-    calls raise, one each, before they work again; `starts` counts the calls."""
+    calls raise, one each, before they work again; `starts` counts the calls.
+    `started(instance_id)` runs as each start returns. `loaded_gate`: instance_loaded
+    waits for it, then raises the next of `loaded_errors` if any (a streamed load that
+    fails once the instance already serves)."""
 
     def __init__(self, inner: NodeRuntime, *, die_after_tokens: int | None = None) -> None:
         self.inner = inner
@@ -59,6 +62,9 @@ class FlakyNode:
         self.streamed = 0
         self.start_errors: list[BaseException] = []
         self.starts = 0
+        self.started: Callable[[str], None] = lambda instance_id: None
+        self.loaded_gate: asyncio.Event | None = None
+        self.loaded_errors: list[BaseException] = []
 
     def _check(self, call: str) -> None:
         if self.dead or call in self.broken:
@@ -71,10 +77,16 @@ class FlakyNode:
         self.starts += 1
         if self.start_errors:
             raise self.start_errors.pop(0)
-        return await self.inner.start_instance(instance_id, deployment, model, cold=cold)
+        info = await self.inner.start_instance(instance_id, deployment, model, cold=cold)
+        self.started(instance_id)
+        return info
 
     async def instance_loaded(self, instance_id: str) -> InstanceInfo:
         self._check("instance_loaded")
+        if self.loaded_gate is not None:
+            await self.loaded_gate.wait()
+        if self.loaded_errors:
+            raise self.loaded_errors.pop(0)
         return await self.inner.instance_loaded(instance_id)
 
     async def stop_instance(self, instance_id: str) -> None:

@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 
+from ember.cluster.controller import Controller
 from ember.cluster.events import NoEvents
 from ember.cluster.node import EmbeddedNode
 from ember.cluster.state import ClusterState, Deployment
-from ember.errors import CheckpointNotFoundError, EmberError, ModelNotFoundError, OverloadedError
+from ember.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    EmberError,
+    ModelNotFoundError,
+    OverloadedError,
+)
 from tests.cluster.conftest import collect, make_controller, make_nodes, request, run
 from tests.cluster.fakes import FakeClock, FlakyNode
 
@@ -326,6 +333,58 @@ def test_a_start_stops_an_idle_instance_instead_of_waiting_out_its_keep_alive(
         ]  # fmt: skip
         status = {d["name"]: d for d in (await c.status())["deployments"]}
         assert [i["state"] for i in status["a"]["instances"]] == ["ready"] and status["b"]["instances"] == []
+        await c.close()
+
+    run(main)
+
+
+async def _streaming_until_told(home: Path) -> tuple[Controller, FlakyNode, EmbeddedNode]:
+    """A started controller over one node of one slot whose every load stays "still
+    streaming" (instance_loaded waits) until node.loaded_gate is set; the clock stands still."""
+    [inner] = make_nodes(home)
+    node = FlakyNode(inner)
+    node.loaded_gate = asyncio.Event()
+    c = make_controller(home, runtimes=[node])
+    await c.start()
+    return c, node, inner
+
+
+def test_an_instance_stopped_while_its_weights_stream_is_not_a_failed_start(
+    ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        c, node, _ = await _streaming_until_told(ember_home)
+        await c.deploy(Deployment("a", "tiny", min_instances=0, keep_alive_s=600))
+        await c.deploy(Deployment("b", "tiny2", min_instances=0, keep_alive_s=600))
+        want = await collect(c, "a", request("a1"))  # served while its weights arrive
+        assert await collect(c, "b", request("b1")) == want  # its idle, loading instance gave b the slot
+        node.loaded_gate.set()
+        await c.settle()
+        assert c.model_states()["a"].state == "ready" and c.instances.failures == {}  # no backoff
+        assert await collect(c, "a", request("a2")) == want
+        await c.close()
+
+    run(main)
+
+
+def test_the_requests_of_a_start_that_fails_while_it_streams_get_the_start_s_error(
+    ember_home: Path, models: list[str]
+) -> None:
+    async def main() -> None:
+        c, node, inner = await _streaming_until_told(ember_home)
+        node.loaded_errors = [CorruptCheckpointError("checksum mismatch in part-00000.bin")]
+        gates: list[threading.Event] = []
+        node.started = lambda instance_id: gates.append(stall(inner, instance_id, after_steps=1))
+        await c.deploy(Deployment("tiny", "tiny", min_instances=0))
+        stream = c.generate("tiny", request("r"))
+        await anext(stream)  # its first token, from an instance still loading; then held
+        node.loaded_gate.set()  # the load fails: the instance is discarded under its request
+        gates[0].set()
+        await c.settle()
+        with pytest.raises(EmberError, match="checksum mismatch"):  # not "the engine was shut down"
+            async for _ in stream:
+                pass
+        assert (await c.status())["nodes"][0]["free_slots"] == 1
         await c.close()
 
     run(main)

@@ -349,6 +349,8 @@ class Controller:
         try:
             route = await self._route(failed.deployment)
         except Exception as e:
+            if self.starts.permanent(failed.deployment) is e:  # failed for good: what a new request gets
+                raise
             message = (
                 f"node {failed.node} failed while serving this request and no other instance of "
                 f"{failed.deployment!r} could take it over: {e}"

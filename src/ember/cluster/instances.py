@@ -29,7 +29,7 @@ from typing import Any
 from ember.cluster import candidates
 from ember.cluster.candidates import Candidates
 from ember.cluster.config import ControllerConfig
-from ember.cluster.estimator import StartupTimeEstimator
+from ember.cluster.estimator import Observation, StartupTimeEstimator
 from ember.cluster.events import ClusterEvents
 from ember.cluster.messages import InstanceInfo, NodeStatus
 from ember.cluster.migration import LiveMigration, MigrationReport
@@ -243,13 +243,12 @@ class Instances:
                 self.router.set_ready(route.instance_id)
                 await self.notify()
                 info = await node.instance_loaded(route.instance_id)
+                if self._stopped(route):  # reclaimed, idle or deleted meanwhile: its load still counts
+                    self._record_load(route, token, info)
+                    return None  # not a failed start: stop() records it and frees its slot
                 self._check_live(route, placement.node)
-            observed = self.estimator.finish(token, info)
+            observed = self._record_load(route, token, info)
             token = None
-            self.state.add_load(
-                LoadRecord(route.instance_id, dep.model, info.node, info.tier, info.nbytes,
-                           observed.estimated_s, observed.actual_s, time.time())
-            )  # fmt: skip
             self.state.set_instance_state(route.instance_id, "ready")
             self.events.instance_started(dep.name, info, observed)
             log.info(
@@ -262,20 +261,36 @@ class Instances:
                 self.spawn(self.stop(route))
             return info
         except Exception as exc:
-            log.error("starting an instance of %s failed: %s", dep.name, exc)
             if token is not None:
                 self.estimator.cancel(token)
+            if started and self._stopped(route):  # as above, and its load ended with it
+                log.info("instance %s of %s stopped before its weights were in", route.instance_id, dep.name)
+                return None
+            log.error("starting an instance of %s failed: %s", dep.name, exc)
+            self.failures[dep.name] = exc  # before a request it took hears (below) and asks why
+            self._start_failed(dep.name, exc, began)
             if isinstance(exc, NodeFailedError):
                 self.mark_down(exc.node or route.node, exc)
-            self.record_dead(route.instance_id)
+            # A streamed start serves while it loads: its requests resume elsewhere or get
+            # this error, not the engine's shutdown below.
+            self._drop(route, exc if isinstance(exc, NodeFailedError) else InstanceFailedError(
+                f"instance {route.instance_id} on node {route.node} failed while loading: {exc}",
+                node=route.node, instance=route.instance_id,
+            ))  # fmt: skip
             if started and not isinstance(exc, NodeFailedError):  # e.g. its weights failed their checksums
                 self.spawn(self._discard(route.node, route.instance_id))
-            self.router.remove(route.instance_id)
-            self.failures[dep.name] = exc
-            self._start_failed(dep.name, exc, began)
             return None
         finally:
             await self.notify()
+
+    def _record_load(self, route: Route, token: int, info: InstanceInfo) -> Observation:
+        """A finished load: the estimator learns from it and the database keeps it."""
+        observed = self.estimator.finish(token, info)
+        self.state.add_load(
+            LoadRecord(route.instance_id, info.model, info.node, info.tier, info.nbytes,
+                       observed.estimated_s, observed.actual_s, time.time())
+        )  # fmt: skip
+        return observed
 
     def _start_failed(self, name: str, exc: BaseException, began: float) -> None:
         if self.deployment(name) is not None:  # before anyone wakes: no start in its backoff
@@ -519,6 +534,11 @@ class Instances:
                 raise NodeFailedError("every node of the cluster is down")
             self._sizes[model] = await live[0].checkpoint_size(model)
         return self._sizes[model]
+
+    def _stopped(self, route: Route) -> bool:
+        """Whether a stop() took the instance (it drained it first, then removes it)."""
+        taken = route.instance_id in self.stopping or self.router.get(route.instance_id) is not route
+        return route.draining and taken
 
     def _check_live(self, route: Route, node: str) -> None:
         if self.router.get(route.instance_id) is route:
