@@ -135,6 +135,23 @@ def test_a_start_takes_an_idle_instances_slot_rather_than_wait_out_its_keep_aliv
     assert p is not None and (p.node, p.reclaim) == ("b", ())
 
 
+def test_an_idle_instance_is_stopped_for_a_faster_tier_not_for_a_faster_estimate_of_one_tier() -> None:
+    est = StartupTimeEstimator(clock=FakeClock())
+    est.calibrate(BandwidthProbe("a", {"dram": 8 * GB, "disk": 1 * GB, "registry": 0.12 * GB}))
+    est.calibrate(BandwidthProbe("b", {"dram": 8 * GB, "disk": 0.5 * GB, "registry": 0.1 * GB}))
+    held = NodeView(status("a", free=0), idle=(IdleInstance("old"),))
+    # Both would download; a's registry estimate is lower (in a real run, mostly noise:
+    # one link), but the free node costs nothing while stopping the idle instance loses it.
+    p = StartupTimeAware(est).place("m", N, [held, NodeView(status("b"))])
+    assert p is not None and (p.node, p.tier, p.reclaim) == ("b", "registry", ())
+    held_disk = NodeView(status("a", free=0, disk=("m",)), idle=(IdleInstance("old"),))
+    p = StartupTimeAware(est).place("m", N, [held_disk, NodeView(status("b", disk=("m",)))])
+    assert p is not None and (p.node, p.tier, p.reclaim) == ("b", "disk", ())
+    # A faster tier is worth the idle instance: its disk copy against b's download.
+    p = StartupTimeAware(est).place("m", N, [held_disk, NodeView(status("b"))])
+    assert p is not None and (p.node, p.tier, p.reclaim) == ("a", "disk", ("old",))
+
+
 def test_baselines_reclaim_idle_slots_only_when_no_node_is_free() -> None:
     est = _estimator(FakeClock())
     idle_a = NodeView(status("a", free=0), idle=(IdleInstance("x"),))
