@@ -58,6 +58,7 @@ def test_scales_from_zero_and_back_to_zero_then_restarts_from_dram(
         assert node["free_slots"] == 1 and "tiny" in node["dram"] and node["disk"] == ["tiny"]
         # The next cold start finds the weights in the node's DRAM: no I/O.
         assert len(await collect(c, "tiny", request("r2"))) == 8
+        await c.settle()  # a streamed start records its load once the weights are all in
         tiers = [load.tier for load in c.state.loads()]
         assert tiers == ["registry", "dram"]
         assert all(load.estimated_s > 0 and load.actual_s > 0 for load in c.state.loads())
@@ -201,6 +202,7 @@ def test_a_start_whose_weights_fail_their_checksums_is_dropped_and_the_next_refe
         assert (await c.status())["nodes"][0]["free_slots"] == 1
         clock.advance(1)  # the next start waits out the first failure's backoff
         assert await collect(c, "tiny", request("again")) == want  # fetched afresh from the registry
+        await c.settle()  # its load is recorded once its weights are all in, maybe after the request
         assert [load.tier for load in c.state.loads()] == ["registry", "registry"]
         await c.close()
 
@@ -327,6 +329,7 @@ def test_a_start_stops_an_idle_instance_instead_of_waiting_out_its_keep_alive(
         assert await collect(c, "b", request("b1")) == want  # a's idle instance gave b its slot
         assert await collect(c, "a", request("a2")) == want  # and b's gives it back
         assert events.stopped_early == ["a", "b"]
+        await c.settle()  # a2's load is recorded once its weights are all in
         # a's weights stayed in the node's DRAM pool while b ran: its restart reads no file.
         assert [(load.model, load.tier) for load in c.state.loads()] == [
             ("tiny", "registry"), ("tiny2", "registry"), ("tiny", "dram"),

@@ -240,6 +240,7 @@ def test_two_models_stream_from_agents_on_other_nodes_with_exact_tokens(
             on = {instances(status, m)[0]["node"] for m in models}
             assert len(on) == 2 and on <= {n.node_id for n in rc.nodes()}
             # The nodes fetched the models from the head's store over HTTP into their caches.
+            await c.settle()  # each load is recorded once its weights are all in
             assert "registry" in {load.tier for load in c.state.loads()}
             # each disk copy is written behind its download: poll the status until both are in
             deadline = asyncio.get_running_loop().time() + 60
@@ -266,6 +267,7 @@ def test_scales_from_zero_on_the_node_whose_dram_holds_the_checkpoint(
             assert len(await collect(c, "tiny", request("cold"))) == 8
             [inst] = instances(await c.status(), "tiny")
             assert inst["node"] == holder.node_id
+            await c.settle()
             assert [load.tier for load in c.state.loads()] == ["dram"]
             # The agent's own errors arrive as they were raised, not wrapped by Ray.
             with pytest.raises(OverloadedError) as err:  # its one slot is taken
