@@ -272,11 +272,13 @@ class Instances:
             if isinstance(exc, NodeFailedError):
                 self.mark_down(exc.node or route.node, exc)
             # A streamed start serves while it loads: its requests resume elsewhere or get
-            # this error, not the engine's shutdown below.
-            self._drop(route, exc if isinstance(exc, NodeFailedError) else InstanceFailedError(
-                f"instance {route.instance_id} on node {route.node} failed while loading: {exc}",
-                node=route.node, instance=route.instance_id,
-            ))  # fmt: skip
+            # this error, not the engine's shutdown below. (A node marked down, or a
+            # failed instance, was dropped already, its record and relays with it.)
+            if self.router.get(route.instance_id) is route:
+                self._drop(route, exc if isinstance(exc, NodeFailedError) else InstanceFailedError(
+                    f"instance {route.instance_id} on node {route.node} failed while loading: {exc}",
+                    node=route.node, instance=route.instance_id,
+                ))  # fmt: skip
             if started and not isinstance(exc, NodeFailedError):  # e.g. its weights failed their checksums
                 self.spawn(self._discard(route.node, route.instance_id))
             return None
