@@ -58,6 +58,21 @@ def test_chunks_are_read_in_need_order(tmp_path: Path) -> None:
     assert set(order[3:]) == {"lm_head.weight", "model.norm.weight"}
 
 
+def test_tied_weights_stored_once_come_first_for_the_embedding(tmp_path: Path) -> None:
+    """SmolLM2's head is its embedding, stored once under both names: the bytes are
+    needed first (as the embedding), not last (as the head)."""
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.randn(2 * CHUNK // 4, generator=gen)  # two chunks
+    layers = {f"model.layers.{i}.mlp.weight": torch.randn(CHUNK // 4, generator=gen) for i in range(2)}
+    save_tensors({"model.embed_tokens.weight": embed, "lm_head.weight": embed, **layers}, tmp_path / "ck")
+    index = read_index(tmp_path / "ck")
+    assert index.tensors["lm_head.weight"].offset == index.tensors["model.embed_tokens.weight"].offset
+    bases, jobs = plan_reads(index, CHUNK)
+    order = [j.buf_offset for j in in_need_order(index, bases, jobs)]
+    layer_offsets = [index.tensors[n].offset for n in layers]
+    assert sorted(order[:2]) == [0, CHUNK] and order[2:] == layer_offsets
+
+
 def test_streamed_tensors_equal_a_plain_load(tmp_path: Path) -> None:
     want = write_checkpoint(tmp_path / "ck", mib=20)
     tensors, progress = stream_tensors(tmp_path / "ck", chunk_bytes=CHUNK)

@@ -49,24 +49,22 @@ def need_rank(name: str) -> int:
 
 def in_need_order(index: CheckpointIndex, bases: Sequence[int], jobs: list[ReadJob]) -> list[ReadJob]:
     """`jobs` sorted by the earliest need of any tensor they hold (stable: file order
-    within a rank). A checkpoint written layer by layer keeps its order."""
-    spans = sorted(
-        (bases[e.partition] + e.offset, bases[e.partition] + e.offset + e.nbytes, need_rank(name))
-        for name, e in index.tensors.items()
-    )
-    starts = [s for s, _, _ in spans]
-
-    def rank(job: ReadJob) -> int:
-        end = job.buf_offset + job.length
-        i = max(0, bisect_right(starts, job.buf_offset) - 1)
-        best = 1 << 31
-        while i < len(spans) and spans[i][0] < end:
-            if spans[i][1] > job.buf_offset:
-                best = min(best, spans[i][2])
-            i += 1
-        return best
-
-    return sorted(jobs, key=rank)
+    within a rank). A checkpoint written layer by layer keeps its order. Tensors may
+    share bytes (tied weights stored once under two names, such as SmolLM2's
+    embeddings and head): a job takes the earliest need of every tensor over it."""
+    by_start = sorted(range(len(jobs)), key=lambda i: jobs[i].buf_offset)
+    starts = [jobs[i].buf_offset for i in by_start]
+    ranks = [1 << 31] * len(jobs)  # bytes under no tensor (alignment) come last
+    for name, e in index.tensors.items():
+        start = bases[e.partition] + e.offset
+        end, rank = start + e.nbytes, need_rank(name)
+        k = max(0, bisect_right(starts, start) - 1)  # the job holding the tensor's first byte
+        while k < len(starts) and starts[k] < end:
+            i = by_start[k]
+            if starts[k] + jobs[i].length > start:
+                ranks[i] = min(ranks[i], rank)
+            k += 1
+    return [jobs[i] for i in sorted(range(len(jobs)), key=ranks.__getitem__)]
 
 
 class LoadProgress:
