@@ -57,6 +57,7 @@ class ColdBenchConfig:
     warm_requests: int = 3  # warm TTFTs measured after each cold start (their median is used)
     keep_alive_s: float = 1.0
     engine_options: dict[str, Any] = field(default_factory=dict)
+    registry_link_bps: float | None = None  # the registry behind one link of this many bytes/s
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ class ModelResult:
         the request was sent before the load began, so TTFT < load means earlier."""
         regs = self.samples.get("registry", [])
         return sum(s.cold_ttft_s < s.load_s for s in regs), len(regs)
+
+    def after_last_byte_s(self) -> float | None:
+        """Median seconds from a registry start's last byte to its first token (an upper
+        bound: the request is sent a little before the load begins). A forward that
+        waited for every byte would take a whole warm prefill here; one run behind the
+        download, only the layers still to compute when the last of them arrived."""
+        regs = self.samples.get("registry", [])
+        return statistics.median(s.cold_ttft_s - s.load_s for s in regs) if regs else None
 
     def warm_ttft_s(self) -> float:
         return statistics.median(s.warm_ttft_s for t in TIERS for s in self.samples.get(t, []))
@@ -165,6 +174,7 @@ class ColdReport:
             "max_tokens": self.config.max_tokens,
             "warm_requests": self.config.warm_requests,
             "keep_alive_s": self.config.keep_alive_s,
+            "registry_link_bps": self.config.registry_link_bps,
             "prompt": PROMPT,
             "models": [
                 {
@@ -175,6 +185,7 @@ class ColdReport:
                     "rows": [m.row_json(r) for r in (*TIERS, BASELINE)],
                     "wire": [w.to_json() for w in m.wire],
                     "first_token_before_last_byte": list(m.early_first_tokens()),
+                    "first_token_after_last_byte_s": m.after_last_byte_s(),
                 }
                 for m in self.models
             ],
@@ -286,7 +297,7 @@ def run_cold_bench(
             progress(stage, done, total)
 
     with (
-        serve_registry(registry) as url,
+        serve_registry(registry, cfg.registry_link_bps) as url,
         serve_with_nginx(registry, work / "nginx") as nginx_url,
         ColdServer(
             work / "home", url, registry, keep_alive_s=cfg.keep_alive_s, engine_options=cfg.engine_options
@@ -311,11 +322,15 @@ def run_cold_bench(
         if nginx_url is not None:
             servers.append(WireServer("nginx", nginx_url))
         for result in report.models:
-            ckpt = registry / result.name
-            result.wire = measure_wire(ckpt, result.name, servers, cfg.repeats, evicter(registry))
+            if cfg.registry_link_bps is None:  # behind a link, every client runs at the link's rate
+                ckpt = registry / result.name
+                result.wire = measure_wire(ckpt, result.name, servers, cfg.repeats, evicter(registry))
             step(f"{result.name} wire")
     report.notes.extend(_notes(report, registry))
-    if nginx_url is None:
+    if cfg.registry_link_bps is not None:
+        gbps = cfg.registry_link_bps * 8 / 1e9
+        report.notes.append(f"the registry sat behind a {gbps:g} Gb/s link: the wire was not measured")
+    elif nginx_url is None:
         report.notes.append("nginx is not installed: the wire was measured with the RegistryServer alone")
     return report
 
@@ -332,6 +347,12 @@ def _notes(report: ColdReport, registry: Path) -> list[str]:
         notes.append(
             f"{m.name}: the first token came before the last byte in {early} of {starts} registry starts"
         )
+        tail = m.after_last_byte_s()
+        if tail is not None:
+            notes.append(
+                f"{m.name}: a registry start's first token came {tail:.3f} s after its last byte "
+                f"(median), where a whole warm prefill takes {m.warm_ttft_s():.3f} s"
+            )
     size = sum(f.stat().st_size for f in files_under(registry))
     notes.append(f"registry: {size / 1e9:.2f} GB served over loopback HTTP by a separate process")
     return notes

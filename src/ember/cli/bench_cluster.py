@@ -8,12 +8,12 @@ Every flag is checked here, before anything loads (InvalidRequestError).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ember.cli.output import check_number
 from ember.errors import InvalidRequestError
 
 if TYPE_CHECKING:  # the benchmark imports torch and the server: only when it runs
@@ -48,11 +48,6 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes:
         raise InvalidRequestError("--sizes takes sizes like 0.2GB,0.5GB", param="sizes")
     return sizes
-
-
-def _check(flag: str, value: float, *, positive: bool = True) -> None:
-    if math.isnan(value) or math.isinf(value) or (value <= 0 if positive else value < 0):
-        raise InvalidRequestError(f"{flag} must be a positive number, got {value}", param=flag[2:])
 
 
 def _models(models: str | None, random_models: int | None, sizes: str, home: Path) -> list[ClusterModel]:
@@ -135,10 +130,10 @@ def cluster_command(
     names = parse_policies(policies)
     for flag, value in (("--rate", rate), ("--zipf", zipf), ("--prompt-scale", prompt_scale),
                         ("--output-scale", output_scale)):  # fmt: skip
-        _check(flag, value)
-    _check("--keep-alive", keep_alive, positive=False)
+        check_number(flag, value)
+    check_number("--keep-alive", keep_alive, positive=False)
     if registry_gbps is not None:
-        _check("--registry-gbps", registry_gbps)
+        check_number("--registry-gbps", registry_gbps)
     home = ember_home()
     shape = ClusterShape(nodes, slots, dram_bytes, disk_bytes, keep_alive, engine_options=ENGINE)
     opts: dict[str, float | int | str] = {

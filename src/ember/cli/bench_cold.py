@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ember.cli.output import console, human_bytes, print_table, stage_progress
+from ember.cli.output import check_number, console, human_bytes, print_table, stage_progress
 from ember.errors import InvalidRequestError
 
 if TYPE_CHECKING:  # the benchmark imports torch and the server: only when it runs
@@ -60,6 +60,13 @@ def cold_command(
     keep_alive: Annotated[
         float, typer.Option(help="Keep-alive of the deployments, s: how soon they scale to zero.")
     ] = 1.0,
+    registry_gbps: Annotated[
+        float | None,
+        typer.Option(
+            help="Put the registry behind a link of this many Gb/s (default: loopback's speed); "
+            "the raw download is then not measured."
+        ),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
 ) -> None:
     """Cold-start overhead of Ember over HTTP (TTFT from zero instances minus warm TTFT)
@@ -72,7 +79,12 @@ def cold_command(
     names = [n.strip() for n in models.split(",") if n.strip()]
     if not names:
         raise InvalidRequestError("give at least one model", param="models")
-    cfg = ColdBenchConfig(repeats=repeats, max_tokens=max_tokens, keep_alive_s=keep_alive)
+    if registry_gbps is not None:
+        check_number("--registry-gbps", registry_gbps)
+    link_bps = registry_gbps * 1e9 / 8 if registry_gbps is not None else None
+    cfg = ColdBenchConfig(
+        repeats=repeats, max_tokens=max_tokens, keep_alive_s=keep_alive, registry_link_bps=link_bps
+    )
     scratch = Path(tempfile.mkdtemp(prefix=".ember-bench-cold-", dir=ember_home()))
     try:
         with stage_progress({}) as p:

@@ -7,12 +7,15 @@ lines are not wrapped: nothing is cut to a terminal's width that is not there.""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
+
+from ember.errors import InvalidRequestError
 
 JsonOption = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
 
@@ -72,6 +75,13 @@ def plain_table(
         return "  ".join(padded).rstrip()
 
     return "\n".join([*([title] if title else []), line(columns), *(line(row) for row in rows)])
+
+
+def check_number(flag: str, value: float, *, positive: bool = True) -> None:
+    """A finite option value, > 0 (or >= 0 with positive=False), else a clear error."""
+    if math.isnan(value) or math.isinf(value) or (value <= 0 if positive else value < 0):
+        kind = "positive" if positive else "non-negative"
+        raise InvalidRequestError(f"{flag} must be a {kind} number, got {value}", param=flag[2:])
 
 
 def human_bytes(n: float) -> str:
