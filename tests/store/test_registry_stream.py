@@ -135,6 +135,24 @@ def test_ranges_are_planned_in_need_order(tmp_path: Path) -> None:
     assert [(r.first, r.end) for r in joined] == [(0, 3), (3, 5)]
 
 
+def test_ranges_shrink_toward_the_end_so_none_finishes_with_the_last_byte(tmp_path: Path) -> None:
+    """Ranges in flight share the link: each holds at most 1/(connections + 1) of the
+    chunks left from its start, so the last byte does not wait on a long range that
+    holds earlier layers. One connection keeps whole ranges."""
+    layers = {f"model.layers.{i}.w": torch.zeros(2 * CHUNK // 4) for i in range(12)}  # 24 chunks
+    save_tensors(layers, tmp_path / "ck")
+    index = read_index(tmp_path / "ck")
+    assert [r.end - r.first for r in plan_ranges(index, [0], 4 * CHUNK)] == [4] * 6
+    ranges = plan_ranges(index, [0], 4 * CHUNK, connections=3)
+    assert [(r.first, r.end) for r in ranges][:2] == [(0, 4), (4, 8)]
+    assert [r.end - r.first for r in ranges] == [4, 4, 4, 3, 2, 1, 1, 1, 1, 1, 1, 1]
+    assert [k for r in ranges for k in range(r.first, r.end)] == list(range(24))  # each chunk once, in order
+    left = 24
+    for r in ranges:
+        assert r.end - r.first <= max(1, left // 4)
+        left -= r.end - r.first
+
+
 @BOTH_PATHS
 def test_a_start_serves_its_first_layers_while_later_ranges_are_held(tmp_path: Path, direct: bool) -> None:
     want = _layered(tmp_path / "reg" / "m")

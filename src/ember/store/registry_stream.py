@@ -53,24 +53,38 @@ class _BadChunk(Exception):
 
 
 def plan_ranges(
-    index: CheckpointIndex, bases: list[int], range_bytes: int, have: Collection[tuple[int, int]] = ()
+    index: CheckpointIndex,
+    bases: list[int],
+    range_bytes: int,
+    have: Collection[tuple[int, int]] = (),
+    connections: int = 1,
 ) -> list[_Range]:
     """Chunk runs of at most `range_bytes`, in need order: chunks ordered by need,
     then neighbours in one file joined while the run stays in that order. `have`:
-    (partition, chunk) pairs already in the buffer, left out."""
+    (partition, chunk) pairs already in the buffer, left out.
+
+    With several `connections` the ranges in flight share the link, so a range of s
+    chunks takes about s * connections chunks' time: one started near the end would
+    finish with the last byte, and the layers in it would be computed after it. So a
+    range holds at most 1 / (connections + 1) of the chunks left from its start,
+    and no range finishes after the rest of the download would; the last ones are
+    single chunks."""
     cs = index.chunk_size
     _, chunks = plan_reads(index, cs)
     per_range = max(1, range_bytes // cs)
+    wanted = [
+        job for job in in_need_order(index, bases, chunks) if (job.part, job.file_offset // cs) not in have
+    ]
     out: list[_Range] = []
-    for job in in_need_order(index, bases, chunks):
+    cap = per_range
+    for left, job in zip(range(len(wanted), 0, -1), wanted, strict=True):
         k = job.file_offset // cs
-        if (job.part, k) in have:
-            continue
         last = out[-1] if out else None
-        if last is not None and last.part == job.part and last.end == k and last.end - last.first < per_range:
+        if last is not None and last.part == job.part and last.end == k and last.end - last.first < cap:
             out[-1] = _Range(job.part, last.first, k + 1)
         else:
             out.append(_Range(job.part, k, k + 1))
+            cap = per_range if connections <= 1 else max(1, min(per_range, left // (connections + 1)))
     return out
 
 
@@ -133,7 +147,9 @@ class RegistryStream:
         whole = byte_view(self.buf)
         try:
             have = self._reuse(whole) if self._partial is not None else set()
-            ranges = plan_ranges(self.index, self.bases, self.settings.range_bytes, have)
+            ranges = plan_ranges(
+                self.index, self.bases, self.settings.range_bytes, have, self.settings.connections
+            )
             with ThreadPoolExecutor(max_workers=max(1, self.settings.connections)) as pool:
                 # FIFO: the pool's threads take the ranges in need order
                 futures = [pool.submit(self._fetch, r, whole) for r in ranges]
