@@ -3,9 +3,12 @@ for what never reaches a route (bad JSON, unknown routes, wrong methods)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +16,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from ember.server.admin import add_admin_routes
+from ember.server.app import create_app
 from tests.server.conftest import API_KEY, LiveServer
+from tests.server.test_keys import Backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,3 +119,25 @@ def test_unknown_routes_and_wrong_methods_get_errors_in_openai_shape(live_server
     assert wrong.headers["allow"] == "POST"
     # Without the key, the key is what is wrong.
     _openai_error(httpx.get(f"{live_server.base_url}/nope"), 401)
+
+
+def test_an_app_once_dropped_frees_its_backend() -> None:
+    """Nothing global keeps an app's state (FastAPI caches every route's function for
+    good): a process that builds servers one after another, as `bench cluster` does for
+    each policy, gets each one's models back."""
+    app = create_app()
+    add_admin_routes(app)
+    backend = Backend()
+    app.state.ember.backend = backend
+    gone = weakref.ref(backend)
+
+    async def visit(app: Any) -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ember") as client:
+            paths = ("/health", "/metrics", "/v1/models", "/admin/status")
+            return [(await client.get(p)).status_code for p in paths]
+
+    assert asyncio.run(visit(app)) == [200, 200, 200, 200]
+    del app, backend
+    gc.collect()
+    assert gone() is None

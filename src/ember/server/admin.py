@@ -27,7 +27,7 @@ from ember.cluster.state import (
     Deployment,
 )
 from ember.errors import EmberError, NotFoundError
-from ember.server.app import ServerState, read_body
+from ember.server.app import read_body, server_state
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -71,29 +71,30 @@ class DeploymentBody(BaseModel):
 
 
 def add_admin_routes(app: FastAPI) -> None:
-    """Mount the admin routes on an app made by create_app (its backend a ClusterAdmin)."""
-    state: ServerState = app.state.ember
-
-    def controller() -> ClusterAdmin:
-        backend = state.require_backend()
-        if not isinstance(backend, ClusterAdmin):
-            raise NotFoundError("this server runs no control plane")
-        return backend
+    """Mount the admin routes on an app made by create_app (its backend a ClusterAdmin).
+    Like create_app's, the routes reach the state through the request (no closure)."""
 
     @app.post("/admin/deployments")
     async def create_deployment(request: Request) -> JSONResponse:
-        body = await read_body(request, state, DeploymentBody)
-        dep = await _clear_errors(controller().deploy(body.deployment()))
+        body = await read_body(request, server_state(request), DeploymentBody)
+        dep = await _clear_errors(_controller(request).deploy(body.deployment()))
         return JSONResponse(asdict(dep), status_code=201)
 
     @app.delete("/admin/deployments/{name:path}")  # a name may hold '/' (org/model)
-    async def delete_deployment(name: str) -> dict[str, Any]:
-        await _clear_errors(controller().delete(name))
+    async def delete_deployment(name: str, request: Request) -> dict[str, Any]:
+        await _clear_errors(_controller(request).delete(name))
         return {"deleted": name}
 
     @app.get("/admin/status")
-    async def status() -> dict[str, Any]:
-        return await controller().status()
+    async def status(request: Request) -> dict[str, Any]:
+        return await _controller(request).status()
+
+
+def _controller(request: Request) -> ClusterAdmin:
+    backend = server_state(request).require_backend()
+    if not isinstance(backend, ClusterAdmin):
+        raise NotFoundError("this server runs no control plane")
+    return backend
 
 
 async def _clear_errors(write: Awaitable[T]) -> T:

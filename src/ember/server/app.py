@@ -266,23 +266,27 @@ def create_app(
     _add_error_handlers(app)
     declare_schemas(app, CompletionRequest, ChatCompletionRequest, CompletionChunk, ChatCompletionChunk)
 
+    # The routes find the state through the request, never a closure: FastAPI keeps
+    # every route's function in a process-wide cache, and a closure over the state
+    # would keep each app's backend (models, nodes) alive after the app is gone.
     @app.get("/health")
-    async def health() -> Response:
-        status, body = state.health()
+    async def health(request: Request) -> Response:
+        status, body = server_state(request).health()
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus(request: Request) -> Response:
+        text = request.app.state.metrics.render()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", responses=ERRORS)
-    async def list_models() -> ModelList:
-        backend = state.require_backend()
+    async def list_models(request: Request) -> ModelList:
+        backend = server_state(request).require_backend()
         return ModelList(data=[_model_card(m.name, m.created) for m in backend.models()])
 
     @app.get("/v1/models/{name:path}", responses=ERRORS)
-    async def get_model(name: str) -> ModelCard:
-        info = state.require_backend().model(name)
+    async def get_model(name: str, request: Request) -> ModelCard:
+        info = server_state(request).require_backend().model(name)
         return _model_card(info.name, info.created)
 
     @app.post(
@@ -292,7 +296,7 @@ def create_app(
         openapi_extra=json_body(CompletionRequest),
     )
     async def completions(request: Request) -> Response:
-        req = await read_body(request, state, CompletionRequest)
+        req = await read_body(request, server_state(request), CompletionRequest)
         return await _serve(request, req)
 
     @app.post(
@@ -302,37 +306,44 @@ def create_app(
         openapi_extra=json_body(ChatCompletionRequest),
     )
     async def chat_completions(request: Request) -> Response:
-        req = await read_body(request, state, ChatCompletionRequest)
+        req = await read_body(request, server_state(request), ChatCompletionRequest)
         return await _serve(request, req)
 
-    async def _serve(request: Request, req: CompletionRequest | ChatCompletionRequest) -> Response:
-        backend = state.require_backend()
-        info = backend.model(req.model)
-        slot = state.admit()  # left once the response has ended, whatever happened (in_flight.py)
-        response: Response | None = None
-        try:
-            choices = build_choices(req, info, uuid.uuid4().hex)
-            gen = Generation(backend, req.model, choices, req.n, metrics)
-            slot.close = gen.close
-            chat = isinstance(req, ChatCompletionRequest)
-            if req.stream:
-                await gen.start()  # errors before the first token get their own status
-                stream = (chat_stream if chat else completion_stream)(gen, req.model, req.include_usage)
-                response = SlotStream(stream, slot)
-            else:
-                response = await _unless_disconnected(
-                    request, (chat_completion if chat else completion)(gen, req.model)
-                )
-            return response
-        except EmberError:
-            raise
-        except Exception as exc:  # a bug: a 500 in OpenAI's shape, and the server serves on
-            raise internal_error(exc) from exc
-        finally:
-            if not isinstance(response, SlotStream):  # which leaves the slot once it has ended
-                await slot.leave()
-
     return app
+
+
+def server_state(request: Request) -> ServerState:
+    """The state of the app serving `request` (create_app's)."""
+    state: ServerState = request.app.state.ember
+    return state
+
+
+async def _serve(request: Request, req: CompletionRequest | ChatCompletionRequest) -> Response:
+    state = server_state(request)
+    backend = state.require_backend()
+    info = backend.model(req.model)
+    slot = state.admit()  # left once the response has ended, whatever happened (in_flight.py)
+    response: Response | None = None
+    try:
+        choices = build_choices(req, info, uuid.uuid4().hex)
+        gen = Generation(backend, req.model, choices, req.n, request.app.state.metrics)
+        slot.close = gen.close
+        chat = isinstance(req, ChatCompletionRequest)
+        if req.stream:
+            await gen.start()  # errors before the first token get their own status
+            stream = (chat_stream if chat else completion_stream)(gen, req.model, req.include_usage)
+            response = SlotStream(stream, slot)
+        else:
+            whole = (chat_completion if chat else completion)(gen, req.model)
+            response = await _unless_disconnected(request, whole)
+        return response
+    except EmberError:
+        raise
+    except Exception as exc:  # a bug: a 500 in OpenAI's shape, and the server serves on
+        raise internal_error(exc) from exc
+    finally:
+        if not isinstance(response, SlotStream):  # which leaves the slot once it has ended
+            await slot.leave()
 
 
 def _model_card(name: str, created: int) -> ModelCard:
