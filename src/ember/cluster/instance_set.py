@@ -54,7 +54,6 @@ class InstanceSet:
         self.changed = asyncio.Condition()
         self.changes = 0  # notify() calls so far: a waiter sees what it would have missed
         self.tasks: set[asyncio.Task[None]] = set()
-        self._sizes: dict[str, int] = {}
         self._sources: dict[str, Route] = {}  # a migration's destination instance id -> its source
 
     # -- nodes ------------------------------------------------------------------------
@@ -194,14 +193,6 @@ class InstanceSet:
             log.error("instance %s is gone but its record says otherwise: %s", instance_id, exc)
 
     # -- helpers ----------------------------------------------------------------------
-
-    async def size(self, model: str) -> int:
-        if model not in self._sizes:
-            live = [n for n in self.nodes.values() if n.node_id not in self.down]
-            if not live:
-                raise NodeFailedError("every node of the cluster is down")
-            self._sizes[model] = await live[0].checkpoint_size(model)
-        return self._sizes[model]
 
     async def _discard(self, node_id: str | None, instance_id: str) -> None:
         """Stop an instance that started but cannot serve (its load failed, its engine

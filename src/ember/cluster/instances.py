@@ -77,6 +77,7 @@ class Instances(InstanceSet):
         self.placing: Counter[str] = Counter()  # deployment -> its starts not placed yet (no route)
         self.starts = starts if starts is not None else StartFailures()  # backoff; failed for good
         self._migrating: set[str] = set()  # instances being moved
+        self._sizes: dict[str, int] = {}  # model -> checkpoint bytes
 
     # -- starting ---------------------------------------------------------------------
 
@@ -378,6 +379,15 @@ class Instances(InstanceSet):
         return report
 
     # -- helpers of starting ----------------------------------------------------------
+
+    async def size(self, model: str) -> int:
+        """A model's checkpoint bytes, asked of a live node once."""
+        if model not in self._sizes:
+            live = [n for n in self.nodes.values() if n.node_id not in self.down]
+            if not live:
+                raise NodeFailedError("every node of the cluster is down")
+            self._sizes[model] = await live[0].checkpoint_size(model)
+        return self._sizes[model]
 
     def _stopped(self, route: Route) -> bool:
         """Whether a stop() took the instance (it drained it first, then removes it)."""

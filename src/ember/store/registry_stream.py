@@ -77,13 +77,14 @@ def plan_ranges(
     ]
     out: list[_Range] = []
     cap = per_range
-    for left, job in zip(range(len(wanted), 0, -1), wanted, strict=True):
+    for i, job in enumerate(wanted):
         k = job.file_offset // cs
         last = out[-1] if out else None
         if last is not None and last.part == job.part and last.end == k and last.end - last.first < cap:
             out[-1] = _Range(job.part, last.first, k + 1)
         else:
             out.append(_Range(job.part, k, k + 1))
+            left = len(wanted) - i  # chunks from this one on
             cap = per_range if connections <= 1 else max(1, min(per_range, left // (connections + 1)))
     return out
 
